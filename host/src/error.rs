@@ -1,0 +1,66 @@
+//! The host's one error type. Each variant carries where the problem is
+//! (file, layer, plugin, parameter) so that the message alone tells the user
+//! what to fix; only `main` turns it into text and an exit status.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::npy::NpyError;
+use crate::registry::PluginError;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {message}", .path.display())]
+    ModelSyntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}: {message}", .path.display())]
+    Model { path: PathBuf, message: String },
+    #[error("layer '{layer}': {source}")]
+    Plugin {
+        layer: String,
+        #[source]
+        source: Box<PluginError>,
+    },
+    #[error("layer '{layer}' (plugin '{plugin}'){}: {message}", if *.panicked { " panicked" } else { "" })]
+    Layer {
+        layer: String,
+        plugin: String,
+        message: String,
+        panicked: bool,
+    },
+    #[error("{}: {source}", .path.display())]
+    Npy {
+        path: PathBuf,
+        #[source]
+        source: NpyError,
+    },
+    #[error("{}: {message}", .path.display())]
+    Params { path: PathBuf, message: String },
+    #[error("parameter '{name}': {message}")]
+    Param { name: String, message: String },
+}
+
+impl Error {
+    /// The long form behind a short message, shown with `--verbose`.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Error::Plugin { source, .. } => source.detail(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! A model made runnable: each layer's plugin resolved and its layer object
+//! created, shapes and parameters planned for an input shape before any
+//! computation, then the forward pass, layer by layer.
+
+use abi_stable::std_types::{RSlice, RStr};
+use layer_api::abi::{LayerBox, LayerError, ParamRef, TensorMut, TensorRef};
+use layer_api::Init;
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::Error;
+use crate::model::ModelSpec;
+use crate::params::{ParamInfo, ParamStore};
+use crate::registry::{LoadedPlugin, PluginRegistry};
+
+/// A layer whose plugin is loaded and whose layer object exists.
+pub struct ModelLayer {
+    pub name: String,
+    pub plugin: &'static LoadedPlugin,
+    object: LayerBox,
+}
+
+/// What one layer will do for a given input shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    pub input_shape: Vec<usize>,
+    pub output_shape: Vec<usize>,
+    pub params: Vec<ParamInfo>,
+}
+
+/// A model ready to plan and run.
+pub struct Model {
+    pub spec: ModelSpec,
+    pub layers: Vec<ModelLayer>,
+}
+
+impl ModelLayer {
+    fn layer_error(&self, e: LayerError) -> Error {
+        Error::Layer {
+            layer: self.name.clone(),
+            plugin: self.plugin.name.clone(),
+            message: e.message.into_string(),
+            panicked: e.panicked,
+        }
+    }
+
+    /// Whether the layer may process a batch in separate pieces.
+    pub fn batch_independent(&self) -> bool {
+        self.object.batch_independent()
+    }
+
+    fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
+        let output_shape = self
+            .object
+            .output_shape(RSlice::from_slice(input_shape))
+            .into_result()
+            .map_err(|e| self.layer_error(e))?
+            .into_vec();
+        let decls = self
+            .object
+            .param_decls(RSlice::from_slice(input_shape))
+            .into_result()
+            .map_err(|e| self.layer_error(e))?;
+        let mut params = Vec::with_capacity(decls.len());
+        for decl in decls {
+            let local_name = decl.name.into_string();
+            let init: Init =
+                serde_json::from_str(decl.init.as_str()).map_err(|e| Error::Layer {
+                    layer: self.name.clone(),
+                    plugin: self.plugin.name.clone(),
+                    message: format!(
+                        "parameter '{local_name}' declares an invalid default initializer: {e}"
+                    ),
+                    panicked: false,
+                })?;
+            params.push(ParamInfo {
+                name: format!("{}.{}", self.name, local_name),
+                layer: self.name.clone(),
+                local_name,
+                shape: decl.shape.into_vec(),
+                fan_in: decl.fan_in,
+                fan_out: decl.fan_out,
+                init,
+            });
+        }
+        Ok(LayerPlan {
+            input_shape: input_shape.to_vec(),
+            output_shape,
+            params,
+        })
+    }
+
+    fn forward(
+        &self,
+        plan: &LayerPlan,
+        input: &ArrayD<f32>,
+        params: &ParamStore,
+    ) -> Result<ArrayD<f32>, Error> {
+        let tensors: Vec<&ArrayD<f32>> = plan
+            .params
+            .iter()
+            .map(|p| {
+                params.get(&p.name).ok_or_else(|| Error::Param {
+                    name: p.name.clone(),
+                    message: "no value was loaded or initialized for it".to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<ParamRef<'_>> = plan
+            .params
+            .iter()
+            .zip(&tensors)
+            .map(|(p, t)| ParamRef {
+                name: RStr::from_str(&p.local_name),
+                tensor: tensor_ref(t),
+            })
+            .collect();
+        let mut output = ArrayD::<f32>::zeros(IxDyn(&plan.output_shape));
+        let output_view = TensorMut {
+            shape: RSlice::from_slice(&plan.output_shape),
+            data: output
+                .as_slice_mut()
+                .expect("a new array is contiguous")
+                .into(),
+        };
+        self.object
+            .forward(tensor_ref(input), RSlice::from_slice(&refs), output_view)
+            .into_result()
+            .map_err(|e| self.layer_error(e))?;
+        Ok(output)
+    }
+}
+
+fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
+    TensorRef {
+        shape: RSlice::from_slice(array.shape()),
+        data: RSlice::from_slice(
+            array
+                .as_slice()
+                .expect("the host keeps every tensor in standard layout"),
+        ),
+    }
+}
+
+impl Model {
+    /// Resolves every layer's plugin and creates its layer from its config.
+    pub fn load(spec: ModelSpec, registry: &PluginRegistry) -> Result<Model, Error> {
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for layer in &spec.layers {
+            let plugin = registry
+                .resolve(&layer.plugin)
+                .map_err(|source| Error::Plugin {
+                    layer: layer.name.clone(),
+                    source: Box::new(source),
+                })?;
+            let object = plugin.create(&layer.config).map_err(|e| Error::Layer {
+                layer: layer.name.clone(),
+                plugin: plugin.name.clone(),
+                message: format!("invalid config {}: {}", layer.config, e.message),
+                panicked: e.panicked,
+            })?;
+            layers.push(ModelLayer {
+                name: layer.name.clone(),
+                plugin,
+                object,
+            });
+        }
+        Ok(Model { spec, layers })
+    }
+
+    /// Shapes and parameters of every layer for an input of `input_shape`,
+    /// checked before anything is computed.
+    pub fn plan(&self, input_shape: &[usize]) -> Result<Vec<LayerPlan>, Error> {
+        let mut shape = input_shape.to_vec();
+        let mut plans = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let plan = layer.plan(&shape)?;
+            shape.clone_from(&plan.output_shape);
+            plans.push(plan);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in plans.iter().flat_map(|p| &p.params) {
+            if !seen.insert(p.name.as_str()) {
+                return Err(Error::Model {
+                    path: self.spec.path.clone(),
+                    message: format!(
+                        "two parameters are both called '{}': rename one of the layers",
+                        p.name
+                    ),
+                });
+            }
+        }
+        Ok(plans)
+    }
+
+    /// Every parameter of a plan, in layer order.
+    pub fn param_infos(plans: &[LayerPlan]) -> Vec<ParamInfo> {
+        plans
+            .iter()
+            .flat_map(|p| p.params.iter().cloned())
+            .collect()
+    }
+
+    /// Runs the layers in order on `input`.
+    pub fn forward(
+        &self,
+        plans: &[LayerPlan],
+        params: &ParamStore,
+        input: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>, Error> {
+        let mut x = input.as_standard_layout().into_owned();
+        for (layer, plan) in self.layers.iter().zip(plans) {
+            x = layer.forward(plan, &x, params)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,167 @@
+//! Shared by the integration tests: builds the plugins they load (cargo test
+//! alone does not produce cdylib files), runs the real `host` binary, and
+//! reads and writes `.npy` files with `ndarray-npy`, independently of the
+//! host's own reader and writer.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+use ndarray::{ArrayD, IxDyn};
+
+/// Every plugin crate the tests load, including the test-only ones.
+const PLUGINS: &[&str] = &["centered", "mydense", "faulty"];
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ sits in the repository root")
+        .to_path_buf()
+}
+
+pub fn host_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_host"))
+}
+
+/// The directory cargo put the host in, where the plugins are built too.
+pub fn plugin_dir() -> PathBuf {
+    host_exe()
+        .parent()
+        .expect("exe has a directory")
+        .to_path_buf()
+}
+
+/// Builds the plugin libraries, once per test binary, with the same profile
+/// and target directory as the host under test.
+pub fn build_plugins() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let dir = plugin_dir();
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let target_dir = dir.parent().expect("profile dir is inside the target dir");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(repo_root())
+            .args(["build", "--profile", &profile, "--target-dir"])
+            .arg(target_dir);
+        for p in PLUGINS {
+            cmd.args(["-p", p]);
+        }
+        let out = cmd.output().expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building the plugins failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// What one run of the host printed and how it exited.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts a clean success and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "host failed:\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts an orderly failure (exit status 1: no crash, no signal, no
+    /// panic) and returns stderr.
+    pub fn failed(&self) -> &str {
+        assert_eq!(
+            self.code,
+            Some(1),
+            "expected exit status 1:\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            !self.stderr.contains("thread '"),
+            "a panic reached the user:\n{}",
+            self.stderr
+        );
+        assert!(self.stderr.starts_with("error: "), "{}", self.stderr);
+        &self.stderr
+    }
+}
+
+/// Runs `host` with `args` from the repository root, with the plugins built
+/// and no plugin path from the environment.
+pub fn host(args: &[&str]) -> Run {
+    build_plugins();
+    let out = Command::new(host_exe())
+        .current_dir(repo_root())
+        .env_remove("LAYER_PLUGIN_PATH")
+        .args(args)
+        .output()
+        .expect("host runs");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn read_npy_f32(path: &Path) -> ArrayD<f32> {
+    ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn read_npy_f64(path: &Path) -> ArrayD<f64> {
+    ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn write_npy_f32(path: &Path, array: &ArrayD<f32>) {
+    ndarray_npy::write_npy(path, array).expect("write npy");
+}
+
+/// Deterministic values in [0, 1) (xorshift), so tests need no RNG crate.
+pub fn uniform(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n: usize = shape.iter().product();
+    let values = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape matches")
+}
+
+/// A temporary directory holding `files` (name, contents).
+pub fn temp_dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("write file");
+    }
+    dir
+}
+
+/// Asserts `actual` is within `rtol` (relative to the largest magnitude of
+/// `expected`, floored at 1) of `expected`, element by element.
+pub fn assert_close(actual: &ArrayD<f32>, expected: &ArrayD<f64>, rtol: f64) {
+    assert_eq!(actual.shape(), expected.shape(), "shapes differ");
+    let scale = expected.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for (i, (a, e)) in actual.iter().zip(expected.iter()).enumerate() {
+        assert!(
+            (f64::from(*a) - e).abs() <= rtol * scale,
+            "element {i}: got {a}, expected {e}"
+        );
+    }
+}
