@@ -8,12 +8,17 @@
 //! runs layer by layer. Each step fails early with an error ([`error`]) that
 //! names the layer, the plugin and the value at fault.
 
+pub mod atomic_file;
+pub mod binding;
 pub mod error;
+pub mod inspect;
 pub mod model;
 pub mod npy;
+pub mod param_file;
 pub mod params;
 pub mod print;
 pub mod registry;
 pub mod runtime;
+pub mod trace;
 
 pub use error::Error;
