@@ -520,6 +520,19 @@ fn a_shared_weight_is_stored_once_and_used_by_both_layers() {
         "{text}"
     );
 
+    // Without an input shape, the probe finds the one feature size for
+    // which the shared shapes agree.
+    let json: serde_json::Value =
+        serde_json::from_str(host(&["inspect", path_str(&model), "--json"]).ok()).unwrap();
+    assert_eq!(json["input_shape"], serde_json::json!([null, 8]));
+    assert_eq!(json["total_params"], 64 + 8 + 8);
+    // The shipped example of sharing, as the README shows it.
+    let json: serde_json::Value =
+        serde_json::from_str(host(&["inspect", "models/tied.json", "--json"]).ok()).unwrap();
+    assert_eq!(json["total_params"], 64 + 8 + 8);
+    assert_eq!(json["stored_tensors"], 3);
+    assert_eq!(json["layers"][1]["params"][0]["stored_as"], "0.weight");
+
     // A file that also holds the sharer's own name has a tensor no layer uses.
     let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = t
         .iter()

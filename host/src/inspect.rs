@@ -10,10 +10,12 @@
 //! between probes is unknown. The input's rank is unknown too: ranks 2
 //! (batch, features), 1, 3 and 4 are tried in that order and the first one
 //! the layers accept is used. A layer may accept only some feature sizes
-//! (`mydense` with `in_units` in its config), so the feature sizes tried are
-//! the `in_units`/`in_features` values found in the layers' configs first,
-//! then a few primes that no real model is likely to fix; an axis for which
-//! only one size works is known to be that size. This needs no change to the
+//! (`mydense` with `in_units` in its config, or a layer sharing a weight whose
+//! shape must then agree), so the feature sizes tried are the
+//! `in_units`/`in_features` values found in the layers' configs first, then
+//! the other numbers found there, then a few primes that no real model is
+//! likely to fix; an axis for which only one size works is known to be that
+//! size. This needs no change to the
 //! plugin interface; its limit is that a dimension that happens to agree
 //! across every probe is taken as known.
 
@@ -87,14 +89,23 @@ impl ModelSummary {
     /// The summary without an input shape, by probing (see the module
     /// documentation).
     pub fn probe(model: &Model) -> Result<ModelSummary, Error> {
-        let mut features: Vec<usize> = model
-            .spec
-            .layers
-            .iter()
-            .flat_map(|l| FEATURE_FIELDS.iter().filter_map(|f| l.config.get(*f)))
-            .filter_map(Value::as_u64)
-            .filter_map(|v| usize::try_from(v).ok())
-            .collect();
+        // Fields that name the input features first, then every other
+        // number in the configs (a layer sharing a weight may need the input
+        // to have `units` features), then the primes.
+        let config_numbers = |named: bool| -> Vec<usize> {
+            model
+                .spec
+                .layers
+                .iter()
+                .filter_map(|l| l.config.as_object())
+                .flat_map(|c| c.iter())
+                .filter(|(k, _)| FEATURE_FIELDS.contains(&k.as_str()) == named)
+                .filter_map(|(_, v)| v.as_u64())
+                .filter_map(|v| usize::try_from(v).ok())
+                .collect()
+        };
+        let mut features = config_numbers(true);
+        features.extend(config_numbers(false));
         features.extend(FEATURE_PROBES);
         let mut seen = std::collections::HashSet::new();
         features.retain(|f| *f > 0 && seen.insert(*f));
@@ -143,6 +154,11 @@ impl ModelSummary {
             return Ok(summary);
         }
         let (shape, error) = first_error.expect("at least one probe was tried");
+        if let Error::Model { .. } = error {
+            // A mistake in the model file itself (an "init" or "share" that
+            // names nothing, a shape that never agrees): report it as is.
+            return Err(error);
+        }
         Err(Error::Model {
             path: model.spec.path.clone(),
             message: format!(
