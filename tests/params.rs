@@ -293,6 +293,34 @@ fn params_without_a_file_needs_the_shapes_that_depend_on_the_input() {
         "{err}"
     );
     assert!(err.contains("--input-shape"), "{err}");
+
+    // With a file, a shape that depends on the input is the file's, checked
+    // against the dimensions that do not.
+    let (_d, narrow) = model_dir(
+        r#"[{"type": "mydense", "config": {"units": 4}}, {"type": "mydense", "config": {"units": 1}}]"#,
+    );
+    let npz = fixture("numpy-mlp.npz");
+    let err = host(&["params", path_str(&narrow), "--params", path_str(&npz)])
+        .failed()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "{}: parameter '0.weight' has shape [64, 8] in the file, but layer '0' needs (?, 4)",
+            path_str(&npz)
+        )),
+        "{err}"
+    );
+    let text = host(&[
+        "params",
+        path_str(&model),
+        "--params",
+        path_str(&npz),
+        "0.weight",
+    ])
+    .ok()
+    .to_string();
+    assert!(text.starts_with("0.weight (64, 8)\n"), "{text}");
+
     let text = host(&[
         "params",
         path_str(&model),
@@ -526,6 +554,17 @@ fn a_shared_weight_is_stored_once_and_used_by_both_layers() {
         serde_json::from_str(host(&["inspect", path_str(&model), "--json"]).ok()).unwrap();
     assert_eq!(json["input_shape"], serde_json::json!([null, 8]));
     assert_eq!(json["total_params"], 64 + 8 + 8);
+    // Every shape of models/tied.json is known without an input: init
+    // needs none.
+    let tied = dir.path().join("tied.safetensors");
+    host(&["init", "models/tied.json", "--out", path_str(&tied)]).ok();
+    let t = read_safetensors(&tied);
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        ["0.bias", "0.weight", "1.bias"]
+    );
+    assert!(t["1.bias"].iter().all(|&v| v == 0.1));
+
     // The shipped example of sharing, as the README shows it.
     let json: serde_json::Value =
         serde_json::from_str(host(&["inspect", "models/tied.json", "--json"]).ok()).unwrap();

@@ -266,13 +266,33 @@ impl ModelSummary {
         for p in self.params() {
             let mut info = p.info.clone();
             if p.shape.iter().any(Option::is_none) {
-                let from_file = file
-                    .and_then(|f| f.tensors.get(&p.info.stored_as))
-                    .filter(|t| fits(&p.shape, &t.shape));
-                match from_file {
-                    Some(tensor) => info.shape.clone_from(&tensor.shape),
+                let shape = format_shape(&p.shape);
+                let Some(file) = file else {
+                    return Err(needs_input(p, &format!("shape {shape}")));
+                };
+                let file_error = |message: String| Error::Params {
+                    path: file.path.clone(),
+                    message,
+                };
+                match file.tensors.get(&p.info.stored_as) {
+                    Some(tensor) if fits(&p.shape, &tensor.shape) => {
+                        info.shape.clone_from(&tensor.shape);
+                    }
+                    Some(tensor) => {
+                        return Err(file_error(format!(
+                            "parameter '{}' has shape {:?} in the file, but layer '{}' needs \
+                             {shape}",
+                            p.info.stored_as, tensor.shape, p.info.layer
+                        )))
+                    }
                     None => {
-                        return Err(needs_input(p, &format!("shape {}", format_shape(&p.shape))))
+                        return Err(file_error(format!(
+                            "parameter '{}' is missing (layer '{}' needs it with shape \
+                             {shape}); the file holds: {}",
+                            p.info.stored_as,
+                            p.info.layer,
+                            file.names()
+                        )))
                     }
                 }
             } else if file.is_none() && !p.fans_known {
