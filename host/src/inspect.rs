@@ -26,8 +26,8 @@ use serde_json::{json, Value};
 
 use crate::error::Error;
 use crate::param_file::ParamFile;
-use crate::params::ParamInfo;
-use crate::print::format_shape;
+use crate::params::{ParamInfo, ParamStore};
+use crate::print::{format_array, format_known_shape, format_shape};
 use crate::runtime::{LayerPlan, Model};
 
 /// A shape in which `None` is a dimension that depends on the input.
@@ -421,6 +421,49 @@ impl ModelSummary {
     }
 }
 
+/// The values of the parameters called `names` (all when empty), each headed
+/// by its name and shape, as `host params` prints them. Printing all shows a
+/// shared tensor once; naming a sharer shows the values it uses.
+pub fn format_param_values(
+    params: &[ParamInfo],
+    store: &ParamStore,
+    names: &[String],
+) -> Result<String, Error> {
+    if let Some(name) = names.iter().find(|n| !params.iter().any(|p| &p.name == *n)) {
+        return Err(Error::Param {
+            name: name.clone(),
+            message: format!(
+                "no layer of the model has it; the parameters are: {}",
+                params
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    let mut blocks = Vec::new();
+    for p in params
+        .iter()
+        .filter(|p| names.is_empty() || names.contains(&p.name))
+    {
+        let mut heading = format!("{} {}", p.name, format_known_shape(&p.shape));
+        if !p.is_stored() {
+            heading.push_str(&format!(" shared with {}", p.stored_as));
+            if names.is_empty() {
+                blocks.push(heading);
+                continue;
+            }
+        }
+        let values = store.get(&p.stored_as).ok_or_else(|| Error::Param {
+            name: p.name.clone(),
+            message: "no value was loaded or initialized for it".to_string(),
+        })?;
+        blocks.push(format!("{heading}\n{}", format_array(values)));
+    }
+    Ok(format!("{}\n", blocks.join("\n\n")))
+}
+
 fn known(shape: &[usize]) -> Dims {
     shape.iter().copied().map(Some).collect()
 }
@@ -485,6 +528,40 @@ mod tests {
         assert!(fits(&[None, Some(8)], &[64, 8]));
         assert!(!fits(&[None, Some(8)], &[64, 9]));
         assert!(!fits(&[None, Some(8)], &[8]));
+    }
+
+    #[test]
+    fn param_values_show_a_shared_tensor_once_unless_named() {
+        let owner = ParamInfo {
+            name: "a.w".into(),
+            layer: "a".into(),
+            local_name: "w".into(),
+            shape: vec![2],
+            fan_in: 2,
+            fan_out: 2,
+            init: Init::Constant { value: 1.5 },
+            stored_as: "a.w".into(),
+        };
+        let sharer = ParamInfo {
+            name: "b.w".into(),
+            layer: "b".into(),
+            ..owner.clone()
+        };
+        let params = [owner, sharer];
+        let store = ParamStore::initialize(&params, 0);
+        assert_eq!(
+            format_param_values(&params, &store, &[]).unwrap(),
+            "a.w (2,)\n[1.5 1.5]\n\nb.w (2,) shared with a.w\n"
+        );
+        assert_eq!(
+            format_param_values(&params, &store, &["b.w".into()]).unwrap(),
+            "b.w (2,) shared with a.w\n[1.5 1.5]\n"
+        );
+        let err = format_param_values(&params, &store, &["c.w".into()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "parameter 'c.w': no layer of the model has it; the parameters are: a.w, b.w"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use host::atomic_file::write_atomically;
-use host::inspect::ModelSummary;
+use host::inspect::{format_param_values, ModelSummary};
 use host::model::ModelSpec;
 use host::param_file::ParamFile;
 use host::params::ParamStore;
@@ -279,48 +279,7 @@ fn params(args: ParamsArgs) -> Result<(), Error> {
             (infos, store)
         }
     };
-    for name in &args.names {
-        if !infos.iter().any(|p| &p.name == name) {
-            return Err(Error::Param {
-                name: name.clone(),
-                message: format!(
-                    "no layer of the model has it; the parameters are: {}",
-                    infos
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            });
-        }
-    }
-    let shown = infos
-        .iter()
-        .filter(|p| args.names.is_empty() || args.names.contains(&p.name));
-    let mut blocks = Vec::new();
-    for p in shown {
-        let heading = format!("{} {}", p.name, print::format_known_shape(&p.shape));
-        // Printing all parameters shows a shared tensor once; asking for a
-        // sharer by name shows the values it uses.
-        if !p.is_stored() && args.names.is_empty() {
-            blocks.push(format!("{heading} shared with {}", p.stored_as));
-            continue;
-        }
-        let values = store.get(&p.stored_as).ok_or_else(|| Error::Param {
-            name: p.name.clone(),
-            message: "no value was loaded or initialized for it".to_string(),
-        })?;
-        let shared = if p.is_stored() {
-            String::new()
-        } else {
-            format!(" shared with {}", p.stored_as)
-        };
-        blocks.push(format!(
-            "{heading}{shared}\n{}",
-            print::format_array(values)
-        ));
-    }
-    print_stdout(&format!("{}\n", blocks.join("\n\n")))
+    print_stdout(&format_param_values(&infos, &store, &args.names)?)
 }
 
 fn init(args: InitArgs) -> Result<(), Error> {
