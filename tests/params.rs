@@ -871,3 +871,55 @@ fn trace_prints_each_layers_output_statistics() {
         }
     }
 }
+
+#[test]
+fn f64_f16_and_bf16_tensors_are_converted_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = read_safetensors(&repo_root().join("models/mlp.safetensors"));
+    let x = read_npy_f64(&repo_root().join("models/mlp-input.npy"));
+    type Encode = fn(f32) -> (Vec<u8>, f32);
+    let encodings: [(Dtype, Encode); 3] = [
+        (Dtype::F64, |v| (f64::from(v).to_le_bytes().to_vec(), v)),
+        (Dtype::F16, |v| {
+            let h = half::f16::from_f32(v);
+            (h.to_le_bytes().to_vec(), h.to_f32())
+        }),
+        (Dtype::BF16, |v| {
+            let h = half::bf16::from_f32(v);
+            (h.to_le_bytes().to_vec(), h.to_f32())
+        }),
+    ];
+    for (dtype, encode) in encodings {
+        // The file holds the encoded values; the expectation uses what they
+        // decode to, computed here by hand.
+        let mut tensors = Vec::new();
+        let mut decoded = BTreeMap::new();
+        for (name, array) in &good {
+            let (bytes, values): (Vec<Vec<u8>>, Vec<f32>) =
+                array.iter().map(|&v| encode(v)).unzip();
+            tensors.push((name.as_str(), dtype, array.shape().to_vec(), bytes.concat()));
+            decoded.insert(
+                name.clone(),
+                ArrayD::from_shape_vec(IxDyn(array.shape()), values).unwrap(),
+            );
+        }
+        let path = dir.path().join(format!("{dtype:?}.safetensors"));
+        write_safetensors(&path, &tensors);
+        let out = dir.path().join("y.npy");
+        host(&[
+            "run",
+            "models/mlp.json",
+            "--input",
+            "models/mlp-input.npy",
+            "--params",
+            path_str(&path),
+            "--output",
+            path_str(&out),
+        ])
+        .ok();
+        let h = dense(&x, &decoded["0.weight"], &decoded["0.bias"]);
+        let h = h.mapv(|v| f64::from(v as f32));
+        let y = dense(&h, &decoded["1.weight"], &decoded["1.bias"]);
+        assert_close(&read_npy_f32(&out), &y, 1e-5);
+    }
+}
