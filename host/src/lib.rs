@@ -8,12 +8,14 @@
 //! runs layer by layer. Each step fails early with an error ([`error`]) that
 //! names the layer, the plugin and the value at fault.
 
+pub mod bench;
 pub mod error;
 pub mod model;
 pub mod npy;
 pub mod params;
 pub mod print;
 pub mod registry;
+pub mod runner;
 pub mod runtime;
 
 pub use error::Error;
