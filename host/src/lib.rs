@@ -12,6 +12,7 @@
 //! names the layer, the plugin and the value at fault.
 
 pub mod atomic_file;
+pub mod bench;
 pub mod binding;
 pub mod error;
 pub mod inspect;
@@ -21,6 +22,7 @@ pub mod param_file;
 pub mod params;
 pub mod print;
 pub mod registry;
+pub mod runner;
 pub mod runtime;
 pub mod trace;
 

@@ -45,6 +45,8 @@ enum Command {
     Params(ParamsArgs),
     /// Write the initialized parameters to a safetensors file.
     Init(InitArgs),
+    /// Time a model's forward pass, whole and per layer, on a random input.
+    Bench(BenchArgs),
 }
 
 /// Where a command learns the input's shape; without either, sizes that
@@ -153,6 +155,37 @@ struct RunArgs {
     /// time it took, on stderr.
     #[arg(long)]
     trace: bool,
+    /// Threads for batch-independent layers (default: every core).
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
+    threads: usize,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Rows in the input batch.
+    #[arg(long, value_name = "N")]
+    batch: usize,
+    /// Input features (the last axis); by default the first layer's
+    /// `in_units` or `in_features` config.
+    #[arg(long, value_name = "F")]
+    features: Option<usize>,
+    /// Threads for batch-independent layers (default: every core).
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
+    threads: usize,
+    /// Keep running for at least this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    min_time: f64,
+    /// A safetensors or .npz file of parameters, instead of the model file's "params".
+    #[arg(long, value_name = "FILE")]
+    params: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     plugins: PluginDirs,
 }
@@ -165,6 +198,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect(args),
         Command::Params(args) => params(args),
         Command::Init(args) => init(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,22 +223,88 @@ fn run(args: RunArgs) -> Result<(), Error> {
     })?;
     let model = Model::load(spec, &registry)?;
     let plans = model.plan(input.shape())?;
-    let infos = Model::param_infos(&plans);
-    let params = match args.params.as_ref().or(model.spec.params.as_ref()) {
-        Some(path) => ParamStore::load(path, &infos, args.allow_unused_params)?,
-        None => ParamStore::initialize(&infos, model.spec.seed),
-    };
-    let output = model.forward_observed(&plans, &params, input, |layer, output, elapsed| {
-        if args.trace {
-            eprintln!(
-                "{}",
-                LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
-            );
-        }
-    })?;
+    let params = load_params(
+        &model,
+        &plans,
+        args.params.as_ref(),
+        args.allow_unused_params,
+    )?;
+    let threads = args.threads.max(1);
+    let output = model.forward_observed(
+        &plans,
+        &params,
+        &input,
+        threads,
+        |layer, output, elapsed| {
+            if args.trace {
+                eprintln!(
+                    "{}",
+                    LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
+                );
+            }
+        },
+    )?;
     match &args.output {
         Some(path) => write_atomically(path, |w| npy::write_f32(w, &output)),
         None => print_stdout(&format!("{}\n", print::format_array(&output))),
+    }
+}
+
+/// The parameters from `--params`, else the model file's "params", else
+/// initialized from the seed.
+fn load_params(
+    model: &Model,
+    plans: &[host::runtime::LayerPlan],
+    params_override: Option<&PathBuf>,
+    allow_unused: bool,
+) -> Result<ParamStore, Error> {
+    let infos = Model::param_infos(plans);
+    match params_override.or(model.spec.params.as_ref()) {
+        Some(path) => ParamStore::load(path, &infos, allow_unused),
+        None => Ok(ParamStore::initialize(&infos, model.spec.seed)),
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<(), Error> {
+    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    let spec = ModelSpec::load(&args.model)?;
+    let features = match args.features {
+        Some(f) => f,
+        None => spec
+            .layers
+            .first()
+            .and_then(|l| {
+                ["in_units", "in_features"]
+                    .iter()
+                    .find_map(|key| l.config.get(key).and_then(|v| v.as_u64()))
+            })
+            .map(|f| f as usize)
+            .ok_or_else(|| Error::Model {
+                path: args.model.clone(),
+                message: "the first layer's config has no `in_units` or `in_features`: \
+                          give the input's feature count with --features"
+                    .to_string(),
+            })?,
+    };
+    let model = Model::load(spec, &registry)?;
+    let input = host::bench::random_input(&[args.batch, features]);
+    let plans = model.plan(input.shape())?;
+    let params = load_params(&model, &plans, args.params.as_ref(), false)?;
+    let report = host::bench::bench(
+        &model,
+        &plans,
+        &params,
+        &input,
+        args.threads.max(1),
+        std::time::Duration::from_secs_f64(args.min_time.max(0.0)),
+    )?;
+    if args.json {
+        print_stdout(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report).expect("a report serializes")
+        ))
+    } else {
+        print_stdout(&report.to_table())
     }
 }
 

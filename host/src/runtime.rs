@@ -2,17 +2,18 @@
 //! created, shapes and parameters planned for an input shape before any
 //! computation, then the forward pass, layer by layer.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use abi_stable::std_types::{RSlice, RStr};
-use layer_api::abi::{LayerBox, LayerError, ParamRef, TensorMut, TensorRef};
+use abi_stable::std_types::RSlice;
+use layer_api::abi::{LayerBox, LayerError};
 use layer_api::Init;
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{LoadedPlugin, PluginRegistry};
+use crate::runner::Runner;
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
@@ -36,13 +37,22 @@ pub struct Model {
 }
 
 impl ModelLayer {
-    fn layer_error(&self, e: LayerError) -> Error {
+    pub(crate) fn error(&self, e: LayerError) -> Error {
         Error::Layer {
             layer: self.name.clone(),
             plugin: self.plugin.name.clone(),
             message: e.message.into_string(),
             panicked: e.panicked,
         }
+    }
+
+    pub(crate) fn object(&self) -> &LayerBox {
+        &self.object
+    }
+
+    /// Floating-point operations of one forward pass (0: the layer does not say).
+    pub fn flops(&self, input_shape: &[usize]) -> u64 {
+        self.object.flops(RSlice::from_slice(input_shape))
     }
 
     /// Whether the layer may process a batch in separate pieces.
@@ -55,13 +65,13 @@ impl ModelLayer {
             .object
             .output_shape(RSlice::from_slice(input_shape))
             .into_result()
-            .map_err(|e| self.layer_error(e))?
+            .map_err(|e| self.error(e))?
             .into_vec();
         let decls = self
             .object
             .param_decls(RSlice::from_slice(input_shape))
             .into_result()
-            .map_err(|e| self.layer_error(e))?;
+            .map_err(|e| self.error(e))?;
         let mut params = Vec::with_capacity(decls.len());
         for decl in decls {
             let local_name = decl.name.into_string();
@@ -91,57 +101,6 @@ impl ModelLayer {
             output_shape,
             params,
         })
-    }
-
-    fn forward(
-        &self,
-        plan: &LayerPlan,
-        input: &ArrayD<f32>,
-        params: &ParamStore,
-    ) -> Result<ArrayD<f32>, Error> {
-        let tensors: Vec<&ArrayD<f32>> = plan
-            .params
-            .iter()
-            .map(|p| {
-                params.get(&p.stored_as).ok_or_else(|| Error::Param {
-                    name: p.name.clone(),
-                    message: "no value was loaded or initialized for it".to_string(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let refs: Vec<ParamRef<'_>> = plan
-            .params
-            .iter()
-            .zip(&tensors)
-            .map(|(p, t)| ParamRef {
-                name: RStr::from_str(&p.local_name),
-                tensor: tensor_ref(t),
-            })
-            .collect();
-        let mut output = ArrayD::<f32>::zeros(IxDyn(&plan.output_shape));
-        let output_view = TensorMut {
-            shape: RSlice::from_slice(&plan.output_shape),
-            data: output
-                .as_slice_mut()
-                .expect("a new array is contiguous")
-                .into(),
-        };
-        self.object
-            .forward(tensor_ref(input), RSlice::from_slice(&refs), output_view)
-            .into_result()
-            .map_err(|e| self.layer_error(e))?;
-        Ok(output)
-    }
-}
-
-fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
-    TensorRef {
-        shape: RSlice::from_slice(array.shape()),
-        data: RSlice::from_slice(
-            array
-                .as_slice()
-                .expect("the host keeps every tensor in standard layout"),
-        ),
     }
 }
 
@@ -206,14 +165,15 @@ impl Model {
             .collect()
     }
 
-    /// Runs the layers in order on `input`.
+    /// Runs the layers in order on `input`, with up to `threads` threads.
     pub fn forward(
         &self,
         plans: &[LayerPlan],
         params: &ParamStore,
-        input: ArrayD<f32>,
+        input: &ArrayD<f32>,
+        threads: usize,
     ) -> Result<ArrayD<f32>, Error> {
-        self.forward_observed(plans, params, input, |_, _, _| {})
+        self.forward_observed(plans, params, input, threads, |_, _, _| {})
     }
 
     /// Runs the layers in order on `input`, calling `observe` after each
@@ -222,15 +182,14 @@ impl Model {
         &self,
         plans: &[LayerPlan],
         params: &ParamStore,
-        input: ArrayD<f32>,
+        input: &ArrayD<f32>,
+        threads: usize,
         mut observe: impl FnMut(&ModelLayer, &ArrayD<f32>, Duration),
     ) -> Result<ArrayD<f32>, Error> {
-        let mut x = input.as_standard_layout().into_owned();
-        for (layer, plan) in self.layers.iter().zip(plans) {
-            let start = Instant::now();
-            x = layer.forward(plan, &x, params)?;
-            observe(layer, &x, start.elapsed());
-        }
-        Ok(x)
+        let mut runner = Runner::new(self, plans, params, threads)?;
+        let output = runner.run(input, |i, output, elapsed| {
+            observe(&self.layers[i], output, elapsed)
+        })?;
+        Ok(output.clone())
     }
 }

@@ -24,6 +24,11 @@ impl Layer for Centered {
         false
     }
 
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        // A sum, then a subtraction per element.
+        2 * input_shape.iter().product::<usize>() as u64
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
