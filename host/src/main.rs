@@ -1,15 +1,18 @@
 //! The `host` command line: parses arguments, runs one command, and turns
 //! any error into a message on stderr and a non-zero exit status.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use host::atomic_file::write_atomically;
+use host::inspect::{format_param_values, ModelSummary};
 use host::model::ModelSpec;
+use host::param_file::ParamFile;
 use host::params::ParamStore;
 use host::registry::PluginRegistry;
 use host::runtime::Model;
+use host::trace::LayerTrace;
 use host::{npy, print, Error};
 
 #[derive(Parser)]
@@ -36,6 +39,90 @@ enum Command {
     Run(RunArgs),
     /// List the plugins found in the plugin directories.
     Plugins(PluginDirs),
+    /// Summarize a model: layers, output shapes, parameters and totals.
+    Inspect(InspectArgs),
+    /// Print parameter values (all, or the named ones).
+    Params(ParamsArgs),
+    /// Write the initialized parameters to a safetensors file.
+    Init(InitArgs),
+}
+
+/// Where a command learns the input's shape; without either, sizes that
+/// depend on it are unknown.
+#[derive(Args)]
+struct InputShapeArgs {
+    /// The input's shape, comma-separated (e.g. 2,64).
+    #[arg(long, value_name = "DIMS", value_parser = parse_shape, conflicts_with = "input")]
+    input_shape: Option<Shape>,
+    /// An .npy input whose shape to use.
+    #[arg(long, value_name = "X.npy")]
+    input: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct Shape(Vec<usize>);
+
+fn parse_shape(text: &str) -> Result<Shape, String> {
+    text.split(',')
+        .map(|d| {
+            d.trim().parse::<usize>().map_err(|_| {
+                format!("'{text}' is not a shape: give sizes separated by commas, e.g. 2,64")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Shape)
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    #[command(flatten)]
+    shape: InputShapeArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct ParamsArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Parameters to print, by full name (e.g. 0.weight); all when none.
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
+    /// A safetensors or .npz file of parameters, instead of the model file's "params";
+    /// without either, the parameters are initialized from the model's seed.
+    #[arg(long, value_name = "FILE")]
+    params: Option<PathBuf>,
+    /// Accept a parameter file that holds tensors no layer uses.
+    #[arg(long)]
+    allow_unused_params: bool,
+    #[command(flatten)]
+    shape: InputShapeArgs,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Where to write the parameters (safetensors, f32).
+    #[arg(long, value_name = "W.safetensors")]
+    out: PathBuf,
+    /// The seed, instead of the model file's "seed".
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    shape: InputShapeArgs,
+    #[command(flatten)]
+    plugins: PluginDirs,
 }
 
 #[derive(Args)]
@@ -56,12 +143,16 @@ struct RunArgs {
     /// Where to write the output (f32 .npy). Without it the result is printed.
     #[arg(long, value_name = "Y.npy")]
     output: Option<PathBuf>,
-    /// A safetensors file of parameters, instead of the model file's "params".
-    #[arg(long, value_name = "W.safetensors")]
+    /// A safetensors or .npz file of parameters, instead of the model file's "params".
+    #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
     /// Accept a parameter file that holds tensors no layer uses.
     #[arg(long)]
     allow_unused_params: bool,
+    /// After each layer, print its output's shape, mean, std, min and max and the
+    /// time it took, on stderr.
+    #[arg(long)]
+    trace: bool,
     #[command(flatten)]
     plugins: PluginDirs,
 }
@@ -71,6 +162,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugins(args) => plugins(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Params(args) => params(args),
+        Command::Init(args) => init(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,38 +191,108 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let plans = model.plan(input.shape())?;
     let infos = Model::param_infos(&plans);
     let params = match args.params.as_ref().or(model.spec.params.as_ref()) {
-        Some(path) => ParamStore::load_safetensors(path, &infos, args.allow_unused_params)?,
+        Some(path) => ParamStore::load(path, &infos, args.allow_unused_params)?,
         None => ParamStore::initialize(&infos, model.spec.seed),
     };
-    let output = model.forward(&plans, &params, input)?;
-    match &args.output {
-        Some(path) => write_npy_atomically(path, &output),
-        None => {
-            println!("{}", print::format_array(&output));
-            Ok(())
+    let output = model.forward_observed(&plans, &params, input, |layer, output, elapsed| {
+        if args.trace {
+            eprintln!(
+                "{}",
+                LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
+            );
         }
+    })?;
+    match &args.output {
+        Some(path) => write_atomically(path, |w| npy::write_f32(w, &output)),
+        None => print_stdout(&format!("{}\n", print::format_array(&output))),
     }
 }
 
-/// Writes to a temporary file beside `path` and renames it into place, so a
-/// failed run never leaves a partial file or clobbers an existing one.
-fn write_npy_atomically(path: &Path, array: &ndarray::ArrayD<f32>) -> Result<(), Error> {
-    let write_error = |source: std::io::Error| Error::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(write_error)?;
-    {
-        let mut writer = std::io::BufWriter::new(file.as_file_mut());
-        npy::write_f32(&mut writer, array).map_err(write_error)?;
-        writer.flush().map_err(write_error)?;
+/// Prints a command's result. A reader that stopped early (`| head`) is not
+/// an error: it has what it wanted.
+fn print_stdout(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Write {
+            path: PathBuf::from("<stdout>"),
+            source: e,
+        }),
+        _ => Ok(()),
     }
-    file.persist(path).map_err(|e| write_error(e.error))?;
-    Ok(())
+}
+
+/// The input shape a command was given, if any.
+fn given_input_shape(args: &InputShapeArgs) -> Result<Option<Vec<usize>>, Error> {
+    if let Some(Shape(dims)) = &args.input_shape {
+        return Ok(Some(dims.clone()));
+    }
+    match &args.input {
+        Some(path) => npy::read_f32(path)
+            .map(|x| Some(x.shape().to_vec()))
+            .map_err(|source| Error::Npy {
+                path: path.clone(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Loads the model and summarizes it for the given input shape, or by
+/// probing when there is none.
+fn summarize(
+    model: &std::path::Path,
+    shape: &InputShapeArgs,
+    plugins: &PluginDirs,
+) -> Result<(Model, ModelSummary), Error> {
+    let registry = PluginRegistry::new(&plugins.plugin_dirs);
+    let model = Model::load(ModelSpec::load(model)?, &registry)?;
+    let summary = match given_input_shape(shape)? {
+        Some(dims) => ModelSummary::for_input(&model, &dims)?,
+        None => ModelSummary::probe(&model)?,
+    };
+    Ok((model, summary))
+}
+
+fn inspect(args: InspectArgs) -> Result<(), Error> {
+    let (_, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&summary.to_json()).expect("JSON values serialize");
+        print_stdout(&format!("{text}\n"))
+    } else {
+        print_stdout(&summary.to_text())
+    }
+}
+
+fn params(args: ParamsArgs) -> Result<(), Error> {
+    let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
+    let (infos, store) = match args.params.as_ref().or(model.spec.params.as_ref()) {
+        Some(path) => {
+            let file = ParamFile::read(path)?;
+            let infos = summary.resolved_params(Some(&file))?;
+            let store = ParamStore::from_file(&file, &infos, args.allow_unused_params)?;
+            (infos, store)
+        }
+        None => {
+            let infos = summary.resolved_params(None)?;
+            let store = ParamStore::initialize(&infos, model.spec.seed);
+            (infos, store)
+        }
+    };
+    print_stdout(&format_param_values(&infos, &store, &args.names)?)
+}
+
+fn init(args: InitArgs) -> Result<(), Error> {
+    let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
+    let infos = summary.resolved_params(None)?;
+    let store = ParamStore::initialize(&infos, args.seed.unwrap_or(model.spec.seed));
+    store.save_safetensors(&args.out)?;
+    let values: usize = store.iter().map(|(_, t)| t.len()).sum();
+    print_stdout(&format!(
+        "wrote {values} parameters in {} tensors to {}\n",
+        store.iter().count(),
+        args.out.display()
+    ))
 }
 
 fn plugins(args: PluginDirs) -> Result<(), Error> {

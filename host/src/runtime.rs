@@ -2,6 +2,8 @@
 //! created, shapes and parameters planned for an input shape before any
 //! computation, then the forward pass, layer by layer.
 
+use std::time::{Duration, Instant};
+
 use abi_stable::std_types::{RSlice, RStr};
 use layer_api::abi::{LayerBox, LayerError, ParamRef, TensorMut, TensorRef};
 use layer_api::Init;
@@ -72,8 +74,10 @@ impl ModelLayer {
                     ),
                     panicked: false,
                 })?;
+            let name = format!("{}.{}", self.name, local_name);
             params.push(ParamInfo {
-                name: format!("{}.{}", self.name, local_name),
+                stored_as: name.clone(),
+                name,
                 layer: self.name.clone(),
                 local_name,
                 shape: decl.shape.into_vec(),
@@ -99,7 +103,7 @@ impl ModelLayer {
             .params
             .iter()
             .map(|p| {
-                params.get(&p.name).ok_or_else(|| Error::Param {
+                params.get(&p.stored_as).ok_or_else(|| Error::Param {
                     name: p.name.clone(),
                     message: "no value was loaded or initialized for it".to_string(),
                 })
@@ -168,6 +172,7 @@ impl Model {
     }
 
     /// Shapes and parameters of every layer for an input of `input_shape`,
+    /// with the model file's initializer overrides and sharing applied,
     /// checked before anything is computed.
     pub fn plan(&self, input_shape: &[usize]) -> Result<Vec<LayerPlan>, Error> {
         let mut shape = input_shape.to_vec();
@@ -189,6 +194,7 @@ impl Model {
                 });
             }
         }
+        crate::binding::bind_params(&self.spec, &mut plans)?;
         Ok(plans)
     }
 
@@ -207,9 +213,23 @@ impl Model {
         params: &ParamStore,
         input: ArrayD<f32>,
     ) -> Result<ArrayD<f32>, Error> {
+        self.forward_observed(plans, params, input, |_, _, _| {})
+    }
+
+    /// Runs the layers in order on `input`, calling `observe` after each
+    /// with the layer, its output and the time its forward call took.
+    pub fn forward_observed(
+        &self,
+        plans: &[LayerPlan],
+        params: &ParamStore,
+        input: ArrayD<f32>,
+        mut observe: impl FnMut(&ModelLayer, &ArrayD<f32>, Duration),
+    ) -> Result<ArrayD<f32>, Error> {
         let mut x = input.as_standard_layout().into_owned();
         for (layer, plan) in self.layers.iter().zip(plans) {
+            let start = Instant::now();
             x = layer.forward(plan, &x, params)?;
+            observe(layer, &x, start.elapsed());
         }
         Ok(x)
     }

@@ -2,8 +2,15 @@
 //! `b` of shape `(units,)` (the custom-layers chapter's `MyDense`/`MyLinear`).
 //! The last input axis holds the features; any leading axes are kept, so an
 //! input `(2, 3, 64)` gives `(2, 3, units)`. `in_units` may be left out of the
-//! config and is then taken from the input. Defaults, as the chapter's
-//! `MyLinear` (`torch.randn`): both parameters drawn from a standard normal.
+//! config and is then taken from the input.
+//!
+//! Parameters and their default initializers, as the chapter's `MyLinear`
+//! (`torch.randn`); a model file may override either with `"init"`:
+//!
+//! | parameter | shape | default | fans (Xavier, Kaiming) |
+//! | --- | --- | --- | --- |
+//! | `weight` | `(in_units, units)` | `normal` (mean 0, std 1) | in `in_units`, out `units` |
+//! | `bias` | `(units,)` | `normal` (mean 0, std 1) | in and out `units` |
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
 use ndarray::{linalg::general_mat_mul, Axis, Ix1, Ix2};
