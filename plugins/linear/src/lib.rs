@@ -6,9 +6,13 @@
 //! leading axes are kept. `in_features` may be left out of the config and is
 //! then taken from the input.
 //!
-//! Default initialization is PyTorch's: `kaiming_uniform_(a = √5)` for the
-//! weight, which is uniform on `±1/√in_features` (gain `√(1/3)` times
-//! `√(3 / fan_in)`), and uniform on `±1/√in_features` for the bias.
+//! Parameters and their default initializers, PyTorch's; a model file may
+//! override either with `"init"`:
+//!
+//! | parameter | shape | default | fans (Xavier, Kaiming) |
+//! | --- | --- | --- | --- |
+//! | `weight` | `(out_features, in_features)` | `kaiming_uniform` (fan in, gain `√(1/3)`): uniform on `±1/√in_features`, as `kaiming_uniform_(a = √5)` | in `in_features`, out `out_features` |
+//! | `bias` (unless `"bias": false`) | `(out_features,)` | `uniform` on `±1/√in_features` | in and out `out_features` |
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec, Params};
 use ndarray::{linalg::general_mat_mul, Axis, Ix1, Ix2};

@@ -11,9 +11,14 @@
 //! one matrix product per block of rows: half the work of the full outer
 //! product, in a GEMM rather than a triple loop.
 //!
-//! Default initialization: `W` normal with mean 0 and standard deviation
-//! `1 / in_units`, so that `y` stays of the order of `|x|²` whatever
-//! `in_units` is (PyTorch has no such layer to copy a default from).
+//! The parameter and its default initializer; a model file may override it
+//! with `"init"`. PyTorch has no such layer to copy a default from: a standard
+//! deviation of `1 / in_units` keeps `y` of the order of `|x|²` whatever
+//! `in_units` is.
+//!
+//! | parameter | shape | default | fans (Xavier, Kaiming) |
+//! | --- | --- | --- | --- |
+//! | `weight` | `(in_units, in_units, units)` | `normal` (mean 0, std `1 / in_units`) | in `in_units²`, out `units` |
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView3, ArrayViewMut2, Ix3};
