@@ -92,6 +92,16 @@ impl Layer for Fourier {
         true
     }
 
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        // The conventional count for a real FFT, 2.5 n log2 n per row: a
+        // yardstick for GFLOP/s, not an exact count of this implementation.
+        let Some((&n, leading)) = input_shape.split_last() else {
+            return 0;
+        };
+        let rows: usize = leading.iter().product();
+        (2.5 * rows as f64 * n as f64 * (n.max(2) as f64).log2()) as u64
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,

@@ -15,7 +15,7 @@
 //! | `bias` (unless `"bias": false`) | `(out_features,)` | `uniform` on `±1/√in_features` | in and out `out_features` |
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec, Params};
-use ndarray::{linalg::general_mat_mul, Axis, Ix1, Ix2};
+use ndarray::{Axis, Ix1, Ix2};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +114,19 @@ impl Layer for Linear {
         true
     }
 
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        let Some((&in_features, leading)) = input_shape.split_last() else {
+            return 0;
+        };
+        let rows: usize = leading.iter().product();
+        let bias = if self.bias {
+            rows * self.out_features
+        } else {
+            0
+        };
+        (2 * rows * in_features * self.out_features + bias) as u64
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
@@ -129,7 +142,7 @@ impl Layer for Linear {
         let mut y = output
             .into_shape_with_order((rows, self.out_features))
             .map_err(|e| format!("output as ({rows}, {}): {e}", self.out_features))?;
-        general_mat_mul(1.0, &x, &weight.t(), 0.0, &mut y);
+        layer_kernels::matmul(x, weight.t(), y.view_mut())?;
         if self.bias {
             let bias = params.get::<Ix1>("bias")?;
             for mut row in y.axis_iter_mut(Axis(0)) {

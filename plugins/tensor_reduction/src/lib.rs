@@ -134,6 +134,16 @@ impl Layer for TensorReduction {
         true
     }
 
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        let Some((&n, leading)) = input_shape.split_last() else {
+            return 0;
+        };
+        let rows: usize = leading.iter().product();
+        let pairs = n * (n + 1) / 2;
+        // The upper outer product, then its product with the folded weight.
+        (rows * pairs + 2 * rows * pairs * self.units) as u64
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
