@@ -73,6 +73,31 @@ pub trait Layer: Sized + Send + Sync + 'static {
     }
 }
 
+/// The size of the last axis, where layers like dense ones keep their
+/// features: inferred from the input when the config leaves `expected` out,
+/// checked against it when given (`field` names the config field in the
+/// message).
+pub fn last_axis_features(
+    input_shape: &[usize],
+    expected: Option<usize>,
+    field: &str,
+) -> Result<usize, String> {
+    let Some(&features) = input_shape.last() else {
+        return Err(
+            "needs an input of rank 1 or more, whose last axis holds the \
+                    features; got a scalar"
+                .into(),
+        );
+    };
+    match expected {
+        Some(expected) if expected != features => Err(format!(
+            "expects {expected} input features (config `{field}`), but the input's \
+             last axis has {features} (input shape {input_shape:?})"
+        )),
+        _ => Ok(features),
+    }
+}
+
 /// The config of a layer that has no options: only `{}` is accepted.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -499,6 +524,20 @@ mod tests {
         assert!(err.panicked);
         assert!(err.message.as_str().contains("empty input"), "{err:?}");
         assert!(err.message.as_str().contains("authoring.rs"), "{err:?}");
+    }
+
+    #[test]
+    fn last_axis_features_are_inferred_or_checked() {
+        assert_eq!(last_axis_features(&[2, 3, 64], None, "in_units"), Ok(64));
+        assert_eq!(last_axis_features(&[5], Some(5), "in_units"), Ok(5));
+        assert_eq!(
+            last_axis_features(&[2, 8], Some(4), "in_features").unwrap_err(),
+            "expects 4 input features (config `in_features`), but the input's last axis \
+             has 8 (input shape [2, 8])"
+        );
+        assert!(last_axis_features(&[], None, "in_units")
+            .unwrap_err()
+            .contains("got a scalar"));
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub mod abi;
 mod authoring;
 mod init;
 
-pub use authoring::{Layer, NoConfig, ParamSpec, Params};
+pub use authoring::{last_axis_features, Layer, NoConfig, ParamSpec, Params};
 pub use init::{FanMode, Init};
 pub use ndarray::{ArrayViewD, ArrayViewMutD};
 

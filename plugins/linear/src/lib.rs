@@ -14,7 +14,10 @@
 //! | `weight` | `(out_features, in_features)` | `kaiming_uniform` (fan in, gain `√(1/3)`): uniform on `±1/√in_features`, as `kaiming_uniform_(a = √5)` | in `in_features`, out `out_features` |
 //! | `bias` (unless `"bias": false`) | `(out_features,)` | `uniform` on `±1/√in_features` | in and out `out_features` |
 
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec, Params};
+use layer_api::{
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec,
+    Params,
+};
 use ndarray::{Axis, Ix1, Ix2};
 use serde::Deserialize;
 
@@ -44,20 +47,7 @@ pub struct Linear {
 impl Linear {
     /// The number of input features, checked against the config.
     fn in_features(&self, input_shape: &[usize]) -> Result<usize, String> {
-        let Some(&features) = input_shape.last() else {
-            return Err(
-                "needs an input of rank 1 or more, whose last axis holds the \
-                        features; got a scalar"
-                    .into(),
-            );
-        };
-        match self.in_features {
-            Some(expected) if expected != features => Err(format!(
-                "expects {expected} input features (config `in_features`), but the input's \
-                 last axis has {features} (input shape {input_shape:?})"
-            )),
-            _ => Ok(features),
-        }
+        last_axis_features(input_shape, self.in_features, "in_features")
     }
 }
 

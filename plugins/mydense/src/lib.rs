@@ -12,7 +12,9 @@
 //! | `weight` | `(in_units, units)` | `normal` (mean 0, std 1) | in `in_units`, out `units` |
 //! | `bias` | `(units,)` | `normal` (mean 0, std 1) | in and out `units` |
 
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
+use layer_api::{
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
+};
 use ndarray::{Axis, Ix1, Ix2};
 use serde::Deserialize;
 
@@ -34,20 +36,7 @@ pub struct MyDense {
 impl MyDense {
     /// The number of input features, checked against the config.
     fn in_units(&self, input_shape: &[usize]) -> Result<usize, String> {
-        let Some(&features) = input_shape.last() else {
-            return Err(
-                "needs an input of rank 1 or more, whose last axis holds the \
-                        features; got a scalar"
-                    .into(),
-            );
-        };
-        match self.in_units {
-            Some(expected) if expected != features => Err(format!(
-                "expects {expected} input features (config `in_units`), but the input's \
-                 last axis has {features} (input shape {input_shape:?})"
-            )),
-            _ => Ok(features),
-        }
+        last_axis_features(input_shape, self.in_units, "in_units")
     }
 }
 

@@ -20,7 +20,9 @@
 //! | --- | --- | --- | --- |
 //! | `weight` | `(in_units, in_units, units)` | `normal` (mean 0, std `1 / in_units`) | in `in_units²`, out `units` |
 
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
+use layer_api::{
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
+};
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView3, ArrayViewMut2, Ix3};
 use serde::Deserialize;
 
@@ -46,20 +48,7 @@ pub struct TensorReduction {
 impl TensorReduction {
     /// The number of input features, checked against the config.
     fn in_units(&self, input_shape: &[usize]) -> Result<usize, String> {
-        let Some(&features) = input_shape.last() else {
-            return Err(
-                "needs an input of rank 1 or more, whose last axis holds the \
-                        features; got a scalar"
-                    .into(),
-            );
-        };
-        match self.in_units {
-            Some(expected) if expected != features => Err(format!(
-                "expects {expected} input features (config `in_units`), but the input's \
-                 last axis has {features} (input shape {input_shape:?})"
-            )),
-            _ => Ok(features),
-        }
+        last_axis_features(input_shape, self.in_units, "in_units")
     }
 }
 
