@@ -150,6 +150,33 @@ def main():
                         print(f"{'':34s}layer {layer['name']} ({layer['plugin']}): "
                               f"{layer['flops'] / layer['seconds'] / 1e9:.1f} GFLOP/s")
 
+    # The chapter's exercises, against numpy (ONNX has no such operators).
+    print(f"{'layer':32s} {'batch':>5s} {'thr':>3s} {'host us':>10s} {'numpy us':>10s} {'host/np':>8s}")
+    n, units = 64, 16
+    w = (rng.standard_normal((n, n, units)) / n).astype(np.float32)
+    save_file({"0.weight": w}, str(tmp / "reduction.safetensors"))
+    reduction = tmp / "reduction.json"
+    reduction.write_text(json.dumps({"format": 1, "name": "tensor_reduction", "layers": [
+        {"type": "tensor_reduction", "config": {"in_units": n, "units": units}}]}))
+    fourier = tmp / "fourier.json"
+    fourier.write_text(json.dumps({"format": 1, "name": "fourier", "layers": [{"type": "fourier"}]}))
+    w_flat = w.reshape(n * n, units)
+    cases = [
+        ("tensor_reduction 64 -> 16", reduction, tmp / "reduction.safetensors", n,
+         lambda x: (x[:, :, None] * x[:, None, :]).reshape(len(x), -1) @ w_flat),
+        ("fourier n=1024 (complex)", fourier, None, 1024,
+         lambda x: np.fft.rfft(x)[:, : x.shape[1] // 2]),
+    ]
+    for name, model_json, params_file, features, np_fn in cases:
+        x = rng.random((4096, features), dtype=np.float32)
+        for threads in args.threads:
+            with threadpool_limits(threads):
+                t_np = timed(lambda: np_fn(x), args.min_time)
+            report = host_bench(model_json, params_file, 4096, features, threads, args.min_time)
+            t_host = report["seconds"]
+            print(f"{name:32s} {4096:5d} {threads:3d} {t_host * 1e6:10.1f} {t_np * 1e6:10.1f} "
+                  f"{t_host / t_np:8.3f}")
+
 
 if __name__ == "__main__":
     main()
