@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RSlice, RStr};
 use layer_api::abi::{LayerError, ParamRef, TensorMut, TensorRef};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::error::Error;
 use crate::params::ParamStore;
@@ -108,7 +108,7 @@ impl<'m> Runner<'m> {
     /// `after_layer` sees each layer's index, output and time taken.
     pub fn run(
         &mut self,
-        input: &ArrayD<f32>,
+        input: ArrayViewD<'_, f32>,
         mut after_layer: impl FnMut(usize, &ArrayD<f32>, Duration),
     ) -> Result<&ArrayD<f32>, Error> {
         let expected = &self.plans[0].input_shape;
