@@ -138,6 +138,12 @@ pub struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
+    /// Lends `items` to a layer called directly, in-process, rather than
+    /// through the plugin boundary (a benchmark linking a layer statically).
+    pub fn new(items: &'a [ParamRef<'a>]) -> Params<'a> {
+        Params { items }
+    }
+
     /// The parameter `name` as a view of dimension `D` (`Ix1`, `Ix2`, `IxDyn`…).
     pub fn get<D: Dimension>(&self, name: &str) -> Result<ArrayView<'a, f32, D>, String> {
         let item = self
@@ -349,6 +355,14 @@ pub const fn lib_header<E: Export>() -> LibHeader {
 
 /// Exports a [`Layer`] type as this library's plugin. Use it once per plugin
 /// crate, whose `Cargo.toml` sets `crate-type = ["cdylib", "rlib"]`.
+///
+/// The export is a symbol of one fixed name (the one `abi_stable` looks
+/// up), so two plugin crates linked into one program as rlibs define it
+/// twice and the link fails. A plugin crate that declares a cargo feature
+/// `static` and is built with it leaves the symbol out: the layer can then
+/// be linked into a program with others and called directly, but that build
+/// is no plugin. The `cfg` below is evaluated in the plugin crate, so it
+/// sees the plugin's own features.
 #[macro_export]
 macro_rules! export_layer {
     ($layer:ty) => {
@@ -361,11 +375,16 @@ macro_rules! export_layer {
         }
 
         // The symbol name is the one `abi_stable` looks up
-        // (`abi_stable::library::ROOT_MODULE_LOADER_NAME`).
-        #[doc(hidden)]
-        #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
-        pub static __LAYER_PLUGIN_HEADER: $crate::__private::LibHeader =
-            $crate::__private::lib_header::<__LayerPluginExport>();
+        // (`abi_stable::library::ROOT_MODULE_LOADER_NAME`). Plugin crates
+        // need not declare a `static` feature: the allow spares those that
+        // do not a warning about an unknown feature.
+        #[allow(unexpected_cfgs)]
+        const _: () = {
+            #[cfg(not(feature = "static"))]
+            #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
+            static LAYER_PLUGIN_HEADER: $crate::__private::LibHeader =
+                $crate::__private::lib_header::<__LayerPluginExport>();
+        };
     };
 }
 
