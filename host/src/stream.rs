@@ -144,7 +144,7 @@ pub fn run_in_chunks(
         })?;
         let view = ArrayViewD::from_shape(IxDyn(&chunk_shape), values)
             .expect("the reader returns exactly the rows asked for");
-        let output = runner.run(view, |i, out, elapsed| {
+        let output = runner.run_observed(view, |i, out, elapsed| {
             after_layer(rows, &model.layers[i], out, elapsed)
         })?;
         on_output(rows, output)?;

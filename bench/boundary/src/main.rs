@@ -148,7 +148,7 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
 
     // Both paths compute the same thing: check it once, bit for bit.
     forward_linked(&mut output);
-    let got = runner.run(input.view(), |_, _, _| {}).expect("forward");
+    let got = runner.run(input.view()).expect("forward");
     assert!(
         got.iter()
             .zip(output.iter())
@@ -163,7 +163,7 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
     let mut call_loaded = || {
         black_box(
             runner
-                .run(black_box(input.view()), |_, _, _| {})
+                .run(black_box(input.view()))
                 .expect("forward succeeds"),
         );
     };
