@@ -350,7 +350,7 @@ impl RowProgress {
         );
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {human_pos}/{human_len} rows, {per_sec}, {eta} left",
+                "{bar:40} {human_pos}/{human_len} rows, {eta} left",
             )
             .expect("the template is valid"),
         );
@@ -454,7 +454,8 @@ fn given_input_shape(args: &InputShapeArgs) -> Result<Option<Vec<usize>>, Error>
         return Ok(Some(dims.clone()));
     }
     match &args.input {
-        Some(path) => npy::read_f32(path)
+        // Only the header is read: the input may be larger than memory.
+        Some(path) => NpyRowReader::open(path)
             .map(|x| Some(x.shape().to_vec()))
             .map_err(|source| Error::Npy {
                 path: path.clone(),
