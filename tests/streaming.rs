@@ -128,7 +128,7 @@ fn a_one_row_remainder_joins_the_last_chunk() {
 }
 
 #[test]
-fn printed_output_streamed_matches_the_written_one() {
+fn printed_output_is_the_same_in_chunks_and_whole() {
     let dir = tempfile::tempdir().unwrap();
     let input = "tests/fixtures/stream-input-f32.npy";
     let printed_small = host(&[
