@@ -13,10 +13,17 @@ pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), Error> {
-    let write_error = |source: std::io::Error| Error::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    write_atomically_or_fail(path, |w| write(w).map_err(|e| write_error(path, e)))
+}
+
+/// Writes `path` with `write`, atomically, when producing the content can
+/// fail for other reasons than writing it (a layer's error in the middle of
+/// a streamed run): on any error the target is left as it was.
+pub fn write_atomically_or_fail(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let write_error = |source: std::io::Error| write_error(path, source);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -24,11 +31,19 @@ pub fn write_atomically(
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(write_error)?;
     {
         let mut writer = BufWriter::new(file.as_file_mut());
-        write(&mut writer).map_err(write_error)?;
+        write(&mut writer)?;
         writer.flush().map_err(write_error)?;
     }
     file.persist(path).map_err(|e| write_error(e.error))?;
     Ok(())
+}
+
+/// An error writing `path`.
+pub fn write_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[cfg(test)]

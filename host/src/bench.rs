@@ -60,14 +60,14 @@ pub fn bench(
 ) -> Result<BenchReport, Error> {
     let mut runner = Runner::new(model, plans, params, threads)?;
     for _ in 0..3 {
-        runner.run(input, |_, _, _| {})?;
+        runner.run(input.view())?;
     }
     let mut per_layer: Vec<Vec<Duration>> = vec![Vec::new(); plans.len()];
     let mut totals = Vec::new();
     let started = Instant::now();
     while totals.len() < 5 || started.elapsed() < min_time {
         let t = Instant::now();
-        runner.run(input, |i, _, d| per_layer[i].push(d))?;
+        runner.run_observed(input.view(), |i, _, d| per_layer[i].push(d))?;
         totals.push(t.elapsed());
     }
     let layers: Vec<LayerTiming> = model

@@ -24,6 +24,7 @@ pub mod print;
 pub mod registry;
 pub mod runner;
 pub mod runtime;
+pub mod stream;
 pub mod trace;
 
 pub use error::Error;

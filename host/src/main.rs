@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use host::atomic_file::write_atomically;
+use host::atomic_file::{write_atomically, write_atomically_or_fail, write_error};
 use host::inspect::{format_param_values, ModelSummary};
 use host::model::ModelSpec;
+use host::npy::NpyRowReader;
 use host::param_file::ParamFile;
 use host::params::ParamStore;
 use host::registry::PluginRegistry;
 use host::runtime::Model;
 use host::trace::LayerTrace;
-use host::{npy, print, Error};
+use host::{npy, print, stream, Error};
 
 #[derive(Parser)]
 #[command(
@@ -158,8 +159,26 @@ struct RunArgs {
     /// Threads for batch-independent layers (default: every core).
     #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
     threads: usize,
+    /// Rows per chunk: when every layer is batch-independent, the input is read,
+    /// run and written a chunk at a time, so memory does not grow with it
+    /// (default: chunks of about 8 MiB of buffers). At least 2.
+    #[arg(long, value_name = "ROWS", value_parser = parse_batch_size)]
+    batch_size: Option<usize>,
+    /// No progress bar (shown on a terminal for runs longer than a second).
+    #[arg(long, short)]
+    quiet: bool,
     #[command(flatten)]
     plugins: PluginDirs,
+}
+
+fn parse_batch_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a batch size: give a number of rows of at least 2 (a chunk of \
+             one row would take the kernels' single-row path, whose rounding differs)"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -217,10 +236,11 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> Result<(), Error> {
     let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
     let spec = ModelSpec::load(&args.model)?;
-    let input = npy::read_f32(&args.input).map_err(|source| Error::Npy {
+    let npy_error = |source| Error::Npy {
         path: args.input.clone(),
         source,
-    })?;
+    };
+    let mut input = NpyRowReader::open(&args.input).map_err(npy_error)?;
     let model = Model::load(spec, &registry)?;
     let plans = model.plan(input.shape())?;
     let params = load_params(
@@ -230,23 +250,129 @@ fn run(args: RunArgs) -> Result<(), Error> {
         args.allow_unused_params,
     )?;
     let threads = args.threads.max(1);
-    let output = model.forward_observed(
-        &plans,
-        &params,
-        &input,
-        threads,
-        |layer, output, elapsed| {
-            if args.trace {
-                eprintln!(
-                    "{}",
-                    LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
-                );
-            }
-        },
-    )?;
-    match &args.output {
-        Some(path) => write_atomically(path, |w| npy::write_f32(w, &output)),
-        None => print_stdout(&format!("{}\n", print::format_array(&output))),
+    let trace = |layer: &host::runtime::ModelLayer, output: &ndarray::ArrayD<f32>, elapsed| {
+        if args.trace {
+            eprintln!(
+                "{}",
+                LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
+            );
+        }
+    };
+    if let Err(reason) = stream::check_chunkable(&model, &plans) {
+        if args.batch_size.is_some() {
+            eprintln!("note: --batch-size does not apply: {reason}, so the whole input is processed at once");
+        }
+        let input = input.into_array().map_err(npy_error)?;
+        let output = model.forward_observed(&plans, &params, &input, threads, trace)?;
+        return match &args.output {
+            Some(path) => write_atomically(path, |w| npy::write_f32(w, &output)),
+            None => print_stdout(&format!("{}\n", print::format_array(&output))),
+        };
+    }
+
+    let total_rows = input.shape()[0];
+    let batch_size = args
+        .batch_size
+        .unwrap_or_else(|| stream::default_batch_size(&plans));
+    let chunks = stream::chunk_ranges(total_rows, batch_size).len();
+    let output_shape = plans
+        .last()
+        .expect("a model has a layer")
+        .output_shape
+        .clone();
+    let progress = RowProgress::new(total_rows, !args.quiet && !args.trace);
+    let run_chunks = |input: &mut NpyRowReader,
+                      on_output: &mut dyn FnMut(&[f32]) -> Result<(), Error>| {
+        stream::run_in_chunks(
+            &model,
+            &plans,
+            &params,
+            input,
+            &args.input,
+            batch_size,
+            threads,
+            |rows, layer, output, elapsed| {
+                // With several chunks each layer's line is about one chunk:
+                // say which before its first layer.
+                if args.trace && chunks > 1 && std::ptr::eq(layer, &model.layers[0]) {
+                    eprintln!("trace: rows {}..{} of {total_rows}", rows.start, rows.end);
+                }
+                trace(layer, output, elapsed)
+            },
+            |rows, output| {
+                on_output(output.as_slice().expect("runner outputs are contiguous"))?;
+                progress.advance(rows.len());
+                Ok(())
+            },
+        )
+    };
+    let result = match &args.output {
+        Some(path) => write_atomically_or_fail(path, |w| {
+            let mut npy =
+                npy::NpyWriter::new(w, &output_shape).map_err(|e| write_error(path, e))?;
+            run_chunks(&mut input, &mut |values| {
+                npy.write(values).map_err(|e| write_error(path, e))
+            })?;
+            npy.finish().map_err(|e| write_error(path, e)).map(|_| ())
+        }),
+        None => {
+            let mut values = Vec::with_capacity(output_shape.iter().product());
+            run_chunks(&mut input, &mut |chunk| {
+                values.extend_from_slice(chunk);
+                Ok(())
+            })
+            .and_then(|()| {
+                let output = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&output_shape), values)
+                    .expect("the chunks hold every row of the output");
+                print_stdout(&format!("{}\n", print::format_array(&output)))
+            })
+        }
+    };
+    progress.finish();
+    result
+}
+
+/// A progress bar on stderr for a run of many rows: drawn only on a
+/// terminal, and only once the run has taken more than a second, so that
+/// short runs and pipelines never see it.
+struct RowProgress {
+    bar: indicatif::ProgressBar,
+    wanted: bool,
+    started: std::time::Instant,
+    shown: std::cell::Cell<bool>,
+}
+
+impl RowProgress {
+    fn new(rows: usize, wanted: bool) -> RowProgress {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(rows as u64),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {human_pos}/{human_len} rows, {eta} left",
+            )
+            .expect("the template is valid"),
+        );
+        RowProgress {
+            bar,
+            wanted: wanted && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            started: std::time::Instant::now(),
+            shown: std::cell::Cell::new(false),
+        }
+    }
+
+    fn advance(&self, rows: usize) {
+        if self.wanted && !self.shown.get() && self.started.elapsed().as_secs_f64() > 1.0 {
+            self.bar
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            self.shown.set(true);
+        }
+        self.bar.inc(rows as u64);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
     }
 }
 
@@ -328,7 +454,8 @@ fn given_input_shape(args: &InputShapeArgs) -> Result<Option<Vec<usize>>, Error>
         return Ok(Some(dims.clone()));
     }
     match &args.input {
-        Some(path) => npy::read_f32(path)
+        // Only the header is read: the input may be larger than memory.
+        Some(path) => NpyRowReader::open(path)
             .map(|x| Some(x.shape().to_vec()))
             .map_err(|source| Error::Npy {
                 path: path.clone(),

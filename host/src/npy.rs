@@ -2,14 +2,19 @@
 //!
 //! Inputs may be any numeric dtype numpy writes (bool, signed and unsigned
 //! integers, float16/32/64, either byte order) in C or Fortran order; they are
-//! converted to f32, the type every layer computes in. Outputs are always
-//! little-endian f32 in C order. The header is checked against the file size
+//! converted to f32, the type every layer computes in. They are read whole
+//! ([`read_f32`]) or a block of rows at a time ([`NpyRowReader`]: f32 inputs
+//! are mapped, not copied). Outputs are always little-endian f32 in C order,
+//! written whole ([`write_f32`]) or as they come ([`NpyWriter`]). The header is checked against the file size
 //! before anything is allocated, so a header that claims a huge shape, or a
 //! truncated file, is refused with a message instead of an allocation failure.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
-use std::path::Path;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
 
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use thiserror::Error;
@@ -382,36 +387,7 @@ pub fn read_f32(path: &Path) -> Result<ArrayD<f32>, NpyError> {
 /// stored as.
 pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dtype), NpyError> {
     let header = read_header(&mut reader)?;
-    let elements = header
-        .shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|n| n.checked_mul(header.dtype.size).is_some())
-        .ok_or_else(|| NpyError::TooLarge {
-            shape: header.shape.clone(),
-            elements: header
-                .shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(" x "),
-        })?;
-    let needed = (elements * header.dtype.size) as u64;
-    let found = len.saturating_sub(header.data_offset);
-    if found < needed {
-        return Err(NpyError::Truncated {
-            shape: header.shape,
-            descr: header.dtype.descr,
-            needed,
-            found,
-        });
-    }
-    if found > needed {
-        return Err(NpyError::TrailingData {
-            shape: header.shape,
-            extra: found - needed,
-        });
-    }
+    let elements = data_elements(&header, len)?;
     let mut data = Vec::with_capacity(elements);
     let mut chunk = vec![0u8; header.dtype.size * 16384];
     let mut remaining = elements;
@@ -440,41 +416,290 @@ pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dt
     ))
 }
 
-/// Writes an f32 array as a little-endian, C-order `.npy` (format 1.0).
-pub fn write_f32(writer: &mut (impl Write + ?Sized), array: &ArrayD<f32>) -> std::io::Result<()> {
-    let shape = match array.shape() {
-        [n] => format!("({n},)"),
-        dims => format!(
-            "({})",
-            dims.iter()
+/// The number of elements the header's shape describes, checked against the
+/// `len` bytes of the whole file, so that nothing is allocated for a shape
+/// the file cannot hold.
+fn data_elements(header: &Header, len: u64) -> Result<usize, NpyError> {
+    let elements = header
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| n.checked_mul(header.dtype.size).is_some())
+        .ok_or_else(|| NpyError::TooLarge {
+            shape: header.shape.clone(),
+            elements: header
+                .shape
+                .iter()
                 .map(|d| d.to_string())
                 .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
-    // numpy pads the header with spaces so that the data starts on a 64-byte
-    // boundary, and ends it with a newline.
-    let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-    header.push('\n');
-    writer.write_all(MAGIC)?;
-    writer.write_all(&[1, 0])?;
-    let len = u16::try_from(header.len())
-        .map_err(|_| std::io::Error::other("shape too long for an .npy header"))?;
-    writer.write_all(&len.to_le_bytes())?;
-    writer.write_all(header.as_bytes())?;
-    let standard = array.as_standard_layout();
-    let data = standard.as_slice().expect("standard layout is contiguous");
-    let mut buf = Vec::with_capacity(data.len().min(16384) * 4);
-    for chunk in data.chunks(16384) {
-        buf.clear();
-        for v in chunk {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
-        writer.write_all(&buf)?;
+                .join(" x "),
+        })?;
+    let needed = (elements * header.dtype.size) as u64;
+    let found = len.saturating_sub(header.data_offset);
+    if found < needed {
+        return Err(NpyError::Truncated {
+            shape: header.shape.clone(),
+            descr: header.dtype.descr.clone(),
+            needed,
+            found,
+        });
     }
-    Ok(())
+    if found > needed {
+        return Err(NpyError::TrailingData {
+            shape: header.shape.clone(),
+            extra: found - needed,
+        });
+    }
+    Ok(elements)
+}
+
+/// Writes an f32 array as a little-endian, C-order `.npy` (format 1.0).
+pub fn write_f32(writer: &mut (impl Write + ?Sized), array: &ArrayD<f32>) -> std::io::Result<()> {
+    let mut npy = NpyWriter::new(writer, array.shape())?;
+    let standard = array.as_standard_layout();
+    npy.write(standard.as_slice().expect("standard layout is contiguous"))?;
+    npy.finish().map(|_| ())
+}
+
+/// Writes a little-endian, C-order f32 `.npy` (format 1.0) whose shape is
+/// known before its values: the header first, then the values as they come,
+/// so that an output need not be held whole.
+pub struct NpyWriter<W: Write> {
+    writer: W,
+    /// Values still to come before the data matches the header's shape.
+    remaining: usize,
+    bytes: Vec<u8>,
+}
+
+impl<W: Write> NpyWriter<W> {
+    /// Writes the header for an array of `shape`.
+    pub fn new(mut writer: W, shape: &[usize]) -> std::io::Result<NpyWriter<W>> {
+        let dims = match shape {
+            [n] => format!("({n},)"),
+            dims => format!(
+                "({})",
+                dims.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
+        // numpy pads the header with spaces so that the data starts on a 64-byte
+        // boundary, and ends it with a newline.
+        let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
+        header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+        header.push('\n');
+        writer.write_all(MAGIC)?;
+        writer.write_all(&[1, 0])?;
+        let len = u16::try_from(header.len())
+            .map_err(|_| std::io::Error::other("shape too long for an .npy header"))?;
+        writer.write_all(&len.to_le_bytes())?;
+        writer.write_all(header.as_bytes())?;
+        Ok(NpyWriter {
+            writer,
+            remaining: shape.iter().product(),
+            bytes: Vec::new(),
+        })
+    }
+
+    /// Appends `values`, the next ones in C order.
+    pub fn write(&mut self, values: &[f32]) -> std::io::Result<()> {
+        if values.len() > self.remaining {
+            return Err(std::io::Error::other(format!(
+                "{} values given where the header's shape leaves room for {}",
+                values.len(),
+                self.remaining
+            )));
+        }
+        for chunk in values.chunks(16384) {
+            self.bytes.clear();
+            for v in chunk {
+                self.bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            self.writer.write_all(&self.bytes)?;
+        }
+        self.remaining -= values.len();
+        Ok(())
+    }
+
+    /// Checks that every value the header promised was written, and returns
+    /// the writer.
+    pub fn finish(self) -> std::io::Result<W> {
+        if self.remaining != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} values short of the shape the header declares",
+                self.remaining
+            )));
+        }
+        Ok(self.writer)
+    }
+}
+
+/// An `.npy` input read a block of rows (slices along axis 0) at a time, so
+/// that memory does not grow with the file. The header is read and checked
+/// against the file's size when it is opened.
+pub struct NpyRowReader {
+    path: PathBuf,
+    shape: Vec<usize>,
+    /// Elements per row: the product of every axis but the first.
+    row_len: usize,
+    source: RowSource,
+}
+
+enum RowSource {
+    /// Little-endian f32 in C order: each block of rows is mapped from the
+    /// file and viewed in place. Only the current block stays mapped, so the
+    /// pages of rows already done leave the process.
+    Mapped {
+        file: File,
+        data_offset: u64,
+        block: Option<Mmap>,
+    },
+    /// Any other dtype in C order: a block's bytes are read and converted.
+    Converted {
+        reader: BufReader<File>,
+        dtype: Dtype,
+        data_offset: u64,
+        next_row: usize,
+        bytes: Vec<u8>,
+        values: Vec<f32>,
+    },
+    /// Fortran order keeps each row's elements a whole column apart, so rows
+    /// cannot be read as a block without a read per element: the array is
+    /// read and reordered whole.
+    Whole(ArrayD<f32>),
+}
+
+impl NpyRowReader {
+    /// Opens `path` and checks its header against its size.
+    pub fn open(path: &Path) -> Result<NpyRowReader, NpyError> {
+        let io = |e: std::io::Error| NpyError::Io(e.to_string());
+        let file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut reader = BufReader::new(file);
+        let header = read_header(&mut reader)?;
+        data_elements(&header, file_len)?;
+        let row_len = header.shape.iter().skip(1).product();
+        let source = if header.fortran_order {
+            RowSource::Whole(read_f32(path)?)
+        } else if header.dtype.kind == Kind::Float
+            && header.dtype.size == 4
+            && header.dtype.little_endian
+            && cfg!(target_endian = "little")
+            && header.data_offset % 4 == 0
+        {
+            RowSource::Mapped {
+                file: reader.into_inner(),
+                data_offset: header.data_offset,
+                block: None,
+            }
+        } else {
+            RowSource::Converted {
+                reader,
+                data_offset: header.data_offset,
+                next_row: 0,
+                dtype: header.dtype.clone(),
+                bytes: Vec::new(),
+                values: Vec::new(),
+            }
+        };
+        Ok(NpyRowReader {
+            path: path.to_path_buf(),
+            shape: header.shape,
+            row_len,
+            source,
+        })
+    }
+
+    /// The array's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Whether blocks of rows are viewed in a memory map of the file rather
+    /// than read and converted.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.source, RowSource::Mapped { .. })
+    }
+
+    /// The values of `rows` (a range along axis 0, of an array of rank 1 or
+    /// more) in C order, as f32. The slice is valid until the next call.
+    pub fn rows(&mut self, rows: Range<usize>) -> Result<&[f32], NpyError> {
+        let available = self.shape.first().copied().unwrap_or(0);
+        if rows.start > rows.end || rows.end > available {
+            return Err(NpyError::Io(format!(
+                "rows {rows:?} asked of an array of shape {:?}",
+                self.shape
+            )));
+        }
+        let start = rows.start * self.row_len;
+        let count = rows.len() * self.row_len;
+        let io = |e: std::io::Error| NpyError::Io(e.to_string());
+        match &mut self.source {
+            RowSource::Whole(array) => Ok(&array
+                .as_slice()
+                .expect("read_f32 returns standard layout")[start..start + count]),
+            RowSource::Mapped {
+                file,
+                data_offset,
+                block,
+            } => {
+                if count == 0 {
+                    return Ok(&[]);
+                }
+                // Unmap the previous block first, so that two are never held.
+                *block = None;
+                // SAFETY: the map is read-only and lives in `self` no longer
+                // than the slice handed out. Another process truncating or
+                // writing the file while it is mapped would change what is
+                // read (or end the process with SIGBUS); like numpy's
+                // `mmap_mode`, inputs are taken not to change during a run.
+                let map = unsafe {
+                    memmap2::MmapOptions::new()
+                        .offset(*data_offset + 4 * start as u64)
+                        .len(4 * count)
+                        .populate()
+                        .map(&*file)
+                }
+                .map_err(io)?;
+                let map = block.insert(map);
+                // The data starts at a multiple of 4 bytes (checked when
+                // opened) and maps keep the file offset's alignment.
+                bytemuck::try_cast_slice(&map[..])
+                    .map_err(|e| NpyError::Io(format!("mapped rows are not f32-aligned: {e}")))
+            }
+            RowSource::Converted {
+                reader,
+                dtype,
+                data_offset,
+                next_row,
+                bytes,
+                values,
+            } => {
+                if *next_row != rows.start {
+                    let at = *data_offset + (start * dtype.size) as u64;
+                    reader.seek(SeekFrom::Start(at)).map_err(io)?;
+                }
+                bytes.resize(count * dtype.size, 0);
+                read_exact_or(reader, bytes, || {
+                    NpyError::Io("the data ended before its declared length".into())
+                })?;
+                values.clear();
+                values.extend(bytes.chunks_exact(dtype.size).map(|b| dtype.to_f32(b)));
+                *next_row = rows.end;
+                Ok(values)
+            }
+        }
+    }
+
+    /// The whole array, in C order.
+    pub fn into_array(self) -> Result<ArrayD<f32>, NpyError> {
+        match self.source {
+            RowSource::Whole(array) => Ok(array),
+            _ => read_f32(&self.path),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -554,5 +779,76 @@ mod tests {
         assert_eq!(header.data_offset % 64, 0);
         assert_eq!(header.shape, vec![2, 3]);
         assert_eq!(bytes.len() as u64, header.data_offset + 24);
+    }
+
+    /// An `.npy` file of `descr` and `shape` holding `data`, as numpy lays
+    /// it out (format 1.0, header padded to 64 bytes).
+    fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        header.push_str(&" ".repeat(63 - (10 + header.len()) % 64));
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn rows_are_read_mapped_or_converted_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<f64> = (0..12).map(|v| f64::from(v) * 0.5).collect();
+        let f64_path = dir.path().join("x64.npy");
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&f64_path, npy_bytes("<f8", "(4, 3)", &data)).unwrap();
+        let f32_path = dir.path().join("x32.npy");
+        let data: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| (v as f32).to_le_bytes())
+            .collect();
+        std::fs::write(&f32_path, npy_bytes("<f4", "(4, 3)", &data)).unwrap();
+        for (path, mapped) in [(&f64_path, false), (&f32_path, true)] {
+            let mut reader = NpyRowReader::open(path).unwrap();
+            assert_eq!(reader.is_mapped(), mapped);
+            assert_eq!(reader.shape(), &[4, 3]);
+            assert_eq!(reader.rows(1..3).unwrap(), &[1.5, 2.0, 2.5, 3.0, 3.5, 4.0]);
+            assert_eq!(reader.rows(3..4).unwrap(), &[4.5, 5.0, 5.5]);
+            assert_eq!(reader.rows(0..1).unwrap(), &[0.0, 0.5, 1.0]);
+            assert!(reader.rows(3..5).is_err());
+        }
+    }
+
+    #[test]
+    fn a_truncated_file_is_refused_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        std::fs::write(&path, npy_bytes("<f4", "(4, 3)", &[0; 40])).unwrap();
+        assert!(matches!(
+            NpyRowReader::open(&path),
+            Err(NpyError::Truncated {
+                needed: 48,
+                found: 40,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_streaming_writer_holds_to_its_header() {
+        let a = ArrayD::from_shape_vec(IxDyn(&[3, 2]), (0..6).map(|v| v as f32).collect()).unwrap();
+        let mut whole = Vec::new();
+        write_f32(&mut whole, &a).unwrap();
+        let mut npy = NpyWriter::new(Vec::new(), &[3, 2]).unwrap();
+        npy.write(&[0.0, 1.0]).unwrap();
+        npy.write(&[2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert!(
+            npy.write(&[6.0]).is_err(),
+            "more values than the shape holds"
+        );
+        assert_eq!(npy.finish().unwrap(), whole);
+        let mut short = NpyWriter::new(Vec::new(), &[3, 2]).unwrap();
+        short.write(&[0.0; 4]).unwrap();
+        assert!(short.finish().is_err(), "fewer values than the shape holds");
     }
 }

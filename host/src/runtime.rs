@@ -187,7 +187,7 @@ impl Model {
         mut observe: impl FnMut(&ModelLayer, &ArrayD<f32>, Duration),
     ) -> Result<ArrayD<f32>, Error> {
         let mut runner = Runner::new(self, plans, params, threads)?;
-        let output = runner.run(input, |i, output, elapsed| {
+        let output = runner.run_observed(input.view(), |i, output, elapsed| {
             observe(&self.layers[i], output, elapsed)
         })?;
         Ok(output.clone())

@@ -163,6 +163,12 @@ pub struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
+    /// Lends `items` to a layer called directly, in-process, rather than
+    /// through the plugin boundary (a benchmark linking a layer statically).
+    pub fn new(items: &'a [ParamRef<'a>]) -> Params<'a> {
+        Params { items }
+    }
+
     /// The parameter `name` as a view of dimension `D` (`Ix1`, `Ix2`, `IxDyn`…).
     pub fn get<D: Dimension>(&self, name: &str) -> Result<ArrayView<'a, f32, D>, String> {
         let item = self
@@ -184,8 +190,33 @@ impl<'a> Params<'a> {
 }
 
 fn tensor_view(t: TensorRef<'_>) -> Result<ArrayViewD<'_, f32>, String> {
-    ArrayViewD::from_shape(IxDyn(t.shape.as_slice()), t.data.as_slice())
-        .map_err(|e| format!("tensor of shape {:?}: {e}", t.shape.as_slice()))
+    let (shape, data) = (t.shape.as_slice(), t.data.as_slice());
+    check_len(shape, data.len())?;
+    // SAFETY: `data` is a live slice of exactly as many elements as the
+    // shape has (checked above), laid out in C order as the boundary's
+    // contract says; the view borrows it for no longer than `t` lends it.
+    // (ndarray's checked constructor costs more than a batch-1 layer's
+    // whole boundary crossing should.)
+    Ok(unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), data.as_ptr()) })
+}
+
+fn tensor_view_mut(t: TensorMut<'_>) -> Result<ArrayViewMutD<'_, f32>, String> {
+    let shape = t.shape.as_slice();
+    let data = t.data.into_mut_slice();
+    check_len(shape, data.len())?;
+    // SAFETY: as in `tensor_view`; the slice is borrowed mutably, so the
+    // view is the only access to it.
+    Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), data.as_mut_ptr()) })
+}
+
+/// Checks that a tensor of `shape` has exactly `len` elements.
+fn check_len(shape: &[usize], len: usize) -> Result<(), String> {
+    match shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
+        Some(n) if n == len && isize::try_from(n).is_ok() => Ok(()),
+        _ => Err(format!(
+            "tensor of shape {shape:?} does not match its {len} elements"
+        )),
+    }
 }
 
 /// Sits between a [`Layer`] and the trait object the host calls: converts
@@ -224,9 +255,7 @@ impl<L: Layer> LayerObject for Adapter<L> {
     ) -> RResult<(), LayerError> {
         guard(|| {
             let input = tensor_view(input).map_err(|e| format!("input: {e}"))?;
-            let out_shape = output.shape.as_slice();
-            let output = ArrayViewMutD::from_shape(IxDyn(out_shape), output.data.into_mut_slice())
-                .map_err(|e| format!("output of shape {out_shape:?}: {e}"))?;
+            let output = tensor_view_mut(output).map_err(|e| format!("output: {e}"))?;
             let params = Params {
                 items: params.as_slice(),
             };
@@ -374,6 +403,14 @@ pub const fn lib_header<E: Export>() -> LibHeader {
 
 /// Exports a [`Layer`] type as this library's plugin. Use it once per plugin
 /// crate, whose `Cargo.toml` sets `crate-type = ["cdylib", "rlib"]`.
+///
+/// The export is a symbol of one fixed name (the one `abi_stable` looks
+/// up), so two plugin crates linked into one program as rlibs define it
+/// twice and the link fails. A plugin crate that declares a cargo feature
+/// `static` and is built with it leaves the symbol out: the layer can then
+/// be linked into a program with others and called directly, but that build
+/// is no plugin. The `cfg` below is evaluated in the plugin crate, so it
+/// sees the plugin's own features.
 #[macro_export]
 macro_rules! export_layer {
     ($layer:ty) => {
@@ -386,11 +423,16 @@ macro_rules! export_layer {
         }
 
         // The symbol name is the one `abi_stable` looks up
-        // (`abi_stable::library::ROOT_MODULE_LOADER_NAME`).
-        #[doc(hidden)]
-        #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
-        pub static __LAYER_PLUGIN_HEADER: $crate::__private::LibHeader =
-            $crate::__private::lib_header::<__LayerPluginExport>();
+        // (`abi_stable::library::ROOT_MODULE_LOADER_NAME`). Plugin crates
+        // need not declare a `static` feature: the allow spares those that
+        // do not a warning about an unknown feature.
+        #[allow(unexpected_cfgs)]
+        const _: () = {
+            #[cfg(not(feature = "static"))]
+            #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
+            static LAYER_PLUGIN_HEADER: $crate::__private::LibHeader =
+                $crate::__private::lib_header::<__LayerPluginExport>();
+        };
     };
 }
 
@@ -408,6 +450,27 @@ mod tests {
             abi_stable::library::ROOT_MODULE_LOADER_NAME
         );
         assert!(source.contains(&expected), "macro must use {expected}");
+    }
+
+    #[test]
+    fn views_refuse_a_shape_that_does_not_match_the_data() {
+        let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let view = |shape: &[usize], len: usize| {
+            tensor_view(TensorRef {
+                shape: RSlice::from_slice(shape),
+                data: RSlice::from_slice(&data[..len]),
+            })
+            .map(|v| v.to_owned())
+        };
+        let ok = view(&[2, 3], 6).unwrap();
+        assert_eq!(ok[[1, 0]], 4.0, "C order: row 1 starts at the fourth value");
+        let err = view(&[2, 3], 5).unwrap_err();
+        assert!(
+            err.contains("shape [2, 3] does not match its 5 elements"),
+            "{err}"
+        );
+        assert!(view(&[usize::MAX, 2], 6).is_err(), "an overflowing shape");
+        assert!(view(&[0, 3], 0).unwrap().is_empty());
     }
 
     #[derive(Deserialize)]

@@ -14,6 +14,9 @@ pub enum Failure {
     PanicInShape,
     PanicInForward,
     ErrorInForward,
+    /// Fails only on an input holding a negative value: a streamed run then
+    /// fails in the chunk that has one, after earlier chunks were written.
+    ErrorOnNegativeInput,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +62,9 @@ impl Layer for Faulty {
         match self.fail {
             Failure::PanicInForward => panic!("faulty: told to panic in forward"),
             Failure::ErrorInForward => Err("faulty: told to fail in forward".into()),
+            Failure::ErrorOnNegativeInput if input.iter().any(|&v| v < 0.0) => {
+                Err("faulty: told to fail on a negative input".into())
+            }
             _ => {
                 output.assign(&input);
                 Ok(())
