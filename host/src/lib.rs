@@ -8,10 +8,13 @@
 //! runs layer by layer. Each step fails early with an error ([`error`]) that
 //! names the layer, the plugin and the value at fault.
 
+pub mod atomic_write;
+pub mod conformance;
 pub mod error;
 pub mod model;
 pub mod npy;
 pub mod params;
+pub mod pin;
 pub mod print;
 pub mod registry;
 pub mod runtime;

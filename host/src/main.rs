@@ -1,16 +1,16 @@
 //! The `host` command line: parses arguments, runs one command, and turns
 //! any error into a message on stderr and a non-zero exit status.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use host::atomic_write::write_atomically;
 use host::model::ModelSpec;
 use host::params::ParamStore;
 use host::registry::PluginRegistry;
 use host::runtime::Model;
-use host::{npy, print, Error};
+use host::{conformance, npy, pin, print, Error};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +36,31 @@ enum Command {
     Run(RunArgs),
     /// List the plugins found in the plugin directories.
     Plugins(PluginDirs),
+    /// Run the conformance checks on one plugin; exits non-zero if any fails.
+    CheckPlugin(CheckPluginArgs),
+    /// Pin each layer of a model to the SHA-256 of the plugin library it resolves to.
+    Lock(LockArgs),
+}
+
+#[derive(Args)]
+struct CheckPluginArgs {
+    /// A plugin name (looked up like a model's layer type) or a library path.
+    #[arg(value_name = "NAME|PATH")]
+    plugin: String,
+    /// A layer config (JSON object) to check with (repeatable; default {}).
+    #[arg(long = "config", value_name = "JSON")]
+    configs: Vec<String>,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct LockArgs {
+    /// The model description (JSON), rewritten in place with the pins.
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    #[command(flatten)]
+    plugins: PluginDirs,
 }
 
 #[derive(Args)]
@@ -71,6 +96,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugins(args) => plugins(args),
+        Command::CheckPlugin(args) => check_plugin(args),
+        Command::Lock(args) => lock(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,22 +140,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
 /// Writes to a temporary file beside `path` and renames it into place, so a
 /// failed run never leaves a partial file or clobbers an existing one.
 fn write_npy_atomically(path: &Path, array: &ndarray::ArrayD<f32>) -> Result<(), Error> {
-    let write_error = |source: std::io::Error| Error::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(write_error)?;
-    {
-        let mut writer = std::io::BufWriter::new(file.as_file_mut());
-        npy::write_f32(&mut writer, array).map_err(write_error)?;
-        writer.flush().map_err(write_error)?;
-    }
-    file.persist(path).map_err(|e| write_error(e.error))?;
-    Ok(())
+    write_atomically(path, |mut w| npy::write_f32(&mut w, array))
 }
 
 fn plugins(args: PluginDirs) -> Result<(), Error> {
@@ -179,6 +191,33 @@ fn plugins(args: PluginDirs) -> Result<(), Error> {
     }
     for problem in problems {
         eprintln!("warning: skipped {problem}");
+    }
+    Ok(())
+}
+
+fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
+    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    let configs = args
+        .configs
+        .iter()
+        .map(|text| conformance::parse_config(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let path = conformance::locate(&args.plugin, &registry)?;
+    let report = conformance::check_library(&path, &configs);
+    println!("{report}");
+    report.into_result(&args.plugin).map(drop)
+}
+
+fn lock(args: LockArgs) -> Result<(), Error> {
+    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    for pin in pin::lock_model(&args.model, &registry)? {
+        println!(
+            "layer '{}': {} {} ({})",
+            pin.layer,
+            if pin.changed { "pinned" } else { "unchanged" },
+            pin.sha256,
+            pin.path.display()
+        );
     }
     Ok(())
 }

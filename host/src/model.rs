@@ -48,6 +48,8 @@ struct LayerFile {
     name: Option<String>,
     #[serde(default)]
     config: Option<Map<String, Value>>,
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 /// A validated model description.
@@ -73,6 +75,8 @@ pub struct LayerSpec {
     pub plugin: String,
     /// The plugin's config, a JSON object (`{}` when absent).
     pub config: Value,
+    /// The SHA-256 its plugin library must have (lowercase hex), if pinned.
+    pub sha256: Option<String>,
 }
 
 impl ModelSpec {
@@ -122,10 +126,16 @@ impl ModelSpec {
                      unique, since parameters are named after them"
                 )));
             }
+            let sha256 = layer
+                .sha256
+                .map(|pin| crate::pin::parse_pin(&name, &pin))
+                .transpose()
+                .map_err(|e| invalid(e.to_string()))?;
             layers.push(LayerSpec {
                 name,
                 plugin: layer.plugin,
                 config: Value::Object(layer.config.unwrap_or_default()),
+                sha256,
             });
         }
         let dir = path.parent().unwrap_or(Path::new(""));
@@ -192,7 +202,7 @@ mod tests {
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "confg": {}}]}"#,
-                "unknown field `confg`, expected one of `type`, `name`, `config`",
+                "unknown field `confg`, expected one of `type`, `name`, `config`, `sha256`",
             ),
             (
                 r#"{"format": 2, "layers": [{"type": "x"}]}"#,
@@ -202,6 +212,10 @@ mod tests {
             (
                 r#"{"format": 1, "layers": [{"type": "x", "name": "a"}, {"type": "y", "name": "a"}]}"#,
                 "layers 0 and 1 are both named 'a'",
+            ),
+            (
+                r#"{"format": 1, "layers": [{"type": "x", "sha256": "abc"}]}"#,
+                "models/m.json: layer '0': \"sha256\" must be 64 hex digits",
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "config": [1]}]}"#,

@@ -10,7 +10,7 @@ use ndarray::{ArrayD, IxDyn};
 use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::params::{ParamInfo, ParamStore};
-use crate::registry::{LoadedPlugin, PluginRegistry};
+use crate::registry::{self, LoadedPlugin, PluginRegistry};
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
@@ -34,6 +34,25 @@ pub struct Model {
 }
 
 impl ModelLayer {
+    /// Creates the layer called `name` from `plugin` with `config`.
+    pub fn new(
+        name: &str,
+        plugin: &'static LoadedPlugin,
+        config: &serde_json::Value,
+    ) -> Result<ModelLayer, Error> {
+        let object = plugin.create(config).map_err(|e| Error::Layer {
+            layer: name.to_string(),
+            plugin: plugin.name.clone(),
+            message: format!("invalid config {config}: {}", e.message),
+            panicked: e.panicked,
+        })?;
+        Ok(ModelLayer {
+            name: name.to_string(),
+            plugin,
+            object,
+        })
+    }
+
     fn layer_error(&self, e: LayerError) -> Error {
         Error::Layer {
             layer: self.name.clone(),
@@ -48,7 +67,8 @@ impl ModelLayer {
         self.object.batch_independent()
     }
 
-    fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
+    /// The layer's output shape and parameters for an input of `input_shape`.
+    pub fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
         let output_shape = self
             .object
             .output_shape(RSlice::from_slice(input_shape))
@@ -95,6 +115,27 @@ impl ModelLayer {
         input: &ArrayD<f32>,
         params: &ParamStore,
     ) -> Result<ArrayD<f32>, Error> {
+        let mut output = ArrayD::<f32>::zeros(IxDyn(&plan.output_shape));
+        self.forward_into(
+            plan,
+            input,
+            params,
+            output.as_slice_mut().expect("a new array is contiguous"),
+        )?;
+        Ok(output)
+    }
+
+    /// Runs the layer on `input` (of `plan.input_shape`, standard layout),
+    /// writing into `output`, which holds as many elements as
+    /// `plan.output_shape` says. `host check-plugin` uses it to see which
+    /// elements the layer wrote.
+    pub fn forward_into(
+        &self,
+        plan: &LayerPlan,
+        input: &ArrayD<f32>,
+        params: &ParamStore,
+        output: &mut [f32],
+    ) -> Result<(), Error> {
         let tensors: Vec<&ArrayD<f32>> = plan
             .params
             .iter()
@@ -114,19 +155,14 @@ impl ModelLayer {
                 tensor: tensor_ref(t),
             })
             .collect();
-        let mut output = ArrayD::<f32>::zeros(IxDyn(&plan.output_shape));
         let output_view = TensorMut {
             shape: RSlice::from_slice(&plan.output_shape),
-            data: output
-                .as_slice_mut()
-                .expect("a new array is contiguous")
-                .into(),
+            data: output.into(),
         };
         self.object
             .forward(tensor_ref(input), RSlice::from_slice(&refs), output_view)
             .into_result()
-            .map_err(|e| self.layer_error(e))?;
-        Ok(output)
+            .map_err(|e| self.layer_error(e))
     }
 }
 
@@ -146,23 +182,17 @@ impl Model {
     pub fn load(spec: ModelSpec, registry: &PluginRegistry) -> Result<Model, Error> {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for layer in &spec.layers {
-            let plugin = registry
-                .resolve(&layer.plugin)
-                .map_err(|source| Error::Plugin {
-                    layer: layer.name.clone(),
-                    source: Box::new(source),
-                })?;
-            let object = plugin.create(&layer.config).map_err(|e| Error::Layer {
+            let plugin_error = |source| Error::Plugin {
                 layer: layer.name.clone(),
-                plugin: plugin.name.clone(),
-                message: format!("invalid config {}: {}", layer.config, e.message),
-                panicked: e.panicked,
-            })?;
-            layers.push(ModelLayer {
-                name: layer.name.clone(),
-                plugin,
-                object,
-            });
+                source: Box::new(source),
+            };
+            let path = registry.locate(&layer.plugin).map_err(plugin_error)?;
+            // Before loading: loading a library runs its code.
+            if let Some(pin) = &layer.sha256 {
+                crate::pin::verify(&layer.name, &path, pin)?;
+            }
+            let plugin = registry::load(&path, Some(&layer.plugin)).map_err(plugin_error)?;
+            layers.push(ModelLayer::new(&layer.name, plugin, &layer.config)?);
         }
         Ok(Model { spec, layers })
     }
