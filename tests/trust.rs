@@ -635,3 +635,192 @@ fn lock_pins_each_layer_keeps_the_rest_and_a_swapped_library_is_then_refused() {
         "{err}"
     );
 }
+
+// ---- a plugin built against an incompatible layer-api ----
+
+const STALE_PLUGIN: &str = r#"
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params};
+
+pub struct Stale;
+
+impl Layer for Stale {
+    const NAME: &'static str = "stale";
+    const DESCRIPTION: &'static str = "identity, built against a changed layer-api";
+    type Config = NoConfig;
+
+    fn new(_config: NoConfig) -> Result<Self, String> {
+        Ok(Stale)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(input.to_vec())
+    }
+    fn batch_independent(&self) -> bool {
+        true
+    }
+    fn forward(&self, x: ArrayViewD<f32>, _p: &Params, mut y: ArrayViewMutD<f32>) -> Result<(), String> {
+        y.assign(&x);
+        Ok(())
+    }
+}
+
+export_layer!(Stale);
+"#;
+
+/// Builds the `stale` plugin against a copy of layer-api changed by
+/// `change` (given the copy's folder), in a temporary workspace, and
+/// returns a plugin directory holding `libstale.so`.
+///
+/// The build shares a target directory kept under the workspace's own, and
+/// the workspace's Cargo.lock, so that only the two small crates compile
+/// after the first run.
+fn build_stale_plugin(change: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let root = repo_root();
+    let work = tempfile::tempdir().unwrap();
+    let api = work.path().join("layer-api");
+    std::fs::create_dir_all(api.join("src")).unwrap();
+    std::fs::copy(root.join("layer-api/Cargo.toml"), api.join("Cargo.toml")).unwrap();
+    for entry in std::fs::read_dir(root.join("layer-api/src")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), api.join("src").join(entry.file_name())).unwrap();
+    }
+    change(&api);
+
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members_start = manifest
+        .find("members = [")
+        .expect("the root manifest lists members");
+    let members_end = manifest.find("[workspace.package]").unwrap();
+    // The copy may carry another version number: depend on it by path only.
+    let dependencies: String = manifest[members_end..]
+        .lines()
+        .map(|line| {
+            if line.starts_with("layer-api = ") {
+                "layer-api = { path = \"layer-api\" }\n".to_string()
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    let manifest = format!(
+        "{}members = [\"layer-api\", \"stale\"]\n\n{dependencies}",
+        &manifest[..members_start],
+    );
+    std::fs::write(work.path().join("Cargo.toml"), manifest).unwrap();
+    std::fs::copy(root.join("Cargo.lock"), work.path().join("Cargo.lock")).unwrap();
+    let plugin = work.path().join("stale");
+    std::fs::create_dir_all(plugin.join("src")).unwrap();
+    std::fs::write(
+        plugin.join("Cargo.toml"),
+        "[package]\nname = \"stale\"\nversion = \"0.1.0\"\nedition.workspace = true\n\
+         publish = false\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\n\
+         layer-api.workspace = true\n",
+    )
+    .unwrap();
+    std::fs::write(plugin.join("src/lib.rs"), STALE_PLUGIN).unwrap();
+
+    let target = plugin_dir()
+        .parent()
+        .expect("the profile folder sits in the target folder")
+        .join("incompatible-layer-api");
+    let out = Command::new(env!("CARGO"))
+        .current_dir(work.path())
+        .env("CARGO_TARGET_DIR", &target)
+        // No debug info: a third of the build time and disk.
+        .env("CARGO_PROFILE_DEV_DEBUG", "0")
+        .args(["build", "-p", "stale"])
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "building the stale plugin failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        target.join("debug/libstale.so"),
+        plugins.path().join("libstale.so"),
+    )
+    .unwrap();
+    plugins
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} holds {from}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn a_plugin_built_against_an_incompatible_layer_api_is_refused_with_both_versions() {
+    build_plugins();
+    let model = model_with_layers(r#"[{"type": "stale"}]"#);
+    let model_file = model.path().join("m.json");
+    let run_stale = |plugins: &Path, verbose: bool| {
+        let mut args = vec![
+            "run",
+            path_str(&model_file),
+            "--input",
+            "models/centered-input.npy",
+            "--plugin-dir",
+            path_str(plugins),
+        ];
+        if verbose {
+            args.push("--verbose");
+        }
+        host_fails(&args)
+    };
+    let host_version = layer_api::INTERFACE_VERSION;
+
+    // A newer, incompatible interface version.
+    let newer = build_stale_plugin(|api| {
+        edit(
+            &api.join("Cargo.toml"),
+            "version = \"0.1.0\"",
+            "version = \"0.2.0\"",
+        )
+    });
+    let lib = newer.path().join("libstale.so");
+    let short = run_stale(newer.path(), false);
+    assert_eq!(
+        short,
+        format!(
+            "error: layer '0': {}: built against layer-api interface 0.2.0, but this host \
+             speaks {host_version}; rebuild the plugin against layer-api {host_version} \
+             (--verbose shows the full report)\n",
+            lib.display()
+        )
+    );
+    let long = run_stale(newer.path(), true);
+    assert!(long.starts_with(&short), "{long}");
+    assert!(
+        long.len() > short.len() + 20,
+        "--verbose adds the report: {long}"
+    );
+
+    // The same version number, but a boundary type with another field.
+    let changed = build_stale_plugin(|api| {
+        edit(
+            &api.join("src/abi.rs"),
+            "pub struct TensorRef<'a> {\n    pub shape: RSlice<'a, usize>,",
+            "pub struct TensorRef<'a> {\n    pub shape: RSlice<'a, usize>,\n    pub strides: RSlice<'a, isize>,",
+        )
+    });
+    let lib = changed.path().join("libstale.so");
+    let short = run_stale(changed.path(), false);
+    assert_eq!(
+        short,
+        format!(
+            "error: layer '0': {}: built against layer-api interface {host_version}, but this \
+             host speaks {host_version} with a different layout (a modified copy of \
+             layer-api?); rebuild the plugin against layer-api {host_version} (--verbose shows \
+             the full report)\n",
+            lib.display()
+        )
+    );
+    let long = run_stale(changed.path(), true);
+    assert!(long.starts_with(&short), "{long}");
+    assert!(
+        long.contains("strides"),
+        "the report names the new field: {long}"
+    );
+}
