@@ -363,13 +363,31 @@ pub fn read_f32(path: &Path) -> Result<ArrayD<f32>, NpyError> {
         .metadata()
         .map_err(|e| NpyError::Io(e.to_string()))?
         .len();
-    let mut reader = BufReader::new(file);
+    read_f32_from(BufReader::new(file), file_len)
+}
+
+/// Reads `.npy` bytes held in memory, as [`read_f32`] reads a file.
+pub fn read_f32_bytes(bytes: &[u8]) -> Result<ArrayD<f32>, NpyError> {
+    read_f32_from(bytes, bytes.len() as u64)
+}
+
+/// Reads an `.npy` of `file_len` bytes from `reader`. The length is what
+/// lets the header's shape be checked before anything is allocated.
+fn read_f32_from(mut reader: impl Read, file_len: u64) -> Result<ArrayD<f32>, NpyError> {
     let header = read_header(&mut reader)?;
+    // Like numpy, ndarray refuses a shape whose non-zero axes multiply past
+    // isize::MAX even when a zero-length axis leaves it empty: check both.
+    let nonzero_axes_fit = header
+        .shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_some_and(|n| isize::try_from(n).is_ok());
     let elements = header
         .shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|n| n.checked_mul(header.dtype.size).is_some())
+        .filter(|n| n.checked_mul(header.dtype.size).is_some() && nonzero_axes_fit)
         .ok_or_else(|| NpyError::TooLarge {
             shape: header.shape.clone(),
             elements: header
