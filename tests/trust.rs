@@ -205,7 +205,7 @@ fn check_plugin_fails_a_library_that_is_not_a_plugin_and_refuses_bad_arguments()
 #[test]
 fn a_missing_config_field_names_the_field() {
     let dir = model_with_layers(r#"[{"type": "mydense"}]"#);
-    let err = run_model(&dir, "models/mlp-input.npy").failed().to_string();
+    let err = run_model_fails(&dir, "models/mlp-input.npy");
     assert_eq!(
         err,
         "error: layer '0' (plugin 'mydense'): invalid config {}: missing field `units`\n"
@@ -217,7 +217,7 @@ fn an_input_of_the_wrong_rank_is_refused_naming_the_layer() {
     let dir = model_with_layers(r#"[{"type": "mydense", "config": {"units": 2}}]"#);
     let scalar = dir.path().join("scalar.npy");
     write_npy_f32(&scalar, &ArrayD::from_elem(IxDyn(&[]), 1.0));
-    let err = run_model(&dir, path_str(&scalar)).failed().to_string();
+    let err = run_model_fails(&dir, path_str(&scalar));
     assert_eq!(
         err,
         "error: layer '0' (plugin 'mydense'): needs an input of rank 1 or more, whose last \
@@ -239,7 +239,7 @@ fn run_on_npy_bytes(bytes: &[u8]) -> (String, PathBuf, tempfile::TempDir) {
     let dir = model_with_layers(r#"[{"type": "centered"}]"#);
     let input = dir.path().join("x.npy");
     std::fs::write(&input, bytes).unwrap();
-    let err = run_model(&dir, path_str(&input)).failed().to_string();
+    let err = run_model_fails(&dir, path_str(&input));
     (err, input, dir)
 }
 
@@ -393,7 +393,7 @@ fn dense_model_with_params(params: &str) -> tempfile::TempDir {
 fn a_params_file_that_is_missing_truncated_or_wrong_shaped_is_refused() {
     let dir = dense_model_with_params("w.safetensors");
     let params = dir.path().join("w.safetensors");
-    let err = run_model(&dir, "models/mlp-input.npy").failed().to_string();
+    let err = run_model_fails(&dir, "models/mlp-input.npy");
     assert!(
         err.starts_with(&format!("error: cannot read {}: ", params.display())),
         "{err}"
@@ -403,7 +403,7 @@ fn a_params_file_that_is_missing_truncated_or_wrong_shaped_is_refused() {
     // them short.
     let shipped = std::fs::read(repo_root().join("models/mlp.safetensors")).unwrap();
     std::fs::write(&params, &shipped[..shipped.len() / 2]).unwrap();
-    let err = run_model(&dir, "models/mlp-input.npy").failed().to_string();
+    let err = run_model_fails(&dir, "models/mlp-input.npy");
     assert!(
         err.starts_with(&format!(
             "error: {}: not a valid safetensors file (truncated or corrupt?)",
@@ -433,8 +433,36 @@ fn a_params_file_that_is_missing_truncated_or_wrong_shaped_is_refused() {
     );
 }
 
+/// Runs the host expecting an orderly failure and returns stderr. A `run`
+/// is also given an `--output` file that already exists, which must come
+/// through untouched, with no temporary file left beside it.
 fn host_fails(args: &[&str]) -> String {
-    host(args).failed().to_string()
+    if args.first() != Some(&"run") || args.contains(&"--output") {
+        return host(args).failed().to_string();
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("y.npy");
+    std::fs::write(&out, b"precious").unwrap();
+    let mut with_output = args.to_vec();
+    with_output.extend(["--output", path_str(&out)]);
+    let err = host(&with_output).failed().to_string();
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious", "{err}");
+    assert_eq!(
+        std::fs::read_dir(out_dir.path()).unwrap().count(),
+        1,
+        "a temporary file was left beside the output"
+    );
+    err
+}
+
+/// `host run` on the model `m.json` in `dir`, expecting it to fail.
+fn run_model_fails(dir: &tempfile::TempDir, input: &str) -> String {
+    host_fails(&[
+        "run",
+        path_str(&dir.path().join("m.json")),
+        "--input",
+        input,
+    ])
 }
 
 // ---- plugin directories holding things that are not plugins ----
@@ -634,6 +662,20 @@ fn lock_pins_each_layer_keeps_the_rest_and_a_swapped_library_is_then_refused() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn a_failed_lock_leaves_the_model_file_as_it_was() {
+    let text = "{\"format\": 1, \"layers\": [{\"type\": \"centered\"}, {\"type\": \"nosuch\"}]}";
+    let dir = temp_dir_with(&[("m.json", text)]);
+    let model = dir.path().join("m.json");
+    let err = host_fails(&["lock", path_str(&model)]);
+    assert!(
+        err.starts_with("error: layer '1': no plugin named 'nosuch'"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&model).unwrap(), text);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
 // ---- a plugin built against an incompatible layer-api ----
