@@ -95,6 +95,7 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
         "infinite_output",
         "panic_in_shape",
         "panic_in_new",
+        "error_in_forward",
     ];
     let mut args = vec!["check-plugin".to_string(), "faulty".to_string()];
     for c in configs {
@@ -106,7 +107,7 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
     let err = run.failed();
     assert_eq!(
         err,
-        "error: plugin 'faulty' failed 9 of 40 conformance checks\n"
+        "error: plugin 'faulty' failed 10 of 43 conformance checks\n"
     );
     let table = outcomes(&run.stdout);
     let pass = "PASS";
@@ -156,12 +157,26 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
         &[("create", pass), ("input-shapes", fail)],
     );
     expect_outcomes(&table, r#"{"fail":"panic_in_new"}"#, &[("create", fail)]);
+    // When forward always fails, the checks that need its output are skipped.
+    expect_outcomes(
+        &table,
+        r#"{"fail":"error_in_forward"}"#,
+        &[
+            ("create", pass),
+            ("input-shapes", pass),
+            ("forward-writes-output", fail),
+            ("batch-independence", "SKIP"),
+            ("deterministic", "SKIP"),
+            ("threads", "SKIP"),
+            ("finite-output", "SKIP"),
+        ],
+    );
 
     // The reasons say what was wrong, on which input.
     for fragment in [
         "FAIL forward-writes-output  input [3]: forward left 1 of the 4 elements of the \
          declared output [4] unwritten",
-        "FAIL forward-writes-output  input [0, 3]: forward failed: layer 'checked' (plugin \
+        "FAIL forward-writes-output  input [0, 3]: forward failed: layer 'faulty' (plugin \
          'faulty') panicked",
         "FAIL batch-independence     input [7, 3]: row 0 alone differs from row 0 of the batch",
         "FAIL finite-output          input [3]: element 0 is -inf",

@@ -271,7 +271,7 @@ struct Probe {
 fn check_config(plugin: &'static LoadedPlugin, config: &Value, checks: &mut Vec<Check>) {
     let label = config.to_string();
     let label = Some(label.as_str());
-    let layer = match ModelLayer::new("checked", plugin, config) {
+    let layer = match ModelLayer::new(&plugin.name, plugin, config) {
         Ok(layer) => layer,
         Err(e) => {
             checks.push(check("create", label, Err(e.to_string())));
@@ -323,62 +323,53 @@ fn check_config(plugin: &'static LoadedPlugin, config: &Value, checks: &mut Vec<
         writes_output(&probes),
     ));
     checks.push(batch_independence(&layer, &probes, label));
-    checks.push(check(
-        "deterministic",
-        label,
-        every_probe(&probes, |p, first| {
-            let again = run(&layer, &p.plan, &p.params, &p.input)?;
-            same_bits(first, &again).map_err(|e| format!("a second run differs: {e}"))
-        }),
-    ));
-    checks.push(check(
-        "threads",
-        label,
-        every_probe(&probes, |p, first| {
-            let barrier = Barrier::new(THREADS);
-            let results: Vec<Result<Vec<f32>, String>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..THREADS)
-                    .map(|_| {
-                        scope.spawn(|| {
-                            barrier.wait();
-                            run(&layer, &p.plan, &p.params, &p.input)
-                        })
+    checks.push(every_probe("deterministic", label, &probes, |p, first| {
+        let again = run(&layer, &p.plan, &p.params, &p.input)?;
+        same_bits(first, &again).map_err(|e| format!("a second run differs: {e}"))
+    }));
+    checks.push(every_probe("threads", label, &probes, |p, first| {
+        let barrier = Barrier::new(THREADS);
+        let results: Vec<Result<Vec<f32>, String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        run(&layer, &p.plan, &p.params, &p.input)
                     })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err("the thread panicked".to_string()))
-                    })
-                    .collect()
-            });
-            for (i, result) in results.into_iter().enumerate() {
-                let output = result.map_err(|e| format!("thread {i}: {e}"))?;
-                same_bits(first, &output).map_err(|e| {
-                    format!("thread {i} of {THREADS} running at once differs from one thread: {e}")
-                })?;
-            }
-            Ok(())
-        }),
-    ));
-    checks.push(check(
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("the thread panicked".to_string()))
+                })
+                .collect()
+        });
+        for (i, result) in results.into_iter().enumerate() {
+            let output = result.map_err(|e| format!("thread {i}: {e}"))?;
+            same_bits(first, &output).map_err(|e| {
+                format!("thread {i} of {THREADS} running at once differs from one thread: {e}")
+            })?;
+        }
+        Ok(())
+    }));
+    checks.push(every_probe(
         "finite-output",
         label,
         // Unwritten elements hold a NaN on purpose; forward-writes-output
         // reports them.
-        every_probe(&probes, |_, first| {
-            match first
-                .iter()
-                .position(|v| !v.is_finite() && v.to_bits() != UNWRITTEN)
-            {
-                Some(i) => Err(format!(
-                    "element {i} is {} for a finite input in [-1, 1)",
-                    first[i]
-                )),
-                None => Ok(()),
-            }
-        }),
+        &probes,
+        |_, first| match first
+            .iter()
+            .position(|v| !v.is_finite() && v.to_bits() != UNWRITTEN)
+        {
+            Some(i) => Err(format!(
+                "element {i} is {} for a finite input in [-1, 1)",
+                first[i]
+            )),
+            None => Ok(()),
+        },
     ));
 }
 
@@ -439,23 +430,34 @@ fn writes_output(probes: &[Probe]) -> Result<String, String> {
     ))
 }
 
-/// Runs `property` on every probe whose first forward succeeded (the others
-/// already failed `forward-writes-output`).
+/// The check `name`: `property` holds on every probe whose first forward
+/// succeeded (the others already failed `forward-writes-output`). Skipped
+/// when there is none.
 fn every_probe(
+    name: &'static str,
+    label: Option<&str>,
     probes: &[Probe],
     mut property: impl FnMut(&Probe, &[f32]) -> Result<(), String>,
-) -> Result<String, String> {
+) -> Check {
     let mut checked = 0;
     for p in probes {
         if let Ok(first) = &p.output {
-            property(p, first).map_err(|e| format!("input {:?}: {e}", p.plan.input_shape))?;
+            if let Err(e) = property(p, first) {
+                let reason = format!("input {:?}: {e}", p.plan.input_shape);
+                return check(name, label, Err(reason));
+            }
             checked += 1;
         }
     }
     if checked == 0 {
-        return Err("forward failed on every input shape".to_string());
+        return Check {
+            name,
+            config: label.map(str::to_string),
+            outcome: Outcome::Skip,
+            detail: "not run: forward failed on every input shape".to_string(),
+        };
     }
-    Ok(format!("{checked} input shapes"))
+    check(name, label, Ok(format!("{checked} input shapes")))
 }
 
 fn batch_independence(layer: &ModelLayer, probes: &[Probe], label: Option<&str>) -> Check {
@@ -468,17 +470,19 @@ fn batch_independence(layer: &ModelLayer, probes: &[Probe], label: Option<&str>)
     if !layer.batch_independent() {
         return skip("the plugin does not claim batch independence; nothing checked");
     }
-    let batched: Vec<&Probe> = probes
+    let batched: Vec<(&Probe, &[f32])> = probes
         .iter()
         .filter(|p| p.plan.input_shape.len() >= 2)
+        .filter_map(|p| Some((p, p.output.as_deref().ok()?)))
         .collect();
     if batched.is_empty() {
-        return skip("claimed, but no input of rank 2 or more was accepted");
+        return skip("claimed, but not run: no input of rank 2 or more was accepted and run");
     }
     let mut checked = 0;
     let mut result = Ok(());
-    for p in batched {
-        result = row_by_row(layer, p).map_err(|e| format!("input {:?}: {e}", p.plan.input_shape));
+    for (p, whole) in batched {
+        result =
+            row_by_row(layer, p, whole).map_err(|e| format!("input {:?}: {e}", p.plan.input_shape));
         if result.is_err() {
             break;
         }
@@ -492,8 +496,9 @@ fn batch_independence(layer: &ModelLayer, probes: &[Probe], label: Option<&str>)
 }
 
 /// The declared output has one row per input row, and running each input
-/// row alone gives the same bits as that row of the whole batch.
-fn row_by_row(layer: &ModelLayer, p: &Probe) -> Result<(), String> {
+/// row alone gives the same bits as that row of `whole`, the output of the
+/// whole batch.
+fn row_by_row(layer: &ModelLayer, p: &Probe, whole: &[f32]) -> Result<(), String> {
     let rows = p.plan.input_shape[0];
     if p.plan.output_shape.first() != Some(&rows) {
         return Err(format!(
@@ -501,11 +506,7 @@ fn row_by_row(layer: &ModelLayer, p: &Probe) -> Result<(), String> {
             p.plan.output_shape
         ));
     }
-    let whole = match &p.output {
-        Ok(whole) => whole,
-        Err(_) => return Ok(()), // already failed forward-writes-output
-    };
-    let whole = ArrayD::from_shape_vec(IxDyn(&p.plan.output_shape), whole.clone())
+    let whole = ArrayD::from_shape_vec(IxDyn(&p.plan.output_shape), whole.to_vec())
         .expect("forward output has the declared shape");
     let mut row_shape = p.plan.input_shape.clone();
     row_shape[0] = 1;
