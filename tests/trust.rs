@@ -853,6 +853,17 @@ fn a_plugin_built_against_an_incompatible_layer_api_is_refused_with_both_version
         long.len() > short.len() + 20,
         "--verbose adds the report: {long}"
     );
+    // check-plugin fails its identity check with the same reason.
+    let check = host(&["check-plugin", path_str(&lib)]);
+    check.failed();
+    let reason = short.strip_prefix("error: layer '0': ").unwrap().trim_end();
+    assert!(
+        check
+            .stdout
+            .contains(&format!("FAIL identity               {reason}")),
+        "{}",
+        check.stdout
+    );
 
     // The same version number, but a boundary type with another field.
     let changed = build_stale_plugin(|api| {
