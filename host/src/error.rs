@@ -54,6 +54,13 @@ pub enum Error {
     Params { path: PathBuf, message: String },
     #[error("parameter '{name}': {message}")]
     Param { name: String, message: String },
+    #[error("the forward pass was prepared for input shape {expected:?}, not {found:?}")]
+    InputShape {
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("cannot start worker threads: {0}")]
+    Threads(String),
     #[error(transparent)]
     Pin(#[from] PinError),
     /// A plugin asked for by name, outside any model.

@@ -1,15 +1,18 @@
 //! The `host` command line: parses arguments, runs one command, and turns
 //! any error into a message on stderr and a non-zero exit status.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use host::atomic_write::write_atomically;
+use host::atomic_file::write_atomically;
+use host::inspect::{format_param_values, ModelSummary};
 use host::model::ModelSpec;
+use host::param_file::ParamFile;
 use host::params::ParamStore;
 use host::registry::PluginRegistry;
 use host::runtime::Model;
+use host::trace::LayerTrace;
 use host::{conformance, npy, pin, print, Error};
 
 #[derive(Parser)]
@@ -36,6 +39,14 @@ enum Command {
     Run(RunArgs),
     /// List the plugins found in the plugin directories.
     Plugins(PluginDirs),
+    /// Summarize a model: layers, output shapes, parameters and totals.
+    Inspect(InspectArgs),
+    /// Print parameter values (all, or the named ones).
+    Params(ParamsArgs),
+    /// Write the initialized parameters to a safetensors file.
+    Init(InitArgs),
+    /// Time a model's forward pass, whole and per layer, on a random input.
+    Bench(BenchArgs),
     /// Run the conformance checks on one plugin; exits non-zero if any fails.
     CheckPlugin(CheckPluginArgs),
     /// Pin each layer of a model to the SHA-256 of the plugin library it resolves to.
@@ -63,6 +74,84 @@ struct LockArgs {
     plugins: PluginDirs,
 }
 
+/// Where a command learns the input's shape; without either, sizes that
+/// depend on it are unknown.
+#[derive(Args)]
+struct InputShapeArgs {
+    /// The input's shape, comma-separated (e.g. 2,64).
+    #[arg(long, value_name = "DIMS", value_parser = parse_shape, conflicts_with = "input")]
+    input_shape: Option<Shape>,
+    /// An .npy input whose shape to use.
+    #[arg(long, value_name = "X.npy")]
+    input: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct Shape(Vec<usize>);
+
+fn parse_shape(text: &str) -> Result<Shape, String> {
+    text.split(',')
+        .map(|d| {
+            d.trim().parse::<usize>().map_err(|_| {
+                format!("'{text}' is not a shape: give sizes separated by commas, e.g. 2,64")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Shape)
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    #[command(flatten)]
+    shape: InputShapeArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct ParamsArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Parameters to print, by full name (e.g. 0.weight); all when none.
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
+    /// A safetensors or .npz file of parameters, instead of the model file's "params";
+    /// without either, the parameters are initialized from the model's seed.
+    #[arg(long, value_name = "FILE")]
+    params: Option<PathBuf>,
+    /// Accept a parameter file that holds tensors no layer uses.
+    #[arg(long)]
+    allow_unused_params: bool,
+    #[command(flatten)]
+    shape: InputShapeArgs,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Where to write the parameters (safetensors, f32).
+    #[arg(long, value_name = "W.safetensors")]
+    out: PathBuf,
+    /// The seed, instead of the model file's "seed".
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    shape: InputShapeArgs,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
 #[derive(Args)]
 struct PluginDirs {
     /// A directory to look for plugins in, before the default ones (repeatable).
@@ -81,12 +170,47 @@ struct RunArgs {
     /// Where to write the output (f32 .npy). Without it the result is printed.
     #[arg(long, value_name = "Y.npy")]
     output: Option<PathBuf>,
-    /// A safetensors file of parameters, instead of the model file's "params".
-    #[arg(long, value_name = "W.safetensors")]
+    /// A safetensors or .npz file of parameters, instead of the model file's "params".
+    #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
     /// Accept a parameter file that holds tensors no layer uses.
     #[arg(long)]
     allow_unused_params: bool,
+    /// After each layer, print its output's shape, mean, std, min and max and the
+    /// time it took, on stderr.
+    #[arg(long)]
+    trace: bool,
+    /// Threads for batch-independent layers (default: every core).
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
+    threads: usize,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Rows in the input batch.
+    #[arg(long, value_name = "N")]
+    batch: usize,
+    /// Input features (the last axis); by default the first layer's
+    /// `in_units` or `in_features` config.
+    #[arg(long, value_name = "F")]
+    features: Option<usize>,
+    /// Threads for batch-independent layers (default: every core).
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
+    threads: usize,
+    /// Keep running for at least this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    min_time: f64,
+    /// A safetensors or .npz file of parameters, instead of the model file's "params".
+    #[arg(long, value_name = "FILE")]
+    params: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     plugins: PluginDirs,
 }
@@ -96,6 +220,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugins(args) => plugins(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Params(args) => params(args),
+        Command::Init(args) => init(args),
+        Command::Bench(args) => bench(args),
         Command::CheckPlugin(args) => check_plugin(args),
         Command::Lock(args) => lock(args),
     };
@@ -122,25 +250,176 @@ fn run(args: RunArgs) -> Result<(), Error> {
     })?;
     let model = Model::load(spec, &registry)?;
     let plans = model.plan(input.shape())?;
-    let infos = Model::param_infos(&plans);
-    let params = match args.params.as_ref().or(model.spec.params.as_ref()) {
-        Some(path) => ParamStore::load_safetensors(path, &infos, args.allow_unused_params)?,
-        None => ParamStore::initialize(&infos, model.spec.seed),
-    };
-    let output = model.forward(&plans, &params, input)?;
+    let params = load_params(
+        &model,
+        &plans,
+        args.params.as_ref(),
+        args.allow_unused_params,
+    )?;
+    let threads = args.threads.max(1);
+    let output = model.forward_observed(
+        &plans,
+        &params,
+        &input,
+        threads,
+        |layer, output, elapsed| {
+            if args.trace {
+                eprintln!(
+                    "{}",
+                    LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
+                );
+            }
+        },
+    )?;
     match &args.output {
-        Some(path) => write_npy_atomically(path, &output),
-        None => {
-            println!("{}", print::format_array(&output));
-            Ok(())
-        }
+        Some(path) => write_atomically(path, |w| npy::write_f32(w, &output)),
+        None => print_stdout(&format!("{}\n", print::format_array(&output))),
     }
 }
 
-/// Writes to a temporary file beside `path` and renames it into place, so a
-/// failed run never leaves a partial file or clobbers an existing one.
-fn write_npy_atomically(path: &Path, array: &ndarray::ArrayD<f32>) -> Result<(), Error> {
-    write_atomically(path, |mut w| npy::write_f32(&mut w, array))
+/// The parameters from `--params`, else the model file's "params", else
+/// initialized from the seed.
+fn load_params(
+    model: &Model,
+    plans: &[host::runtime::LayerPlan],
+    params_override: Option<&PathBuf>,
+    allow_unused: bool,
+) -> Result<ParamStore, Error> {
+    let infos = Model::param_infos(plans);
+    match params_override.or(model.spec.params.as_ref()) {
+        Some(path) => ParamStore::load(path, &infos, allow_unused),
+        None => Ok(ParamStore::initialize(&infos, model.spec.seed)),
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<(), Error> {
+    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    let spec = ModelSpec::load(&args.model)?;
+    let features = match args.features {
+        Some(f) => f,
+        None => spec
+            .layers
+            .first()
+            .and_then(|l| {
+                ["in_units", "in_features"]
+                    .iter()
+                    .find_map(|key| l.config.get(key).and_then(|v| v.as_u64()))
+            })
+            .map(|f| f as usize)
+            .ok_or_else(|| Error::Model {
+                path: args.model.clone(),
+                message: "the first layer's config has no `in_units` or `in_features`: \
+                          give the input's feature count with --features"
+                    .to_string(),
+            })?,
+    };
+    let model = Model::load(spec, &registry)?;
+    let input = host::bench::random_input(&[args.batch, features]);
+    let plans = model.plan(input.shape())?;
+    let params = load_params(&model, &plans, args.params.as_ref(), false)?;
+    let report = host::bench::bench(
+        &model,
+        &plans,
+        &params,
+        &input,
+        args.threads.max(1),
+        std::time::Duration::from_secs_f64(args.min_time.max(0.0)),
+    )?;
+    if args.json {
+        print_stdout(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report).expect("a report serializes")
+        ))
+    } else {
+        print_stdout(&report.to_table())
+    }
+}
+
+/// Prints a command's result. A reader that stopped early (`| head`) is not
+/// an error: it has what it wanted.
+fn print_stdout(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Write {
+            path: PathBuf::from("<stdout>"),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The input shape a command was given, if any.
+fn given_input_shape(args: &InputShapeArgs) -> Result<Option<Vec<usize>>, Error> {
+    if let Some(Shape(dims)) = &args.input_shape {
+        return Ok(Some(dims.clone()));
+    }
+    match &args.input {
+        Some(path) => npy::read_f32(path)
+            .map(|x| Some(x.shape().to_vec()))
+            .map_err(|source| Error::Npy {
+                path: path.clone(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Loads the model and summarizes it for the given input shape, or by
+/// probing when there is none.
+fn summarize(
+    model: &std::path::Path,
+    shape: &InputShapeArgs,
+    plugins: &PluginDirs,
+) -> Result<(Model, ModelSummary), Error> {
+    let registry = PluginRegistry::new(&plugins.plugin_dirs);
+    let model = Model::load(ModelSpec::load(model)?, &registry)?;
+    let summary = match given_input_shape(shape)? {
+        Some(dims) => ModelSummary::for_input(&model, &dims)?,
+        None => ModelSummary::probe(&model)?,
+    };
+    Ok((model, summary))
+}
+
+fn inspect(args: InspectArgs) -> Result<(), Error> {
+    let (_, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&summary.to_json()).expect("JSON values serialize");
+        print_stdout(&format!("{text}\n"))
+    } else {
+        print_stdout(&summary.to_text())
+    }
+}
+
+fn params(args: ParamsArgs) -> Result<(), Error> {
+    let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
+    let (infos, store) = match args.params.as_ref().or(model.spec.params.as_ref()) {
+        Some(path) => {
+            let file = ParamFile::read(path)?;
+            let infos = summary.resolved_params(Some(&file))?;
+            let store = ParamStore::from_file(&file, &infos, args.allow_unused_params)?;
+            (infos, store)
+        }
+        None => {
+            let infos = summary.resolved_params(None)?;
+            let store = ParamStore::initialize(&infos, model.spec.seed);
+            (infos, store)
+        }
+    };
+    print_stdout(&format_param_values(&infos, &store, &args.names)?)
+}
+
+fn init(args: InitArgs) -> Result<(), Error> {
+    let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
+    let infos = summary.resolved_params(None)?;
+    let store = ParamStore::initialize(&infos, args.seed.unwrap_or(model.spec.seed));
+    store.save_safetensors(&args.out)?;
+    let values: usize = store.iter().map(|(_, t)| t.len()).sum();
+    print_stdout(&format!(
+        "wrote {values} parameters in {} tensors to {}\n",
+        store.iter().count(),
+        args.out.display()
+    ))
 }
 
 fn plugins(args: PluginDirs) -> Result<(), Error> {

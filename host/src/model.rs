@@ -6,17 +6,25 @@
 //!   "name": "mlp",
 //!   "layers": [
 //!     {"type": "mydense", "config": {"units": 8}},
-//!     {"type": "mydense", "name": "out", "config": {"units": 1}}
+//!     {"type": "mydense", "name": "out", "config": {"units": 1},
+//!      "init": {"weight": {"normal": {"std": 0.05}}, "bias": "zeros"}}
 //!   ],
 //!   "params": "mlp.safetensors",
 //!   "seed": 0
 //! }
 //! ```
 //!
+//! A layer may override the default initializer of its parameters (`init`)
+//! and tie a parameter to another layer's (`share`, e.g.
+//! `{"weight": "0.weight"}`); both are checked against the parameters the
+//! layer declares when the model is planned ([`crate::runtime`]).
+//!
 //! Unknown fields are errors, so that a typo never passes silently.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use layer_api::Init;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -49,6 +57,10 @@ struct LayerFile {
     #[serde(default)]
     config: Option<Map<String, Value>>,
     #[serde(default)]
+    init: Option<Map<String, Value>>,
+    #[serde(default)]
+    share: Option<BTreeMap<String, String>>,
+    #[serde(default)]
     sha256: Option<String>,
 }
 
@@ -75,6 +87,12 @@ pub struct LayerSpec {
     pub plugin: String,
     /// The plugin's config, a JSON object (`{}` when absent).
     pub config: Value,
+    /// Initializers that replace the layer's defaults, by parameter name
+    /// within the layer (`weight`).
+    pub init: BTreeMap<String, Init>,
+    /// Parameters stored as another layer's parameter: local name (`weight`)
+    /// → full name of the owner (`0.weight`).
+    pub share: BTreeMap<String, String>,
     /// The SHA-256 its plugin library must have (lowercase hex), if pinned.
     pub sha256: Option<String>,
 }
@@ -126,6 +144,23 @@ impl ModelSpec {
                      unique, since parameters are named after them"
                 )));
             }
+            let mut init = BTreeMap::new();
+            for (param, value) in layer.init.unwrap_or_default() {
+                let parsed = Init::from_json(&value).map_err(|e| {
+                    invalid(format!(
+                        "layer '{name}': \"init\" of parameter '{param}': {e}"
+                    ))
+                })?;
+                init.insert(param, parsed);
+            }
+            let share = layer.share.unwrap_or_default();
+            if let Some(param) = share.keys().find(|p| init.contains_key(*p)) {
+                return Err(invalid(format!(
+                    "layer '{name}': parameter '{param}' is both in \"init\" and in \"share\"; \
+                     a shared parameter is initialized by its owner '{}', so set \"init\" there",
+                    share[param]
+                )));
+            }
             let sha256 = layer
                 .sha256
                 .map(|pin| crate::pin::parse_pin(&name, &pin))
@@ -135,6 +170,8 @@ impl ModelSpec {
                 name,
                 plugin: layer.plugin,
                 config: Value::Object(layer.config.unwrap_or_default()),
+                init,
+                share,
                 sha256,
             });
         }
@@ -187,6 +224,21 @@ mod tests {
         assert_eq!(spec.layers[0].config, serde_json::json!({"units": 8}));
         assert_eq!(spec.layers[1].name, "center");
         assert_eq!(spec.layers[1].config, serde_json::json!({}));
+        assert!(spec.layers[1].init.is_empty() && spec.layers[1].share.is_empty());
+    }
+
+    #[test]
+    fn init_overrides_and_sharing_are_read_per_layer() {
+        let spec = parse(
+            r#"{"format": 1, "layers": [
+                {"type": "mydense", "config": {"units": 8},
+                 "init": {"weight": {"normal": {"std": 0.05}}, "bias": "zeros"}},
+                {"type": "mydense", "config": {"units": 8}, "share": {"weight": "0.weight"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.layers[0].init["weight"], Init::normal(0.0, 0.05));
+        assert_eq!(spec.layers[0].init["bias"], Init::Zeros);
+        assert_eq!(spec.layers[1].share["weight"], "0.weight");
     }
 
     #[test]
@@ -202,7 +254,24 @@ mod tests {
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "confg": {}}]}"#,
-                "unknown field `confg`, expected one of `type`, `name`, `config`, `sha256`",
+                "unknown field `confg`, expected one of `type`, `name`, `config`, `init`, `share`, `sha256`",
+            ),
+            (
+                r#"{"format": 1, "layers": [{"type": "x", "init": {"weight": "gaussian"}}]}"#,
+                "layer '0': \"init\" of parameter 'weight': unknown initializer `gaussian`",
+            ),
+            (
+                r#"{"format": 1, "layers": [{"type": "x", "init": {"weight": {"normal": {"std": -1}}}}]}"#,
+                "layer '0': \"init\" of parameter 'weight': initializer `normal`: `std` must be at least 0",
+            ),
+            (
+                r#"{"format": 1, "layers": [{"type": "x", "share": {"weight": 0}}]}"#,
+                "invalid type: integer `0`, expected a string",
+            ),
+            (
+                r#"{"format": 1, "layers": [{"type": "x"}, {"type": "x", "share": {"weight": "0.weight"},
+                    "init": {"weight": "zeros"}}]}"#,
+                "layer '1': parameter 'weight' is both in \"init\" and in \"share\"",
             ),
             (
                 r#"{"format": 2, "layers": [{"type": "x"}]}"#,

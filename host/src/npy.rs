@@ -57,8 +57,9 @@ enum Kind {
     Float,
 }
 
+/// An element type as the header's `descr` spells it (`<f8`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Dtype {
+pub struct Dtype {
     kind: Kind,
     size: usize,
     little_endian: bool,
@@ -66,6 +67,16 @@ struct Dtype {
 }
 
 impl Dtype {
+    /// The header's spelling, e.g. `<f8`.
+    pub fn descr(&self) -> &str {
+        &self.descr
+    }
+
+    /// Whether it is a floating-point type (float16, float32 or float64).
+    pub fn is_float(&self) -> bool {
+        self.kind == Kind::Float
+    }
+
     fn parse(descr: &str) -> Result<Dtype, NpyError> {
         let unsupported = || NpyError::Dtype(descr.to_string());
         let mut chars = descr.chars();
@@ -363,17 +374,18 @@ pub fn read_f32(path: &Path) -> Result<ArrayD<f32>, NpyError> {
         .metadata()
         .map_err(|e| NpyError::Io(e.to_string()))?
         .len();
-    read_f32_from(BufReader::new(file), file_len)
+    read_f32_from(BufReader::new(file), file_len).map(|(array, _)| array)
 }
 
 /// Reads `.npy` bytes held in memory, as [`read_f32`] reads a file.
 pub fn read_f32_bytes(bytes: &[u8]) -> Result<ArrayD<f32>, NpyError> {
-    read_f32_from(bytes, bytes.len() as u64)
+    read_f32_from(bytes, bytes.len() as u64).map(|(array, _)| array)
 }
 
-/// Reads an `.npy` of `file_len` bytes from `reader`. The length is what
-/// lets the header's shape be checked before anything is allocated.
-fn read_f32_from(mut reader: impl Read, file_len: u64) -> Result<ArrayD<f32>, NpyError> {
+/// Reads `.npy` data of `len` bytes in all from `reader` (a file, or a member
+/// of an `.npz` archive) into an f32 array in C order, with the dtype it was
+/// stored as.
+pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dtype), NpyError> {
     let header = read_header(&mut reader)?;
     // Like numpy, ndarray refuses a shape whose non-zero axes multiply past
     // isize::MAX even when a zero-length axis leaves it empty: check both.
@@ -398,7 +410,7 @@ fn read_f32_from(mut reader: impl Read, file_len: u64) -> Result<ArrayD<f32>, Np
                 .join(" x "),
         })?;
     let needed = (elements * header.dtype.size) as u64;
-    let found = file_len.saturating_sub(header.data_offset);
+    let found = len.saturating_sub(header.data_offset);
     if found < needed {
         return Err(NpyError::Truncated {
             shape: header.shape,
@@ -420,7 +432,7 @@ fn read_f32_from(mut reader: impl Read, file_len: u64) -> Result<ArrayD<f32>, Np
         let n = remaining.min(16384);
         let bytes = &mut chunk[..n * header.dtype.size];
         read_exact_or(&mut reader, bytes, || {
-            NpyError::Io("file shrank while being read".into())
+            NpyError::Io("the data ended before its declared length".into())
         })?;
         data.extend(
             bytes
@@ -435,11 +447,14 @@ fn read_f32_from(mut reader: impl Read, file_len: u64) -> Result<ArrayD<f32>, Np
     } else {
         ArrayD::from_shape_vec(shape, data)
     };
-    Ok(array.expect("element count checked against the shape"))
+    Ok((
+        array.expect("element count checked against the shape"),
+        header.dtype,
+    ))
 }
 
 /// Writes an f32 array as a little-endian, C-order `.npy` (format 1.0).
-pub fn write_f32(writer: &mut impl Write, array: &ArrayD<f32>) -> std::io::Result<()> {
+pub fn write_f32(writer: &mut (impl Write + ?Sized), array: &ArrayD<f32>) -> std::io::Result<()> {
     let shape = match array.shape() {
         [n] => format!("({n},)"),
         dims => format!(

@@ -10,9 +10,12 @@ use layer_api::{FanMode, Init};
 use ndarray::{ArrayD, IxDyn};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
 
+use crate::atomic_file::write_atomically;
 use crate::error::Error;
+use crate::param_file::{ParamFile, SUPPORTED_DTYPES};
 
 /// A parameter as the model needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,28 +29,38 @@ pub struct ParamInfo {
     pub fan_in: usize,
     pub fan_out: usize,
     pub init: Init,
+    /// The name of the tensor that holds its values: `name` itself, or, for a
+    /// parameter the model file shares with another layer's, the owner's name.
+    pub stored_as: String,
 }
 
 impl ParamInfo {
     pub fn elements(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// True when this parameter has its own tensor (it is nobody's share).
+    pub fn is_stored(&self) -> bool {
+        self.stored_as == self.name
+    }
 }
 
-/// The parameter tensors of a model, by full name.
+/// The parameter tensors of a model, by full name. A shared parameter is
+/// held once, under its owner's name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParamStore {
     tensors: BTreeMap<String, ArrayD<f32>>,
 }
 
 impl ParamStore {
-    /// Draws every parameter from its initializer. Each parameter gets its
-    /// own random stream, derived from the seed and its full name, so that
-    /// the same seed gives the same numbers on every run and every machine,
-    /// and adding a layer does not change the others' values.
+    /// Draws every stored parameter from its initializer. Each parameter gets
+    /// its own random stream, derived from the seed and its full name, so
+    /// that the same seed gives the same numbers on every run and every
+    /// machine, and adding a layer does not change the others' values.
     pub fn initialize(params: &[ParamInfo], seed: u64) -> ParamStore {
         let tensors = params
             .iter()
+            .filter(|p| p.is_stored())
             .map(|p| {
                 let data = sample(&p.init, p.elements(), p.fan_in, p.fan_out, seed, &p.name);
                 let array = ArrayD::from_shape_vec(IxDyn(&p.shape), data)
@@ -58,78 +71,122 @@ impl ParamStore {
         ParamStore { tensors }
     }
 
-    /// Loads the parameters a model needs from a safetensors file, checking
-    /// that every one is there with the declared shape and that the file
-    /// holds nothing else (unless `allow_unused`).
-    pub fn load_safetensors(
+    /// Loads the parameters a model needs from a safetensors or `.npz` file,
+    /// checking that every stored one is there with the declared shape and a
+    /// float dtype, and that the file holds nothing else (unless
+    /// `allow_unused`).
+    pub fn load(
         path: &Path,
         params: &[ParamInfo],
         allow_unused: bool,
     ) -> Result<ParamStore, Error> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        ParamStore::from_file(&ParamFile::read(path)?, params, allow_unused)
+    }
+
+    /// [`ParamStore::load`] from a file already read.
+    pub fn from_file(
+        file: &ParamFile,
+        params: &[ParamInfo],
+        allow_unused: bool,
+    ) -> Result<ParamStore, Error> {
+        let path = &file.path;
         let file_error = |message: String| Error::Params {
             path: path.to_path_buf(),
             message,
         };
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| {
-            file_error(format!(
-                "not a valid safetensors file (truncated or corrupt?): {e}"
-            ))
-        })?;
         let mut tensors = BTreeMap::new();
-        for p in params {
-            let view = file.tensor(&p.name).map_err(|_| {
+        for p in params.iter().filter(|p| p.is_stored()) {
+            let tensor = file.tensors.get(&p.name).ok_or_else(|| {
                 file_error(format!(
-                    "parameter '{}' is missing (the model needs it with shape {:?}); \
+                    "parameter '{}' is missing (layer '{}' needs it with shape {:?}); \
                      the file holds: {}",
                     p.name,
+                    p.layer,
                     p.shape,
-                    names_in(&file)
+                    file.names()
                 ))
             })?;
-            if view.shape() != p.shape.as_slice() {
+            if tensor.shape != p.shape {
                 return Err(file_error(format!(
                     "parameter '{}' has shape {:?} in the file, but layer '{}' needs {:?}",
-                    p.name,
-                    view.shape(),
-                    p.layer,
-                    p.shape
+                    p.name, tensor.shape, p.layer, p.shape
                 )));
             }
-            let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            let values = tensor.values.clone().map_err(|dtype| {
                 file_error(format!(
-                    "parameter '{}' has dtype {:?}; supported are F32, F64, F16 and BF16",
-                    p.name,
-                    view.dtype()
+                    "parameter '{}' has dtype {dtype}; supported are {SUPPORTED_DTYPES}",
+                    p.name
                 ))
             })?;
-            let array = ArrayD::from_shape_vec(IxDyn(&p.shape), data)
+            let array = ArrayD::from_shape_vec(IxDyn(&p.shape), values)
                 .map_err(|e| file_error(format!("parameter '{}': {e}", p.name)))?;
             tensors.insert(p.name.clone(), array);
         }
         if !allow_unused {
-            let mut unused: Vec<String> = file
-                .names()
-                .into_iter()
+            let unused: Vec<&String> = file
+                .tensors
+                .keys()
                 .filter(|n| !tensors.contains_key(*n))
-                .map(str::to_string)
                 .collect();
-            unused.sort();
             if !unused.is_empty() {
+                let shared: Vec<String> = params
+                    .iter()
+                    .filter(|p| !p.is_stored() && unused.contains(&&p.name))
+                    .map(|p| {
+                        format!(
+                            "'{}' shares '{}' and is stored under that name",
+                            p.name, p.stored_as
+                        )
+                    })
+                    .collect();
+                let hint = if shared.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", shared.join(", "))
+                };
                 return Err(file_error(format!(
-                    "the file holds tensors no layer uses: {} (check the layer names, or \
-                     pass --allow-unused-params)",
-                    unused.join(", ")
+                    "the file holds tensors no layer uses: {}{hint} (check the layer names, \
+                     or pass --allow-unused-params)",
+                    unused
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
         Ok(ParamStore { tensors })
     }
 
-    /// The tensor of parameter `name` (`<layer>.<param>`).
+    /// Writes every tensor to a safetensors file (f32), atomically.
+    pub fn save_safetensors(&self, path: &Path) -> Result<(), Error> {
+        let bytes: Vec<(&str, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(name, array)| {
+                let data = array.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (name.as_str(), data)
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, data)| {
+                let shape = self.tensors[*name].shape().to_vec();
+                TensorView::new(Dtype::F32, shape, data).map(|view| (*name, view))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Params {
+                path: path.to_path_buf(),
+                message: format!("cannot encode the tensors: {e}"),
+            })?;
+        let encoded = safetensors::serialize(views, None).map_err(|e| Error::Params {
+            path: path.to_path_buf(),
+            message: format!("cannot encode the tensors: {e}"),
+        })?;
+        write_atomically(path, |w| w.write_all(&encoded))
+    }
+
+    /// The tensor stored as `name` (`<layer>.<param>`, an owner's name).
     pub fn get(&self, name: &str) -> Option<&ArrayD<f32>> {
         self.tensors.get(name)
     }
@@ -138,39 +195,6 @@ impl ParamStore {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ArrayD<f32>)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))
     }
-}
-
-fn names_in(file: &SafeTensors<'_>) -> String {
-    let mut names = file.names();
-    names.sort();
-    if names.is_empty() {
-        "(nothing)".to_string()
-    } else {
-        names.join(", ")
-    }
-}
-
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    let out = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    };
-    Some(out)
 }
 
 /// FNV-1a: a fixed, documented hash, so that stream numbers never change
@@ -286,5 +310,121 @@ mod tests {
         // The standard deviation of U(a, b) is (b - a) / sqrt(12).
         assert!((std - 4.0 / 12f64.sqrt()).abs() < 0.01, "std {std}");
         assert!(min >= -3.0 && max < 1.0);
+    }
+
+    #[test]
+    fn constant_initializers_are_exact() {
+        assert!(sample(&Init::Zeros, 100, 1, 1, 0, "w")
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(sample(&Init::Ones, 100, 1, 1, 0, "w")
+            .iter()
+            .all(|&v| v == 1.0));
+        let c = sample(&Init::Constant { value: -0.25 }, 100, 1, 1, 0, "w");
+        assert!(c.iter().all(|&v| v == -0.25));
+    }
+
+    /// Fan-in and fan-out differ, so that using the wrong one shows.
+    const FAN_IN: usize = 300;
+    const FAN_OUT: usize = 100;
+
+    fn large(init: &Init) -> Vec<f32> {
+        sample(init, 200_000, FAN_IN, FAN_OUT, 9, "layer.weight")
+    }
+
+    /// Uniform on [-bound, bound): mean 0, std bound / sqrt(3), and the
+    /// extremes within the bound but close to it.
+    fn assert_symmetric_uniform(v: &[f32], bound: f64) {
+        let (mean, std, min, max) = stats(v);
+        assert!(mean.abs() < 0.01 * bound, "mean {mean}, bound {bound}");
+        assert!(
+            (std - bound / 3f64.sqrt()).abs() < 0.01 * bound,
+            "std {std}, bound {bound}"
+        );
+        assert!(
+            f64::from(min) >= -bound && f64::from(max) <= bound,
+            "{min} {max} {bound}"
+        );
+        assert!(f64::from(min) < -0.999 * bound && f64::from(max) > 0.999 * bound);
+    }
+
+    fn assert_centered_normal(v: &[f32], expected_std: f64) {
+        let (mean, std, _, _) = stats(v);
+        assert!(mean.abs() < 0.01 * expected_std, "mean {mean}");
+        assert!(
+            (std - expected_std).abs() < 0.01 * expected_std,
+            "std {std}, expected {expected_std}"
+        );
+    }
+
+    #[test]
+    fn xavier_scales_by_the_sum_of_the_fans() {
+        // Glorot & Bengio: bound sqrt(6 / (fan_in + fan_out)), std sqrt(2 / (...)).
+        let sum = (FAN_IN + FAN_OUT) as f64;
+        assert_symmetric_uniform(
+            &large(&Init::XavierUniform { gain: 1.0 }),
+            (6.0 / sum).sqrt(),
+        );
+        assert_symmetric_uniform(
+            &large(&Init::XavierUniform { gain: 2.0 }),
+            2.0 * (6.0 / sum).sqrt(),
+        );
+        assert_centered_normal(
+            &large(&Init::XavierNormal { gain: 1.0 }),
+            (2.0 / sum).sqrt(),
+        );
+    }
+
+    #[test]
+    fn kaiming_scales_by_the_chosen_fan() {
+        // He et al.: std gain / sqrt(fan); the uniform bound is sqrt(3) std.
+        let gain = std::f64::consts::SQRT_2;
+        for (mode, fan) in [(FanMode::FanIn, FAN_IN), (FanMode::FanOut, FAN_OUT)] {
+            let std = gain / (fan as f64).sqrt();
+            let u = large(&Init::KaimingUniform {
+                mode,
+                gain: gain as f32,
+            });
+            assert_symmetric_uniform(&u, 3f64.sqrt() * std);
+            let n = large(&Init::KaimingNormal {
+                mode,
+                gain: gain as f32,
+            });
+            assert_centered_normal(&n, std);
+        }
+    }
+
+    #[test]
+    fn every_initializer_gives_identical_bytes_for_the_same_seed() {
+        let all = [
+            Init::Zeros,
+            Init::Ones,
+            Init::Constant { value: 0.5 },
+            Init::normal(1.0, 2.0),
+            Init::uniform(-3.0, 3.0),
+            Init::XavierUniform { gain: 1.0 },
+            Init::XavierNormal { gain: 1.0 },
+            Init::KaimingUniform {
+                mode: FanMode::FanIn,
+                gain: 1.0,
+            },
+            Init::KaimingNormal {
+                mode: FanMode::FanOut,
+                gain: 1.0,
+            },
+        ];
+        assert_eq!(all.len(), Init::NAMES.len());
+        for init in &all {
+            let bits = |seed| -> Vec<u32> {
+                sample(init, 1001, FAN_IN, FAN_OUT, seed, "0.weight")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(5), bits(5), "{init:?}");
+            if !matches!(init, Init::Zeros | Init::Ones | Init::Constant { .. }) {
+                assert_ne!(bits(5), bits(6), "{init:?}");
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::atomic_write::write_atomically;
+use crate::atomic_file::write_atomically;
 use crate::model::ModelSpec;
 use crate::registry::{self, PluginRegistry};
 

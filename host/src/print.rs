@@ -26,6 +26,24 @@ pub fn format_array(array: &ArrayD<f32>) -> String {
     out
 }
 
+/// Formats a shape as Python writes a tuple (`(2, 64)`, `(8,)`, `()`), with
+/// `?` for a dimension that is not known.
+pub fn format_shape(dims: &[Option<usize>]) -> String {
+    let text: Vec<String> = dims
+        .iter()
+        .map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string()))
+        .collect();
+    match text.as_slice() {
+        [one] => format!("({one},)"),
+        _ => format!("({})", text.join(", ")),
+    }
+}
+
+/// [`format_shape`] for a shape whose dimensions are all known.
+pub fn format_known_shape(dims: &[usize]) -> String {
+    format_shape(&dims.iter().copied().map(Some).collect::<Vec<_>>())
+}
+
 fn shown_values(view: &ArrayViewD<'_, f32>, summarize: bool) -> Vec<f32> {
     if !summarize || view.ndim() == 0 {
         return view.iter().copied().collect();
@@ -237,6 +255,14 @@ fn split_digits(v: f32, scientific: bool) -> (String, String, String) {
 mod tests {
     use super::*;
     use ndarray::IxDyn;
+
+    #[test]
+    fn shapes_print_as_python_tuples_with_unknowns() {
+        assert_eq!(format_known_shape(&[2, 64]), "(2, 64)");
+        assert_eq!(format_known_shape(&[8]), "(8,)");
+        assert_eq!(format_known_shape(&[]), "()");
+        assert_eq!(format_shape(&[None, Some(8)]), "(?, 8)");
+    }
 
     fn array(shape: &[usize], values: &[f32]) -> ArrayD<f32> {
         ArrayD::from_shape_vec(IxDyn(shape), values.to_vec()).unwrap()

@@ -2,15 +2,18 @@
 //! created, shapes and parameters planned for an input shape before any
 //! computation, then the forward pass, layer by layer.
 
-use abi_stable::std_types::{RSlice, RStr};
-use layer_api::abi::{LayerBox, LayerError, ParamRef, TensorMut, TensorRef};
+use std::time::Duration;
+
+use abi_stable::std_types::RSlice;
+use layer_api::abi::{LayerBox, LayerError, TensorMut};
 use layer_api::Init;
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{self, LoadedPlugin, PluginRegistry};
+use crate::runner::{param_refs, tensor_ref, Runner};
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
@@ -53,13 +56,22 @@ impl ModelLayer {
         })
     }
 
-    fn layer_error(&self, e: LayerError) -> Error {
+    pub(crate) fn error(&self, e: LayerError) -> Error {
         Error::Layer {
             layer: self.name.clone(),
             plugin: self.plugin.name.clone(),
             message: e.message.into_string(),
             panicked: e.panicked,
         }
+    }
+
+    pub(crate) fn object(&self) -> &LayerBox {
+        &self.object
+    }
+
+    /// Floating-point operations of one forward pass (0: the layer does not say).
+    pub fn flops(&self, input_shape: &[usize]) -> u64 {
+        self.object.flops(RSlice::from_slice(input_shape))
     }
 
     /// Whether the layer may process a batch in separate pieces.
@@ -73,13 +85,13 @@ impl ModelLayer {
             .object
             .output_shape(RSlice::from_slice(input_shape))
             .into_result()
-            .map_err(|e| self.layer_error(e))?
+            .map_err(|e| self.error(e))?
             .into_vec();
         let decls = self
             .object
             .param_decls(RSlice::from_slice(input_shape))
             .into_result()
-            .map_err(|e| self.layer_error(e))?;
+            .map_err(|e| self.error(e))?;
         let mut params = Vec::with_capacity(decls.len());
         for decl in decls {
             let local_name = decl.name.into_string();
@@ -92,8 +104,10 @@ impl ModelLayer {
                     ),
                     panicked: false,
                 })?;
+            let name = format!("{}.{}", self.name, local_name);
             params.push(ParamInfo {
-                name: format!("{}.{}", self.name, local_name),
+                stored_as: name.clone(),
+                name,
                 layer: self.name.clone(),
                 local_name,
                 shape: decl.shape.into_vec(),
@@ -109,26 +123,11 @@ impl ModelLayer {
         })
     }
 
-    fn forward(
-        &self,
-        plan: &LayerPlan,
-        input: &ArrayD<f32>,
-        params: &ParamStore,
-    ) -> Result<ArrayD<f32>, Error> {
-        let mut output = ArrayD::<f32>::zeros(IxDyn(&plan.output_shape));
-        self.forward_into(
-            plan,
-            input,
-            params,
-            output.as_slice_mut().expect("a new array is contiguous"),
-        )?;
-        Ok(output)
-    }
-
-    /// Runs the layer on `input` (of `plan.input_shape`, standard layout),
-    /// writing into `output`, which holds as many elements as
-    /// `plan.output_shape` says. `host check-plugin` uses it to see which
-    /// elements the layer wrote.
+    /// Runs the layer once, on one thread, on `input` (of `plan.input_shape`,
+    /// standard layout), writing into `output`, which holds as many elements
+    /// as `plan.output_shape` says. Unlike a model's forward pass it leaves
+    /// `output` as it finds it before the call, so that `host check-plugin`
+    /// can see which elements the layer wrote.
     pub fn forward_into(
         &self,
         plan: &LayerPlan,
@@ -136,25 +135,7 @@ impl ModelLayer {
         params: &ParamStore,
         output: &mut [f32],
     ) -> Result<(), Error> {
-        let tensors: Vec<&ArrayD<f32>> = plan
-            .params
-            .iter()
-            .map(|p| {
-                params.get(&p.name).ok_or_else(|| Error::Param {
-                    name: p.name.clone(),
-                    message: "no value was loaded or initialized for it".to_string(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let refs: Vec<ParamRef<'_>> = plan
-            .params
-            .iter()
-            .zip(&tensors)
-            .map(|(p, t)| ParamRef {
-                name: RStr::from_str(&p.local_name),
-                tensor: tensor_ref(t),
-            })
-            .collect();
+        let refs = param_refs(plan, params)?;
         let output_view = TensorMut {
             shape: RSlice::from_slice(&plan.output_shape),
             data: output.into(),
@@ -162,18 +143,7 @@ impl ModelLayer {
         self.object
             .forward(tensor_ref(input), RSlice::from_slice(&refs), output_view)
             .into_result()
-            .map_err(|e| self.layer_error(e))
-    }
-}
-
-fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
-    TensorRef {
-        shape: RSlice::from_slice(array.shape()),
-        data: RSlice::from_slice(
-            array
-                .as_slice()
-                .expect("the host keeps every tensor in standard layout"),
-        ),
+            .map_err(|e| self.error(e))
     }
 }
 
@@ -198,6 +168,7 @@ impl Model {
     }
 
     /// Shapes and parameters of every layer for an input of `input_shape`,
+    /// with the model file's initializer overrides and sharing applied,
     /// checked before anything is computed.
     pub fn plan(&self, input_shape: &[usize]) -> Result<Vec<LayerPlan>, Error> {
         let mut shape = input_shape.to_vec();
@@ -219,6 +190,7 @@ impl Model {
                 });
             }
         }
+        crate::binding::bind_params(&self.spec, &mut plans)?;
         Ok(plans)
     }
 
@@ -230,17 +202,31 @@ impl Model {
             .collect()
     }
 
-    /// Runs the layers in order on `input`.
+    /// Runs the layers in order on `input`, with up to `threads` threads.
     pub fn forward(
         &self,
         plans: &[LayerPlan],
         params: &ParamStore,
-        input: ArrayD<f32>,
+        input: &ArrayD<f32>,
+        threads: usize,
     ) -> Result<ArrayD<f32>, Error> {
-        let mut x = input.as_standard_layout().into_owned();
-        for (layer, plan) in self.layers.iter().zip(plans) {
-            x = layer.forward(plan, &x, params)?;
-        }
-        Ok(x)
+        self.forward_observed(plans, params, input, threads, |_, _, _| {})
+    }
+
+    /// Runs the layers in order on `input`, calling `observe` after each
+    /// with the layer, its output and the time its forward call took.
+    pub fn forward_observed(
+        &self,
+        plans: &[LayerPlan],
+        params: &ParamStore,
+        input: &ArrayD<f32>,
+        threads: usize,
+        mut observe: impl FnMut(&ModelLayer, &ArrayD<f32>, Duration),
+    ) -> Result<ArrayD<f32>, Error> {
+        let mut runner = Runner::new(self, plans, params, threads)?;
+        let output = runner.run(input, |i, output, elapsed| {
+            observe(&self.layers[i], output, elapsed)
+        })?;
+        Ok(output.clone())
     }
 }

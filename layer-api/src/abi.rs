@@ -90,6 +90,14 @@ pub trait LayerObject: Send + Sync {
         params: RSlice<'_, ParamRef<'_>>,
         output: TensorMut<'_>,
     ) -> RResult<(), LayerError>;
+
+    /// Floating-point operations one `forward` performs for `input_shape`,
+    /// or 0 when the layer does not say. Added after the prefix, with a
+    /// default: plugins built without it report 0.
+    fn flops(&self, input_shape: RSlice<'_, usize>) -> u64 {
+        let _ = input_shape;
+        0
+    }
 }
 
 /// The owned layer trait object the host holds.

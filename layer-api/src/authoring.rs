@@ -68,6 +68,12 @@ pub trait Layer: Sized + Send + Sync + 'static {
         params: &Params<'_>,
         output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String>;
+
+    /// Floating-point operations one `forward` performs for `input_shape`
+    /// (multiply and add count as two), for benchmarks; 0 means unknown.
+    fn flops(&self, _input_shape: &[usize]) -> u64 {
+        0
+    }
 }
 
 /// The config of a layer that has no options: only `{}` is accepted.
@@ -204,6 +210,11 @@ impl<L: Layer> LayerObject for Adapter<L> {
             };
             self.layer.forward(input, &params, output)
         })
+    }
+
+    fn flops(&self, input_shape: RSlice<'_, usize>) -> u64 {
+        // Only a benchmark figure: a failure here means "unknown".
+        guard(|| Ok(self.layer.flops(input_shape.as_slice()))).unwrap_or(0)
     }
 }
 

@@ -12,7 +12,14 @@ use std::sync::Once;
 use ndarray::{ArrayD, IxDyn};
 
 /// Every plugin crate the tests load, including the test-only ones.
-const PLUGINS: &[&str] = &["centered", "mydense", "faulty"];
+const PLUGINS: &[&str] = &[
+    "centered",
+    "mydense",
+    "linear",
+    "tensor_reduction",
+    "fourier",
+    "faulty",
+];
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,7 +1,7 @@
 //! `centered`: `y = x - mean(x)`, the mean taken over every element of the
 //! input, batch axis included (the custom-layers chapter's `CenteredLayer`).
-//! It has no parameters, and it is not batch-independent: each output element
-//! depends on the whole batch.
+//! It has no parameters (so nothing to initialize), and it is not
+//! batch-independent: each output element depends on the whole batch.
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params};
 
@@ -22,6 +22,11 @@ impl Layer for Centered {
 
     fn batch_independent(&self) -> bool {
         false
+    }
+
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        // A sum, then a subtraction per element.
+        2 * input_shape.iter().product::<usize>() as u64
     }
 
     fn forward(

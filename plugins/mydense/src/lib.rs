@@ -2,11 +2,18 @@
 //! `b` of shape `(units,)` (the custom-layers chapter's `MyDense`/`MyLinear`).
 //! The last input axis holds the features; any leading axes are kept, so an
 //! input `(2, 3, 64)` gives `(2, 3, units)`. `in_units` may be left out of the
-//! config and is then taken from the input. Defaults, as the chapter's
-//! `MyLinear` (`torch.randn`): both parameters drawn from a standard normal.
+//! config and is then taken from the input.
+//!
+//! Parameters and their default initializers, as the chapter's `MyLinear`
+//! (`torch.randn`); a model file may override either with `"init"`:
+//!
+//! | parameter | shape | default | fans (Xavier, Kaiming) |
+//! | --- | --- | --- | --- |
+//! | `weight` | `(in_units, units)` | `normal` (mean 0, std 1) | in `in_units`, out `units` |
+//! | `bias` | `(units,)` | `normal` (mean 0, std 1) | in and out `units` |
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
-use ndarray::{linalg::general_mat_mul, Axis, Ix1, Ix2};
+use ndarray::{Axis, Ix1, Ix2};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +89,15 @@ impl Layer for MyDense {
         true
     }
 
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        let Ok(in_units) = self.in_units(input_shape) else {
+            return 0;
+        };
+        let rows: usize = input_shape[..input_shape.len() - 1].iter().product();
+        // The product, then bias and relu.
+        (2 * rows * in_units * self.units + 2 * rows * self.units) as u64
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
@@ -98,7 +114,7 @@ impl Layer for MyDense {
         let mut y = output
             .into_shape_with_order((rows, self.units))
             .map_err(|e| format!("output as ({rows}, {}): {e}", self.units))?;
-        general_mat_mul(1.0, &x, &weight, 0.0, &mut y);
+        layer_kernels::matmul(x, weight, y.view_mut())?;
         for mut row in y.axis_iter_mut(Axis(0)) {
             row.zip_mut_with(&bias, |v, &b| *v = (*v + b).max(0.0));
         }

@@ -1,0 +1,72 @@
+//! `scale`: multiplies each feature (the last input axis) by its own learned
+//! factor, `y[..., i] = x[..., i] * factor[i]`.
+
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
+use ndarray::Ix1;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    /// The factors' initial value when no parameter file gives them.
+    #[serde(default = "one")]
+    initial: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+pub struct Scale {
+    initial: f32,
+}
+
+impl Layer for Scale {
+    const NAME: &'static str = "scale"; // so the library must be libscale.so
+    const DESCRIPTION: &'static str = "y = x * factor, one factor per feature";
+    type Config = ScaleConfig;
+
+    fn new(config: ScaleConfig) -> Result<Self, String> {
+        if !config.initial.is_finite() {
+            return Err(format!("`initial` must be finite, not {}", config.initial));
+        }
+        Ok(Scale {
+            initial: config.initial,
+        })
+    }
+
+    fn output_shape(&self, input_shape: &[usize]) -> Result<Vec<usize>, String> {
+        if input_shape.is_empty() {
+            return Err("needs an input of rank 1 or more; got a scalar".into());
+        }
+        Ok(input_shape.to_vec())
+    }
+
+    fn params(&self, input_shape: &[usize]) -> Result<Vec<ParamSpec>, String> {
+        let &features = input_shape
+            .last()
+            .ok_or("needs an input of rank 1 or more")?;
+        let init = Init::Constant {
+            value: self.initial,
+        };
+        Ok(vec![ParamSpec::new("factor", [features], init)])
+    }
+
+    fn batch_independent(&self) -> bool {
+        true
+    }
+
+    fn forward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        mut output: ArrayViewMutD<'_, f32>,
+    ) -> Result<(), String> {
+        let factor = params.get::<Ix1>("factor")?;
+        output.assign(&input);
+        output *= &factor; // broadcast along the last axis
+        Ok(())
+    }
+}
+
+export_layer!(Scale);
