@@ -7,10 +7,6 @@ mod support;
 use ndarray::{ArrayD, IxDyn};
 use support::*;
 
-fn path_str(p: &std::path::Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 #[test]
 fn centered_gives_the_chapters_result_exactly() {
     // models/centered-input.npy holds int64 [1, 2, 3, 4, 5], as the chapter's
@@ -249,19 +245,6 @@ fn plugins_lists_each_plugin_with_its_identity() {
 }
 
 // ---- errors a user can cause: one clear message, exit status 1 ----
-
-fn model_with_layers(layers: &str) -> tempfile::TempDir {
-    temp_dir_with(&[("m.json", &format!(r#"{{"format": 1, "layers": {layers}}}"#))])
-}
-
-fn run_model(dir: &tempfile::TempDir, input: &str) -> Run {
-    host(&[
-        "run",
-        path_str(&dir.path().join("m.json")),
-        "--input",
-        input,
-    ])
-}
 
 #[test]
 fn a_missing_plugin_names_the_directories_searched_and_the_plugins_found() {

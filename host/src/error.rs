@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::npy::NpyError;
+use crate::pin::PinError;
 use crate::registry::PluginError;
 
 #[derive(Debug, Error)]
@@ -60,6 +61,19 @@ pub enum Error {
     },
     #[error("cannot start worker threads: {0}")]
     Threads(String),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// A plugin asked for by name, outside any model.
+    #[error(transparent)]
+    PluginLookup(Box<PluginError>),
+    #[error("--config '{text}': {message}")]
+    ConfigArgument { text: String, message: String },
+    #[error("plugin '{plugin}' failed {failed} of {total} conformance checks")]
+    Conformance {
+        plugin: String,
+        failed: usize,
+        total: usize,
+    },
 }
 
 impl Error {

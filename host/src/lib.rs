@@ -14,12 +14,14 @@
 pub mod atomic_file;
 pub mod bench;
 pub mod binding;
+pub mod conformance;
 pub mod error;
 pub mod inspect;
 pub mod model;
 pub mod npy;
 pub mod param_file;
 pub mod params;
+pub mod pin;
 pub mod print;
 pub mod registry;
 pub mod runner;

@@ -14,7 +14,7 @@ use host::params::ParamStore;
 use host::registry::PluginRegistry;
 use host::runtime::Model;
 use host::trace::LayerTrace;
-use host::{npy, print, stream, Error};
+use host::{conformance, npy, pin, print, stream, Error};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +48,31 @@ enum Command {
     Init(InitArgs),
     /// Time a model's forward pass, whole and per layer, on a random input.
     Bench(BenchArgs),
+    /// Run the conformance checks on one plugin; exits non-zero if any fails.
+    CheckPlugin(CheckPluginArgs),
+    /// Pin each layer of a model to the SHA-256 of the plugin library it resolves to.
+    Lock(LockArgs),
+}
+
+#[derive(Args)]
+struct CheckPluginArgs {
+    /// A plugin name (looked up like a model's layer type) or a library path.
+    #[arg(value_name = "NAME|PATH")]
+    plugin: String,
+    /// A layer config (JSON object) to check with (repeatable; default {}).
+    #[arg(long = "config", value_name = "JSON")]
+    configs: Vec<String>,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+#[derive(Args)]
+struct LockArgs {
+    /// The model description (JSON), rewritten in place with the pins.
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    #[command(flatten)]
+    plugins: PluginDirs,
 }
 
 /// Where a command learns the input's shape; without either, sizes that
@@ -218,6 +243,8 @@ fn main() -> ExitCode {
         Command::Params(args) => params(args),
         Command::Init(args) => init(args),
         Command::Bench(args) => bench(args),
+        Command::CheckPlugin(args) => check_plugin(args),
+        Command::Lock(args) => lock(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -570,6 +597,33 @@ fn plugins(args: PluginDirs) -> Result<(), Error> {
     }
     for problem in problems {
         eprintln!("warning: skipped {problem}");
+    }
+    Ok(())
+}
+
+fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
+    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    let configs = args
+        .configs
+        .iter()
+        .map(|text| conformance::parse_config(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let path = conformance::locate(&args.plugin, &registry)?;
+    let report = conformance::check_library(&path, &configs);
+    println!("{report}");
+    report.into_result(&args.plugin).map(drop)
+}
+
+fn lock(args: LockArgs) -> Result<(), Error> {
+    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    for pin in pin::lock_model(&args.model, &registry)? {
+        println!(
+            "layer '{}': {} {} ({})",
+            pin.layer,
+            if pin.changed { "pinned" } else { "unchanged" },
+            pin.sha256,
+            pin.path.display()
+        );
     }
     Ok(())
 }

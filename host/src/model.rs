@@ -60,6 +60,8 @@ struct LayerFile {
     init: Option<Map<String, Value>>,
     #[serde(default)]
     share: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 /// A validated model description.
@@ -91,6 +93,8 @@ pub struct LayerSpec {
     /// Parameters stored as another layer's parameter: local name (`weight`)
     /// → full name of the owner (`0.weight`).
     pub share: BTreeMap<String, String>,
+    /// The SHA-256 its plugin library must have (lowercase hex), if pinned.
+    pub sha256: Option<String>,
 }
 
 impl ModelSpec {
@@ -157,12 +161,18 @@ impl ModelSpec {
                     share[param]
                 )));
             }
+            let sha256 = layer
+                .sha256
+                .map(|pin| crate::pin::parse_pin(&name, &pin))
+                .transpose()
+                .map_err(|e| invalid(e.to_string()))?;
             layers.push(LayerSpec {
                 name,
                 plugin: layer.plugin,
                 config: Value::Object(layer.config.unwrap_or_default()),
                 init,
                 share,
+                sha256,
             });
         }
         let dir = path.parent().unwrap_or(Path::new(""));
@@ -244,7 +254,7 @@ mod tests {
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "confg": {}}]}"#,
-                "unknown field `confg`, expected one of `type`, `name`, `config`, `init`, `share`",
+                "unknown field `confg`, expected one of `type`, `name`, `config`, `init`, `share`, `sha256`",
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "init": {"weight": "gaussian"}}]}"#,
@@ -271,6 +281,10 @@ mod tests {
             (
                 r#"{"format": 1, "layers": [{"type": "x", "name": "a"}, {"type": "y", "name": "a"}]}"#,
                 "layers 0 and 1 are both named 'a'",
+            ),
+            (
+                r#"{"format": 1, "layers": [{"type": "x", "sha256": "abc"}]}"#,
+                "models/m.json: layer '0': \"sha256\" must be 64 hex digits",
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "config": [1]}]}"#,

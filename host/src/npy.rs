@@ -382,6 +382,11 @@ pub fn read_f32(path: &Path) -> Result<ArrayD<f32>, NpyError> {
     read_f32_from(BufReader::new(file), file_len).map(|(array, _)| array)
 }
 
+/// Reads `.npy` bytes held in memory, as [`read_f32`] reads a file.
+pub fn read_f32_bytes(bytes: &[u8]) -> Result<ArrayD<f32>, NpyError> {
+    read_f32_from(bytes, bytes.len() as u64).map(|(array, _)| array)
+}
+
 /// Reads `.npy` data of `len` bytes in all from `reader` (a file, or a member
 /// of an `.npz` archive) into an f32 array in C order, with the dtype it was
 /// stored as.
@@ -420,11 +425,19 @@ pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dt
 /// `len` bytes of the whole file, so that nothing is allocated for a shape
 /// the file cannot hold.
 fn data_elements(header: &Header, len: u64) -> Result<usize, NpyError> {
+    // Like numpy, ndarray refuses a shape whose non-zero axes multiply past
+    // isize::MAX even when a zero-length axis leaves it empty: check both.
+    let nonzero_axes_fit = header
+        .shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_some_and(|n| isize::try_from(n).is_ok());
     let elements = header
         .shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|n| n.checked_mul(header.dtype.size).is_some())
+        .filter(|n| n.checked_mul(header.dtype.size).is_some() && nonzero_axes_fit)
         .ok_or_else(|| NpyError::TooLarge {
             shape: header.shape.clone(),
             elements: header

@@ -149,21 +149,24 @@ impl PluginRegistry {
     /// Finds and loads the plugin called `name`: the first directory holding
     /// its library wins.
     pub fn resolve(&self, name: &str) -> Result<&'static LoadedPlugin, PluginError> {
+        let path = self.locate(name)?;
+        load(&path, Some(name))
+    }
+
+    /// The library file of the plugin called `name`, without loading it:
+    /// the first directory holding it wins.
+    pub fn locate(&self, name: &str) -> Result<PathBuf, PluginError> {
         let file = library_file_name(name)?;
-        match self
-            .dirs
+        self.dirs
             .iter()
             .map(|d| d.join(&file))
             .find(|p| p.is_file())
-        {
-            Some(path) => load(&path, Some(name)),
-            None => Err(PluginError::NotFound {
+            .ok_or_else(|| PluginError::NotFound {
                 name: name.to_string(),
                 file,
                 searched: self.dirs.clone(),
                 found: self.available_names(),
-            }),
-        }
+            })
     }
 
     /// The plugin names whose libraries sit in the search directories
@@ -237,9 +240,14 @@ fn plugin_name_of(path: &Path) -> Option<String> {
 
 type LoadResult = Result<&'static LoadedPlugin, PluginError>;
 
-/// Loads a library at most once per process; later calls get the same
-/// result, error included.
-fn load(path: &Path, expected_name: Option<&str>) -> LoadResult {
+/// Loads the plugin library at `path` (found by [`PluginRegistry::locate`],
+/// or named by the user) at most once per process; later calls get the same
+/// result, error included. With `expected_name`, the plugin must call itself
+/// that.
+pub fn load(
+    path: &Path,
+    expected_name: Option<&str>,
+) -> Result<&'static LoadedPlugin, PluginError> {
     static LOADED: OnceLock<Mutex<HashMap<PathBuf, LoadResult>>> = OnceLock::new();
     let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let mut loaded = LOADED

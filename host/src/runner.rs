@@ -58,24 +58,10 @@ impl<'m> Runner<'m> {
         threads: usize,
     ) -> Result<Runner<'m>, Error> {
         let threads = threads.max(1);
-        let mut layer_params = Vec::with_capacity(plans.len());
-        for plan in plans {
-            let refs = plan
-                .params
-                .iter()
-                .map(|p| {
-                    let tensor = params.get(&p.stored_as).ok_or_else(|| Error::Param {
-                        name: p.name.clone(),
-                        message: "no value was loaded or initialized for it".to_string(),
-                    })?;
-                    Ok(ParamRef {
-                        name: RStr::from_str(&p.local_name),
-                        tensor: tensor_ref(tensor),
-                    })
-                })
-                .collect::<Result<Vec<_>, Error>>()?;
-            layer_params.push(refs);
-        }
+        let layer_params = plans
+            .iter()
+            .map(|plan| param_refs(plan, params))
+            .collect::<Result<Vec<_>, Error>>()?;
         let outputs = plans
             .iter()
             .map(|p| ArrayD::zeros(IxDyn(&p.output_shape)))
@@ -260,7 +246,27 @@ fn run_layer(
     result.map_err(|e| layer.error(e))
 }
 
-fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
+/// The parameters a layer's plan names, as the views its forward call takes.
+pub(crate) fn param_refs<'a>(
+    plan: &'a LayerPlan,
+    params: &'a ParamStore,
+) -> Result<Vec<ParamRef<'a>>, Error> {
+    plan.params
+        .iter()
+        .map(|p| {
+            let tensor = params.get(&p.stored_as).ok_or_else(|| Error::Param {
+                name: p.name.clone(),
+                message: "no value was loaded or initialized for it".to_string(),
+            })?;
+            Ok(ParamRef {
+                name: RStr::from_str(&p.local_name),
+                tensor: tensor_ref(tensor),
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
     TensorRef {
         shape: RSlice::from_slice(array.shape()),
         data: RSlice::from_slice(

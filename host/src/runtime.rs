@@ -5,15 +5,15 @@
 use std::time::Duration;
 
 use abi_stable::std_types::RSlice;
-use layer_api::abi::{LayerBox, LayerError};
+use layer_api::abi::{LayerBox, LayerError, TensorMut};
 use layer_api::Init;
 use ndarray::ArrayD;
 
 use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::params::{ParamInfo, ParamStore};
-use crate::registry::{LoadedPlugin, PluginRegistry};
-use crate::runner::Runner;
+use crate::registry::{self, LoadedPlugin, PluginRegistry};
+use crate::runner::{param_refs, tensor_ref, Runner};
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
@@ -37,6 +37,25 @@ pub struct Model {
 }
 
 impl ModelLayer {
+    /// Creates the layer called `name` from `plugin` with `config`.
+    pub fn new(
+        name: &str,
+        plugin: &'static LoadedPlugin,
+        config: &serde_json::Value,
+    ) -> Result<ModelLayer, Error> {
+        let object = plugin.create(config).map_err(|e| Error::Layer {
+            layer: name.to_string(),
+            plugin: plugin.name.clone(),
+            message: format!("invalid config {config}: {}", e.message),
+            panicked: e.panicked,
+        })?;
+        Ok(ModelLayer {
+            name: name.to_string(),
+            plugin,
+            object,
+        })
+    }
+
     pub(crate) fn error(&self, e: LayerError) -> Error {
         Error::Layer {
             layer: self.name.clone(),
@@ -60,7 +79,8 @@ impl ModelLayer {
         self.object.batch_independent()
     }
 
-    fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
+    /// The layer's output shape and parameters for an input of `input_shape`.
+    pub fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
         let output_shape = self
             .object
             .output_shape(RSlice::from_slice(input_shape))
@@ -102,6 +122,29 @@ impl ModelLayer {
             params,
         })
     }
+
+    /// Runs the layer once, on one thread, on `input` (of `plan.input_shape`,
+    /// standard layout), writing into `output`, which holds as many elements
+    /// as `plan.output_shape` says. Unlike a model's forward pass it leaves
+    /// `output` as it finds it before the call, so that `host check-plugin`
+    /// can see which elements the layer wrote.
+    pub fn forward_into(
+        &self,
+        plan: &LayerPlan,
+        input: &ArrayD<f32>,
+        params: &ParamStore,
+        output: &mut [f32],
+    ) -> Result<(), Error> {
+        let refs = param_refs(plan, params)?;
+        let output_view = TensorMut {
+            shape: RSlice::from_slice(&plan.output_shape),
+            data: output.into(),
+        };
+        self.object
+            .forward(tensor_ref(input), RSlice::from_slice(&refs), output_view)
+            .into_result()
+            .map_err(|e| self.error(e))
+    }
 }
 
 impl Model {
@@ -109,23 +152,17 @@ impl Model {
     pub fn load(spec: ModelSpec, registry: &PluginRegistry) -> Result<Model, Error> {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for layer in &spec.layers {
-            let plugin = registry
-                .resolve(&layer.plugin)
-                .map_err(|source| Error::Plugin {
-                    layer: layer.name.clone(),
-                    source: Box::new(source),
-                })?;
-            let object = plugin.create(&layer.config).map_err(|e| Error::Layer {
+            let plugin_error = |source| Error::Plugin {
                 layer: layer.name.clone(),
-                plugin: plugin.name.clone(),
-                message: format!("invalid config {}: {}", layer.config, e.message),
-                panicked: e.panicked,
-            })?;
-            layers.push(ModelLayer {
-                name: layer.name.clone(),
-                plugin,
-                object,
-            });
+                source: Box::new(source),
+            };
+            let path = registry.locate(&layer.plugin).map_err(plugin_error)?;
+            // Before loading: loading a library runs its code.
+            if let Some(pin) = &layer.sha256 {
+                crate::pin::verify(&layer.name, &path, pin)?;
+            }
+            let plugin = registry::load(&path, Some(&layer.plugin)).map_err(plugin_error)?;
+            layers.push(ModelLayer::new(&layer.name, plugin, &layer.config)?);
         }
         Ok(Model { spec, layers })
     }

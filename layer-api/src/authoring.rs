@@ -57,8 +57,11 @@ pub trait Layer: Sized + Send + Sync + 'static {
     /// True when output row `i` depends only on input row `i` (axis 0).
     fn batch_independent(&self) -> bool;
 
-    /// Computes `output` (already shaped as `output_shape` said, filled with
-    /// zeros) from `input` and the parameters.
+    /// Computes `output` (already shaped as `output_shape` said) from `input`
+    /// and the parameters. Write every element: the host hands over zeros,
+    /// but `host check-plugin` hands over a marker value and fails a layer
+    /// that leaves any of it, since that means the declared shape and the
+    /// computation disagree.
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,

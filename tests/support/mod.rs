@@ -151,6 +151,25 @@ pub fn uniform(shape: &[usize], seed: u64) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape matches")
 }
 
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// A temporary directory holding `m.json`, a model of `layers` (JSON array).
+pub fn model_with_layers(layers: &str) -> tempfile::TempDir {
+    temp_dir_with(&[("m.json", &format!(r#"{{"format": 1, "layers": {layers}}}"#))])
+}
+
+/// Runs the model `m.json` in `dir` on `input`.
+pub fn run_model(dir: &tempfile::TempDir, input: &str) -> Run {
+    host(&[
+        "run",
+        path_str(&dir.path().join("m.json")),
+        "--input",
+        input,
+    ])
+}
+
 /// A temporary directory holding `files` (name, contents).
 pub fn temp_dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,6 +1,9 @@
 //! `faulty`: a test plugin that passes its input through unchanged, except
 //! where its config tells it to fail. Tests use it to check that the host
-//! reports each failure, naming the layer, and keeps running.
+//! reports each failure, naming the layer, and keeps running, and that
+//! `host check-plugin` names the check each broken behaviour fails.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, Params};
 use serde::Deserialize;
@@ -17,6 +20,16 @@ pub enum Failure {
     /// Fails only on an input holding a negative value: a streamed run then
     /// fails in the chunk that has one, after earlier chunks were written.
     ErrorOnNegativeInput,
+    /// Declares one more feature than it writes.
+    WrongOutputShape,
+    /// Claims batch independence but adds the batch size to every element.
+    BatchDependent,
+    /// Panics in `forward` when the input has no elements.
+    PanicOnEmptyBatch,
+    /// Adds the number of calls made so far.
+    Nondeterministic,
+    /// Divides by zero.
+    InfiniteOutput,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,7 +59,11 @@ impl Layer for Faulty {
         if self.fail == Failure::PanicInShape {
             panic!("faulty: told to panic in output_shape");
         }
-        Ok(input_shape.to_vec())
+        let mut shape = input_shape.to_vec();
+        if self.fail == Failure::WrongOutputShape {
+            *shape.last_mut().ok_or("needs an input of rank 1 or more")? += 1;
+        }
+        Ok(shape)
     }
 
     fn batch_independent(&self) -> bool {
@@ -64,6 +81,35 @@ impl Layer for Faulty {
             Failure::ErrorInForward => Err("faulty: told to fail in forward".into()),
             Failure::ErrorOnNegativeInput if input.iter().any(|&v| v < 0.0) => {
                 Err("faulty: told to fail on a negative input".into())
+            }
+            Failure::WrongOutputShape => {
+                let features = input.shape().last().copied().unwrap_or(1).max(1);
+                let x = input.iter().collect::<Vec<_>>();
+                let mut y = output.iter_mut().collect::<Vec<_>>();
+                for (y_row, x_row) in y.chunks_mut(features + 1).zip(x.chunks(features)) {
+                    for (y, x) in y_row.iter_mut().zip(x_row) {
+                        **y = **x;
+                    }
+                }
+                Ok(())
+            }
+            Failure::BatchDependent => {
+                let rows = input.shape().first().copied().unwrap_or(1) as f32;
+                output.zip_mut_with(&input, |y, &x| *y = x + rows);
+                Ok(())
+            }
+            Failure::PanicOnEmptyBatch if input.is_empty() => {
+                panic!("faulty: told to panic on an empty batch")
+            }
+            Failure::Nondeterministic => {
+                static CALLS: AtomicU32 = AtomicU32::new(0);
+                let calls = CALLS.fetch_add(1, Ordering::Relaxed) as f32;
+                output.zip_mut_with(&input, |y, &x| *y = x + calls);
+                Ok(())
+            }
+            Failure::InfiniteOutput => {
+                output.zip_mut_with(&input, |y, &x| *y = x / 0.0);
+                Ok(())
             }
             _ => {
                 output.assign(&input);

@@ -1,0 +1,218 @@
+//! Pinning a layer to the exact plugin library it was tested with.
+//!
+//! A layer in the model file may carry `"sha256"`, the hex SHA-256 of its
+//! plugin's library file. The host hashes the file it found and compares
+//! before loading it, because loading a library already runs its code.
+//! `host lock` writes these pins into a model file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::atomic_file::write_atomically;
+use crate::model::ModelSpec;
+use crate::registry::{self, PluginRegistry};
+
+/// Why a pinned plugin was refused, or a pin could not be read or written.
+#[derive(Debug, Error)]
+pub enum PinError {
+    #[error(
+        "layer '{layer}': plugin library {} has sha256 {actual}, but the model pins {expected}; \
+         it was not loaded. If the new library is trusted, run `host lock` on the model \
+         to pin it",
+        .path.display()
+    )]
+    Mismatch {
+        layer: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "layer '{layer}': \"sha256\" must be 64 hex digits (the SHA-256 of the plugin library), \
+         got \"{value}\""
+    )]
+    Malformed { layer: String, value: String },
+    #[error("cannot hash {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The SHA-256 of a file, as 64 lowercase hex digits.
+pub fn sha256_file(path: &Path) -> Result<String, PinError> {
+    let read_error = |source| PinError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks a pin as written in a model file: 64 hex digits, either case.
+/// Returns it in lowercase, the form [`sha256_file`] gives.
+pub fn parse_pin(layer: &str, value: &str) -> Result<String, PinError> {
+    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err(PinError::Malformed {
+            layer: layer.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+/// Refuses `path` unless its hash is `expected` (already checked by
+/// [`parse_pin`]).
+pub fn verify(layer: &str, path: &Path, expected: &str) -> Result<(), PinError> {
+    let actual = sha256_file(path)?;
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(PinError::Mismatch {
+            layer: layer.to_string(),
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        })
+    }
+}
+
+/// One layer's pin as `host lock` wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPin {
+    pub layer: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    /// False when the model already held this pin.
+    pub changed: bool,
+}
+
+/// Resolves every layer's plugin (loading it, so that only real plugins of
+/// the right name are pinned) and writes the hash of each library into the
+/// model file as the layer's `"sha256"`. Everything else in the file keeps
+/// its keys, values and order; the file is re-indented with two spaces and
+/// replaced atomically.
+pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Vec<LayerPin>, crate::Error> {
+    let spec = ModelSpec::load(path)?;
+    let mut pins = Vec::with_capacity(spec.layers.len());
+    for layer in &spec.layers {
+        let plugin_error = |source| crate::Error::Plugin {
+            layer: layer.name.clone(),
+            source: Box::new(source),
+        };
+        let library = registry.locate(&layer.plugin).map_err(plugin_error)?;
+        registry::load(&library, Some(&layer.plugin)).map_err(plugin_error)?;
+        let sha256 = sha256_file(&library)?;
+        pins.push(LayerPin {
+            layer: layer.name.clone(),
+            changed: layer.sha256.as_deref() != Some(sha256.as_str()),
+            path: library,
+            sha256,
+        });
+    }
+    // ModelSpec::load read and validated this text a moment ago.
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut model: Value = serde_json::from_str(&text).map_err(|e| crate::Error::Model {
+        path: path.to_path_buf(),
+        message: format!("changed while being locked: {e}"),
+    })?;
+    let hashes: Vec<String> = pins.iter().map(|p| p.sha256.clone()).collect();
+    if write_pins(&mut model, &hashes) > 0 {
+        write_atomically(path, |w| {
+            serde_json::to_writer_pretty(&mut *w, &model)?;
+            w.write_all(b"\n")
+        })?;
+    }
+    Ok(pins)
+}
+
+/// Sets `"sha256"` on each layer object of a parsed model file, in layer
+/// order, leaving every other key where it was (serde_json keeps insertion
+/// order in this workspace; a new key goes last). Returns how many pins
+/// changed.
+pub fn write_pins(model: &mut Value, pins: &[String]) -> usize {
+    let Some(layers) = model.get_mut("layers").and_then(Value::as_array_mut) else {
+        return 0;
+    };
+    let mut changed = 0;
+    for (layer, pin) in layers.iter_mut().zip(pins) {
+        if let Some(object) = layer.as_object_mut() {
+            let new = Value::String(pin.clone());
+            if object.get("sha256") != Some(&new) {
+                object.insert("sha256".to_string(), new);
+                changed += 1;
+            }
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_known_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("abc");
+        std::fs::write(&path, b"abc").unwrap();
+        // FIPS 180-2, appendix B.1.
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn pins_must_be_64_hex_digits() {
+        let upper = "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD";
+        assert_eq!(parse_pin("0", upper).unwrap(), upper.to_ascii_lowercase());
+        for bad in ["", "abc", &"g".repeat(64), &"a".repeat(65)] {
+            let err = parse_pin("dense", bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("layer 'dense': \"sha256\" must be 64 hex"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn pins_go_last_in_each_layer_and_keep_the_other_keys_in_order() {
+        let mut model: Value = serde_json::from_str(
+            r#"{"format": 1, "layers": [{"type": "a", "name": "x", "config": {"z": 1, "a": 2}},
+                                       {"sha256": "old", "type": "b"}], "seed": 3}"#,
+        )
+        .unwrap();
+        let changed = write_pins(&mut model, &["1".repeat(64), "2".repeat(64)]);
+        assert_eq!(changed, 2);
+        let text = serde_json::to_string(&model).unwrap();
+        let expected = format!(
+            r#"{{"format":1,"layers":[{{"type":"a","name":"x","config":{{"z":1,"a":2}},"sha256":"{}"}},{{"sha256":"{}","type":"b"}}],"seed":3}}"#,
+            "1".repeat(64),
+            "2".repeat(64)
+        );
+        assert_eq!(text, expected);
+        assert_eq!(write_pins(&mut model, &["1".repeat(64), "2".repeat(64)]), 0);
+    }
+}
