@@ -21,8 +21,14 @@
 //!   computes a smaller output than it declared fails here; one that
 //!   computes a larger one fails with an error, since its writes do not fit.
 //! * `batch-independence`: where the plugin claims it, the declared output
-//!   has one row per input row, and the whole batch equals the rows run one
-//!   by one, bit for bit. Where it does not claim it, nothing is checked.
+//!   has one row per input row; the whole batch equals the batch run in two
+//!   pieces of two or more rows, bit for bit (that is how the host splits
+//!   batches across threads and streams them); and each row run alone equals
+//!   its row of the batch to within 1e-5 of the output's largest magnitude.
+//!   A lone row may differ in the last bits because matrix kernels take a
+//!   faster matrix-vector path for one row (the host never hands a layer a
+//!   one-row piece of a larger batch); the detail says whether it did. Where
+//!   the plugin does not claim independence, nothing is checked.
 //! * `deterministic`: the same input twice gives the same bits.
 //! * `threads`: four threads calling `forward` at once on one layer give the
 //!   same bits as one thread.
@@ -479,26 +485,66 @@ fn batch_independence(layer: &ModelLayer, probes: &[Probe], label: Option<&str>)
         return skip("claimed, but not run: no input of rank 2 or more was accepted and run");
     }
     let mut checked = 0;
+    let mut rows_exact = true;
     let mut result = Ok(());
     for (p, whole) in batched {
-        result =
-            row_by_row(layer, p, whole).map_err(|e| format!("input {:?}: {e}", p.plan.input_shape));
+        result = row_by_row(layer, p, whole)
+            .map(|exact| rows_exact &= exact)
+            .map_err(|e| format!("input {:?}: {e}", p.plan.input_shape));
         if result.is_err() {
             break;
         }
         checked += 1;
     }
+    let rows = if rows_exact {
+        "single rows bit for bit too"
+    } else {
+        "single rows within 1e-5 (a lone row rounds differently in the last bits)"
+    };
     check(
         "batch-independence",
         label,
-        result.map(|()| format!("whole batch equals row by row, {checked} input shapes")),
+        result.map(|()| {
+            format!("whole batch equals its pieces bit for bit, {rows}; {checked} input shapes")
+        }),
     )
 }
 
-/// The declared output has one row per input row, and running each input
-/// row alone gives the same bits as that row of `whole`, the output of the
-/// whole batch.
-fn row_by_row(layer: &ModelLayer, p: &Probe, whole: &[f32]) -> Result<(), String> {
+/// Runs rows `range` of the probe's input through `layer` on their own.
+fn run_rows(
+    layer: &ModelLayer,
+    p: &Probe,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<f32>, String> {
+    let mut shape = p.plan.input_shape.clone();
+    shape[0] = range.len();
+    let plan = layer
+        .plan(&shape)
+        .map_err(|e| format!("rows {range:?} {shape:?} were refused: {e}"))?;
+    if plan.output_shape[1..] != p.plan.output_shape[1..] {
+        return Err(format!(
+            "rows {range:?} {shape:?} declare output {:?}, but the batch declares {:?}",
+            plan.output_shape, p.plan.output_shape
+        ));
+    }
+    if plan.params != p.plan.params {
+        return Err(format!(
+            "rows {range:?} {shape:?} declare other parameters than the whole batch"
+        ));
+    }
+    let input = p
+        .input
+        .slice_axis(Axis(0), (range.start..range.end).into())
+        .to_owned();
+    run(layer, &plan, &p.params, &input).map_err(|e| format!("rows {range:?} alone: {e}"))
+}
+
+/// The declared output has one row per input row; the batch run in two
+/// pieces of at least two rows gives the same bits as `whole`, the output of
+/// the whole batch; each row run alone is within 1e-5 (relative to the
+/// largest magnitude) of its row of `whole`. Returns whether the single rows
+/// were bit-identical too.
+fn row_by_row(layer: &ModelLayer, p: &Probe, whole: &[f32]) -> Result<bool, String> {
     let rows = p.plan.input_shape[0];
     if p.plan.output_shape.first() != Some(&rows) {
         return Err(format!(
@@ -506,33 +552,37 @@ fn row_by_row(layer: &ModelLayer, p: &Probe, whole: &[f32]) -> Result<(), String
             p.plan.output_shape
         ));
     }
-    let whole = ArrayD::from_shape_vec(IxDyn(&p.plan.output_shape), whole.to_vec())
-        .expect("forward output has the declared shape");
-    let mut row_shape = p.plan.input_shape.clone();
-    row_shape[0] = 1;
-    let row_plan = layer
-        .plan(&row_shape)
-        .map_err(|e| format!("one row {row_shape:?} was refused: {e}"))?;
-    if row_plan.output_shape[1..] != p.plan.output_shape[1..] {
-        return Err(format!(
-            "one row {row_shape:?} declares output {:?}, but the batch declares {:?}",
-            row_plan.output_shape, p.plan.output_shape
-        ));
+    let per_row = whole.len() / rows.max(1);
+    if rows >= 4 {
+        let middle = rows / 2;
+        for range in [0..middle, middle..rows] {
+            let output = run_rows(layer, p, range.clone())?;
+            same_bits(&whole[range.start * per_row..range.end * per_row], &output).map_err(
+                |e| format!("rows {range:?} alone differ from those rows of the batch: {e}"),
+            )?;
+        }
     }
-    if row_plan.params != p.plan.params {
-        return Err(format!(
-            "one row {row_shape:?} declares other parameters than the whole batch"
-        ));
+    let scale = whole
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(1.0f32, |m, v| m.max(v.abs()));
+    let mut exact = true;
+    for i in 0..rows {
+        let output = run_rows(layer, p, i..i + 1)?;
+        let expected = &whole[i * per_row..(i + 1) * per_row];
+        exact &= same_bits(expected, &output).is_ok();
+        if let Some(k) = expected.iter().zip(&output).position(|(e, a)| {
+            let both_nan = e.is_nan() && a.is_nan();
+            let close = (e - a).abs() <= 1e-5 * scale; // false when one is NaN
+            !both_nan && e != a && !close
+        }) {
+            return Err(format!(
+                "row {i} alone differs from row {i} of the batch: element {k} is {} instead of {}",
+                output[k], expected[k]
+            ));
+        }
     }
-    for (i, row) in p.input.axis_iter(Axis(0)).enumerate() {
-        let row_input = row.insert_axis(Axis(0)).to_owned();
-        let output = run(layer, &row_plan, &p.params, &row_input)
-            .map_err(|e| format!("row {i} alone: {e}"))?;
-        let expected: Vec<f32> = whole.index_axis(Axis(0), i).iter().copied().collect();
-        same_bits(&expected, &output)
-            .map_err(|e| format!("row {i} alone differs from row {i} of the batch: {e}"))?;
-    }
-    Ok(())
+    Ok(exact)
 }
 
 /// One forward into an output filled with [`UNWRITTEN`].
