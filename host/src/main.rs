@@ -572,9 +572,10 @@ fn plugins(args: PluginDirs) -> Result<(), Error> {
             Err(e) => problems.push(e),
         }
     }
+    let mut listing = String::new();
     if rows.len() == 1 {
-        println!(
-            "no plugins found; searched: {}",
+        listing = format!(
+            "no plugins found; searched: {}\n",
             registry
                 .dirs()
                 .iter()
@@ -592,13 +593,14 @@ fn plugins(args: PluginDirs) -> Result<(), Error> {
                 .zip(&widths)
                 .map(|(cell, w)| format!("{cell:<w$}"))
                 .collect();
-            println!("{}", line.join("  ").trim_end());
+            listing.push_str(line.join("  ").trim_end());
+            listing.push('\n');
         }
     }
     for problem in problems {
         eprintln!("warning: skipped {problem}");
     }
-    Ok(())
+    print_stdout(&listing)
 }
 
 fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
@@ -610,20 +612,21 @@ fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
         .collect::<Result<Vec<_>, _>>()?;
     let path = conformance::locate(&args.plugin, &registry)?;
     let report = conformance::check_library(&path, &configs);
-    println!("{report}");
+    print_stdout(&format!("{report}\n"))?;
     report.into_result(&args.plugin).map(drop)
 }
 
 fn lock(args: LockArgs) -> Result<(), Error> {
     let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
+    let mut listing = String::new();
     for pin in pin::lock_model(&args.model, &registry)? {
-        println!(
-            "layer '{}': {} {} ({})",
+        listing.push_str(&format!(
+            "layer '{}': {} {} ({})\n",
             pin.layer,
             if pin.changed { "pinned" } else { "unchanged" },
             pin.sha256,
             pin.path.display()
-        );
+        ));
     }
-    Ok(())
+    print_stdout(&listing)
 }
