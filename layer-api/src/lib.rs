@@ -54,6 +54,11 @@ pub use authoring::{last_axis_features, Layer, NoConfig, ParamSpec, Params};
 pub use init::{FanMode, Init};
 pub use ndarray::{ArrayViewD, ArrayViewMutD};
 
+/// The `ndarray` the views are made of. Use it (`layer_api::ndarray::Ix2`)
+/// rather than a dependency of your own, which would have to be exactly the
+/// same version for the types to match.
+pub use ndarray;
+
 /// The version of this interface, as plugins and the host were built against
 /// it. Plugins built against an incompatible version are refused at load time.
 pub const INTERFACE_VERSION: &str = env!("CARGO_PKG_VERSION");

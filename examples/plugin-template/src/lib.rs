@@ -1,8 +1,8 @@
 //! `scale`: multiplies each feature (the last input axis) by its own learned
 //! factor, `y[..., i] = x[..., i] * factor[i]`.
 
+use layer_api::ndarray::Ix1;
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
-use ndarray::Ix1;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
