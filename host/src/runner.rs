@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RSlice, RStr};
-use layer_api::abi::{LayerError, ParamRef, TensorMut, TensorRef};
+use layer_api::abi::{LayerError, ParamRef, TensorRef};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::error::Error;
@@ -160,12 +160,7 @@ fn split(layer: &ModelLayer, plan: &LayerPlan, threads: usize) -> Vec<Piece> {
     if threads < 2 || rows < 2 || rows != out_rows || !layer.batch_independent() {
         return Vec::new();
     }
-    // Pieces have at least two rows: kernels may take a dedicated path for a
-    // single row whose rounding differs, and splitting must not change bits.
-    let flops = layer.flops(&plan.input_shape);
-    let pieces = threads
-        .min(rows / 2)
-        .min((flops / MIN_FLOPS_PER_THREAD).max(1) as usize);
+    let pieces = piece_count(rows, threads, layer.flops(&plan.input_shape));
     if pieces < 2 {
         return Vec::new();
     }
@@ -190,6 +185,16 @@ fn split(layer: &ModelLayer, plan: &LayerPlan, threads: usize) -> Vec<Piece> {
         .collect()
 }
 
+/// How many pieces a batch of `rows` rows is cut into for `threads`
+/// threads when the layer does `flops` operations on it. Pieces have at
+/// least two rows: kernels may take a dedicated path for a single row whose
+/// rounding differs, and splitting must not change bits.
+fn piece_count(rows: usize, threads: usize, flops: u64) -> usize {
+    threads
+        .min(rows / 2)
+        .min((flops / MIN_FLOPS_PER_THREAD).max(1) as usize)
+}
+
 fn run_layer(
     layer: &ModelLayer,
     plan: &LayerPlan,
@@ -200,20 +205,7 @@ fn run_layer(
     pool: Option<&rayon::ThreadPool>,
 ) -> Result<(), Error> {
     let call = |in_shape: &[usize], x: &[f32], out_shape: &[usize], y: &mut [f32]| {
-        layer
-            .object()
-            .forward(
-                TensorRef {
-                    shape: RSlice::from_slice(in_shape),
-                    data: RSlice::from_slice(x),
-                },
-                RSlice::from_slice(params),
-                TensorMut {
-                    shape: RSlice::from_slice(out_shape),
-                    data: y.into(),
-                },
-            )
-            .into_result()
+        layer.call_forward(in_shape, x, params, out_shape, y)
     };
     let result = match pool {
         Some(pool) if !pieces.is_empty() => {
@@ -266,7 +258,7 @@ pub(crate) fn param_refs<'a>(
         .collect()
 }
 
-pub(crate) fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
+fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
     TensorRef {
         shape: RSlice::from_slice(array.shape()),
         data: RSlice::from_slice(
@@ -280,4 +272,24 @@ pub(crate) fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
 /// The number of threads to use when the user does not say: every core.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_split_only_with_enough_rows_and_work() {
+        // The 784 -> 1024 layer at 16 rows, as tests/threads.rs runs it: split.
+        assert_eq!(piece_count(16, 2, 2 * 16 * 784 * 1024), 2);
+        // Never a one-row piece, never more pieces than threads.
+        assert_eq!(piece_count(3, 2, u64::MAX), 1);
+        assert_eq!(piece_count(4, 2, u64::MAX), 2);
+        assert_eq!(piece_count(1000, 2, u64::MAX), 2);
+        assert_eq!(piece_count(1000, 1, u64::MAX), 1);
+        // The seed MLP's first layer at batch 64 is too little work.
+        assert_eq!(piece_count(64, 2, 2 * 64 * 64 * 8), 1);
+        // Unknown work (0 FLOPs) is not split.
+        assert_eq!(piece_count(1000, 2, 0), 1);
+    }
 }

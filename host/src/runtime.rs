@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use abi_stable::std_types::RSlice;
-use layer_api::abi::{LayerBox, LayerError, TensorMut};
+use layer_api::abi::{LayerBox, LayerError, ParamRef, TensorMut, TensorRef};
 use layer_api::Init;
 use ndarray::ArrayD;
 
@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{self, LoadedPlugin, PluginRegistry};
-use crate::runner::{param_refs, tensor_ref, Runner};
+use crate::runner::{param_refs, Runner};
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
@@ -63,10 +63,6 @@ impl ModelLayer {
             message: e.message.into_string(),
             panicked: e.panicked,
         }
-    }
-
-    pub(crate) fn object(&self) -> &LayerBox {
-        &self.object
     }
 
     /// Floating-point operations of one forward pass (0: the layer does not say).
@@ -136,14 +132,35 @@ impl ModelLayer {
         output: &mut [f32],
     ) -> Result<(), Error> {
         let refs = param_refs(plan, params)?;
-        let output_view = TensorMut {
-            shape: RSlice::from_slice(&plan.output_shape),
-            data: output.into(),
-        };
-        self.object
-            .forward(tensor_ref(input), RSlice::from_slice(&refs), output_view)
-            .into_result()
+        let input = input.as_standard_layout();
+        let data = input.as_slice().expect("standard layout is contiguous");
+        self.call_forward(&plan.input_shape, data, &refs, &plan.output_shape, output)
             .map_err(|e| self.error(e))
+    }
+
+    /// One `forward` call through the plugin boundary, on row-major data:
+    /// the single place the host lends tensors to a layer.
+    pub(crate) fn call_forward(
+        &self,
+        input_shape: &[usize],
+        input: &[f32],
+        params: &[ParamRef<'_>],
+        output_shape: &[usize],
+        output: &mut [f32],
+    ) -> Result<(), LayerError> {
+        self.object
+            .forward(
+                TensorRef {
+                    shape: RSlice::from_slice(input_shape),
+                    data: RSlice::from_slice(input),
+                },
+                RSlice::from_slice(params),
+                TensorMut {
+                    shape: RSlice::from_slice(output_shape),
+                    data: output.into(),
+                },
+            )
+            .into_result()
     }
 }
 
