@@ -68,9 +68,11 @@ fn check_plugin_passes_the_shipped_plugins() {
             ("finite-output", "PASS"),
         ],
     );
-    // At real sizes mydense's single-row path rounds differently in the last
-    // bits (numpy's float64 sits between the two); pieces of two or more rows,
-    // the only pieces the host makes, still match bit for bit.
+    // At real sizes the kernel may take a single-row path that rounds a lone
+    // row differently in the last bits, or may not: that depends on the CPU
+    // (AVX2 machines differ, AVX-512 ones have given identical bits). What
+    // must hold everywhere: pieces of two or more rows, the only pieces the
+    // host makes, match bit for bit, and single rows are within 1e-5.
     let run = host(&[
         "check-plugin",
         "mydense",
@@ -78,11 +80,18 @@ fn check_plugin_passes_the_shipped_plugins() {
         r#"{"units": 1024, "in_units": 784}"#,
     ]);
     let stdout = run.ok();
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("batch-independence"))
+        .unwrap_or_else(|| panic!("no batch-independence line in:\n{stdout}"));
     assert!(
-        stdout.contains(
-            "PASS batch-independence     whole batch equals its pieces bit for bit, single rows \
-             within 1e-5"
+        line.starts_with(
+            "PASS batch-independence     whole batch equals its pieces bit for bit, single rows "
         ),
+        "{stdout}"
+    );
+    assert!(
+        line.contains("single rows bit for bit too") || line.contains("single rows within 1e-5"),
         "{stdout}"
     );
 
