@@ -1,38 +1,38 @@
-//! The authoring face: what a plugin writer implements ([`Layer`]) and the
-//! adapter that the export macro puts between it and the binary interface.
+//! The authoring face: what a plugin writer implements and the types a layer
+//! sees. Two traits, one for each kind of layer:
+//!
+//! * [`Layer`]: one `float32` tensor in, one out: most layers. A plugin
+//!   implements it and exports it with [`export_layer!`](crate::export_layer).
+//! * [`MultiLayer`]: several named inputs and outputs, any element types,
+//!   optional inputs. Every [`Layer`] is a [`MultiLayer`] with one input
+//!   called `input` and one output called `output`.
 
 use std::any::Any;
-use std::cell::{Cell, RefCell};
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::Once;
 
-use abi_stable::{
-    library::{CheckTypeLayout, LibHeader, RootModuleResult},
-    prefix_type::PrefixTypeTrait,
-    sabi_trait::TD_Opaque,
-    std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec},
-};
 use ndarray::{ArrayView, ArrayViewD, ArrayViewMutD, Dimension, IxDyn};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::abi::{
-    LayerBox, LayerError, LayerObject, LayerObject_TO, ParamDecl, ParamRef, PluginModule,
-    PluginModuleRef, TensorMut, TensorRef,
-};
+use crate::abi::{DType, ParamDecl, ParamRef, TensorMut, TensorRef};
 use crate::init::Init;
 
-/// A neural-network layer, as a plugin author writes it.
+/// Read-only data a layer derives once from its parameters (see
+/// [`Layer::prepare`]); `forward` finds it with [`Params::prepared`].
+pub type Prepared = Box<dyn Any + Send + Sync>;
+
+/// A neural-network layer with one `float32` input and one `float32` output,
+/// as a plugin author writes it.
 ///
 /// The host calls `output_shape` and `params` before any computation, with
 /// the shape of the input the layer will see, allocates the output and the
 /// parameters, and then calls `forward`. Errors are plain messages: say what
 /// is wrong and what would be right; the host adds which layer and plugin.
 /// A panic is caught at the boundary and reported as an error too.
+///
+/// The layer's name is its crate's library name (`mydense` for
+/// `libmydense.so`): the export macro writes it, so it cannot disagree with
+/// the file.
 pub trait Layer: Sized + Send + Sync + 'static {
-    /// The name models use for this layer (`"mydense"`); it must match the
-    /// library's file name (`libmydense.so`).
-    const NAME: &'static str;
     /// One line saying what the layer computes.
     const DESCRIPTION: &'static str;
     /// The layer's config, deserialized from the model file's `"config"`
@@ -47,9 +47,8 @@ pub trait Layer: Sized + Send + Sync + 'static {
     /// The output shape for `input_shape`, or why that input is not valid.
     fn output_shape(&self, input_shape: &[usize]) -> Result<Vec<usize>, String>;
 
-    /// The parameters this layer needs for `input_shape`, in the order
-    /// `forward` will find them. The host creates, initializes, loads and
-    /// saves them.
+    /// The parameters this layer needs for `input_shape`. The host creates,
+    /// initializes, loads and saves them.
     fn params(&self, _input_shape: &[usize]) -> Result<Vec<ParamSpec>, String> {
         Ok(Vec::new())
     }
@@ -60,8 +59,7 @@ pub trait Layer: Sized + Send + Sync + 'static {
     /// Computes `output` (already shaped as `output_shape` said) from `input`
     /// and the parameters. Write every element: the host hands over zeros,
     /// but `host check-plugin` hands over a marker value and fails a layer
-    /// that leaves any of it, since that means the declared shape and the
-    /// computation disagree.
+    /// that leaves any of it.
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
@@ -73,6 +71,275 @@ pub trait Layer: Sized + Send + Sync + 'static {
     /// (multiply and add count as two), for benchmarks; 0 means unknown.
     fn flops(&self, _input_shape: &[usize]) -> u64 {
         0
+    }
+
+    /// Derives read-only data from the parameters once per parameter set
+    /// (prepacked or folded weights, an FFT plan); every later `forward`
+    /// finds it with [`Params::prepared`], on any thread. It must not depend
+    /// on the batch size (axis 0 of `input_shape`): the host may use it for
+    /// other batch sizes. `None`: nothing to prepare.
+    fn prepare(
+        &self,
+        _input_shape: &[usize],
+        _params: &Params<'_>,
+    ) -> Result<Option<Prepared>, String> {
+        Ok(None)
+    }
+}
+
+/// A layer with several named inputs and outputs of any element type.
+///
+/// The host asks for the [`Signature`] once, then calls `plan` with the
+/// element type and shape of every input (in the signature's order; `None`
+/// for an optional input left out) before any computation, allocates each
+/// output as the plan says, and calls `forward`.
+pub trait MultiLayer: Sized + Send + Sync + 'static {
+    /// One line saying what the layer computes.
+    const DESCRIPTION: &'static str;
+    /// As [`Layer::Config`].
+    type Config: DeserializeOwned;
+
+    /// Validates the config and builds the layer.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// The layer's inputs (with the element types each accepts) and outputs.
+    fn signature(&self) -> Signature;
+
+    /// Each output's element type and shape (in the signature's order) and
+    /// the parameters, for inputs described by `inputs`, or why those inputs
+    /// are not valid. The host has checked each present input's element type
+    /// against the signature.
+    fn plan(&self, inputs: &[Option<TensorInfo>]) -> Result<Plan, String>;
+
+    /// True when row `i` of every output depends only on row `i` of every
+    /// input (axis 0).
+    fn batch_independent(&self) -> bool;
+
+    /// Inputs for `host check-plugin` to run the layer on. Layers whose one
+    /// input is a float tensor may leave this empty and let the checker
+    /// try shapes; others should say, including the valid range of integer
+    /// inputs (an index tensor's `[0, rows)`).
+    fn probes(&self) -> Vec<Probe> {
+        Vec::new()
+    }
+
+    /// Computes every output (each already shaped as `plan` said) from the
+    /// inputs and the parameters. Write every element of every output.
+    fn forward(
+        &self,
+        inputs: &Inputs<'_>,
+        params: &Params<'_>,
+        outputs: &mut Outputs<'_>,
+    ) -> Result<(), String>;
+
+    /// As [`Layer::flops`].
+    fn flops(&self, _inputs: &[Option<TensorInfo>]) -> u64 {
+        0
+    }
+
+    /// As [`Layer::prepare`].
+    fn prepare(
+        &self,
+        _inputs: &[Option<TensorInfo>],
+        _params: &Params<'_>,
+    ) -> Result<Option<Prepared>, String> {
+        Ok(None)
+    }
+}
+
+/// The name of a one-input layer's input.
+pub const INPUT: &str = "input";
+/// The name of a one-output layer's output.
+pub const OUTPUT: &str = "output";
+
+impl<L: Layer> MultiLayer for L {
+    const DESCRIPTION: &'static str = L::DESCRIPTION;
+    type Config = L::Config;
+
+    fn new(config: Self::Config) -> Result<Self, String> {
+        L::new(config)
+    }
+
+    fn signature(&self) -> Signature {
+        Signature::new().input(INPUT, [DType::F32]).output(OUTPUT)
+    }
+
+    fn plan(&self, inputs: &[Option<TensorInfo>]) -> Result<Plan, String> {
+        let shape = &single_input(inputs)?.shape;
+        let output = self.output_shape(shape)?;
+        Ok(Plan::new([TensorInfo::new(DType::F32, output)]).params(self.params(shape)?))
+    }
+
+    fn batch_independent(&self) -> bool {
+        Layer::batch_independent(self)
+    }
+
+    fn forward(
+        &self,
+        inputs: &Inputs<'_>,
+        params: &Params<'_>,
+        outputs: &mut Outputs<'_>,
+    ) -> Result<(), String> {
+        let input = inputs.get::<f32>(INPUT)?;
+        let output = outputs.take::<f32>(OUTPUT)?;
+        Layer::forward(self, input, params, output)
+    }
+
+    fn flops(&self, inputs: &[Option<TensorInfo>]) -> u64 {
+        single_input(inputs).map_or(0, |x| Layer::flops(self, &x.shape))
+    }
+
+    fn prepare(
+        &self,
+        inputs: &[Option<TensorInfo>],
+        params: &Params<'_>,
+    ) -> Result<Option<Prepared>, String> {
+        Layer::prepare(self, &single_input(inputs)?.shape, params)
+    }
+}
+
+fn single_input(inputs: &[Option<TensorInfo>]) -> Result<&TensorInfo, String> {
+    match inputs {
+        [Some(x)] => Ok(x),
+        _ => Err(format!(
+            "takes exactly one input, `{INPUT}`; the host passed {}",
+            inputs.len()
+        )),
+    }
+}
+
+/// A tensor's element type and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> TensorInfo {
+        TensorInfo {
+            dtype,
+            shape: shape.into(),
+        }
+    }
+}
+
+/// One input of a [`Signature`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputPort {
+    pub name: String,
+    pub optional: bool,
+    /// Accepted element types, preferred first.
+    pub dtypes: Vec<DType>,
+}
+
+/// A layer's named inputs and outputs, built with [`Signature::input`],
+/// [`Signature::optional_input`] and [`Signature::output`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Signature {
+    pub inputs: Vec<InputPort>,
+    pub outputs: Vec<String>,
+}
+
+impl Signature {
+    pub fn new() -> Signature {
+        Signature::default()
+    }
+
+    /// A required input accepting `dtypes` (preferred first).
+    pub fn input(mut self, name: &str, dtypes: impl Into<Vec<DType>>) -> Signature {
+        self.inputs.push(InputPort {
+            name: name.to_string(),
+            optional: false,
+            dtypes: dtypes.into(),
+        });
+        self
+    }
+
+    /// An input the layer can run without (a mask).
+    pub fn optional_input(mut self, name: &str, dtypes: impl Into<Vec<DType>>) -> Signature {
+        self.inputs.push(InputPort {
+            name: name.to_string(),
+            optional: true,
+            dtypes: dtypes.into(),
+        });
+        self
+    }
+
+    pub fn output(mut self, name: &str) -> Signature {
+        self.outputs.push(name.to_string());
+        self
+    }
+}
+
+/// What a layer will do for given inputs: its outputs and parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub outputs: Vec<TensorInfo>,
+    pub params: Vec<ParamSpec>,
+}
+
+impl Plan {
+    /// Outputs in the signature's order.
+    pub fn new(outputs: impl Into<Vec<TensorInfo>>) -> Plan {
+        Plan {
+            outputs: outputs.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// The parameters, in the order `forward` finds them.
+    pub fn params(mut self, params: Vec<ParamSpec>) -> Plan {
+        self.params = params;
+        self
+    }
+}
+
+/// How `host check-plugin` makes one input of a [`Probe`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeInput {
+    pub shape: Vec<usize>,
+    /// `None`: each element type the input accepts, in turn.
+    pub dtype: Option<DType>,
+    /// For integer inputs: values are drawn from `[low, high)`.
+    pub range: (i64, i64),
+}
+
+impl ProbeInput {
+    /// An input of `shape`, of each accepted element type in turn.
+    pub fn new(shape: impl Into<Vec<usize>>) -> ProbeInput {
+        ProbeInput {
+            shape: shape.into(),
+            dtype: None,
+            range: (0, 2),
+        }
+    }
+
+    /// Only this element type.
+    pub fn dtype(mut self, dtype: DType) -> ProbeInput {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// Integer values from `[low, high)`.
+    pub fn range(mut self, low: i64, high: i64) -> ProbeInput {
+        self.range = (low, high);
+        self
+    }
+}
+
+/// Inputs for `host check-plugin`: one per declared input, in the
+/// signature's order, `None` to leave an optional input out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub inputs: Vec<Option<ProbeInput>>,
+}
+
+impl Probe {
+    pub fn new(inputs: impl Into<Vec<Option<ProbeInput>>>) -> Probe {
+        Probe {
+            inputs: inputs.into(),
+        }
     }
 }
 
@@ -107,7 +374,8 @@ pub fn last_axis_features(
 pub struct NoConfig {}
 
 /// A parameter declaration: name, shape, default initializer and the fans
-/// that scale the Xavier and Kaiming initializers.
+/// that scale the Xavier and Kaiming initializers. Parameters are
+/// `float32`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
     name: String,
@@ -136,10 +404,19 @@ impl ParamSpec {
         self
     }
 
-    fn into_decl(self) -> ParamDecl {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub(crate) fn into_decl(self) -> ParamDecl {
         let (fan_in, fan_out) = self.fans.unwrap_or_else(|| default_fans(&self.shape));
         ParamDecl {
             name: self.name.into(),
+            dtype: DType::F32,
             shape: self.shape.into(),
             fan_in,
             fan_out,
@@ -159,17 +436,183 @@ fn default_fans(shape: &[usize]) -> (usize, usize) {
     }
 }
 
+/// An element type a tensor may hold.
+pub trait Element: Copy + Send + Sync + 'static + sealed::Sealed {
+    const DTYPE: DType;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t {
+            const DTYPE: DType = DType::$d;
+        }
+    )*};
+}
+
+element!(
+    f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16,
+    i64 => I64, i32 => I32, u8 => U8, bool => BOOL,
+);
+
+/// Checks `bytes` hold exactly `shape`'s elements of `T`, aligned, and (for
+/// `bool`) only 0 and 1; returns the element count.
+fn check_elements<T: Element>(shape: &[usize], bytes: &[u8]) -> Result<usize, String> {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| {
+            n.checked_mul(std::mem::size_of::<T>()) == Some(bytes.len())
+                && isize::try_from(bytes.len()).is_ok()
+        })
+        .ok_or_else(|| {
+            format!(
+                "tensor of shape {shape:?} does not match its {} bytes of {}",
+                bytes.len(),
+                T::DTYPE
+            )
+        })?;
+    if bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 && count > 0 {
+        return Err(format!("{} tensor data is not aligned", T::DTYPE));
+    }
+    if T::DTYPE == DType::BOOL && bytes.iter().any(|&b| b > 1) {
+        return Err("a bool tensor holds a byte other than 0 or 1".into());
+    }
+    Ok(count)
+}
+
+fn view<'a, T: Element>(t: &TensorRef<'a>) -> Result<ArrayViewD<'a, T>, String> {
+    if t.dtype != T::DTYPE {
+        return Err(format!("is {}, not {}", t.dtype, T::DTYPE));
+    }
+    let shape = t.shape.as_slice();
+    let bytes: &'a [u8] = t.data.as_slice();
+    check_elements::<T>(shape, bytes)?;
+    // SAFETY: `bytes` is live for 'a and holds exactly as many aligned,
+    // valid `T` as the shape has (checked above), in C order as the
+    // boundary's contract says. (ndarray's checked constructor costs more
+    // than a batch-1 layer's whole boundary crossing should.)
+    Ok(unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), bytes.as_ptr().cast::<T>()) })
+}
+
+fn view_mut<'a, T: Element>(
+    shape: &'a [usize],
+    bytes: &'a mut [u8],
+) -> Result<ArrayViewMutD<'a, T>, String> {
+    check_elements::<T>(shape, bytes)?;
+    // SAFETY: as in `view`; the bytes are borrowed mutably, so the view is
+    // the only access to them, and every byte pattern a `T` view can write
+    // is one the host reads back as that dtype.
+    Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), bytes.as_mut_ptr().cast::<T>()) })
+}
+
+/// The inputs lent to one `forward` call, found by the names the signature
+/// gave them.
+pub struct Inputs<'a> {
+    names: &'a [String],
+    items: &'a [TensorRef<'a>],
+}
+
+impl<'a> Inputs<'a> {
+    pub(crate) fn new(names: &'a [String], items: &'a [TensorRef<'a>]) -> Inputs<'a> {
+        Inputs { names, items }
+    }
+
+    fn find(&self, name: &str) -> Result<&TensorRef<'a>, String> {
+        let index = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| format!("the layer's signature has no input `{name}`"))?;
+        self.items
+            .get(index)
+            .ok_or_else(|| format!("the host passed no input `{name}`"))
+    }
+
+    /// The element type of input `name` (`None`: an optional input left out).
+    pub fn dtype(&self, name: &str) -> Result<Option<DType>, String> {
+        let t = self.find(name)?;
+        Ok((t.dtype != DType::ABSENT).then_some(t.dtype))
+    }
+
+    /// Input `name` as a view of `T`s.
+    pub fn get<T: Element>(&self, name: &str) -> Result<ArrayViewD<'a, T>, String> {
+        self.optional(name)?
+            .ok_or_else(|| format!("required input `{name}` was left out"))
+    }
+
+    /// Optional input `name`, or `None` if it was left out.
+    pub fn optional<T: Element>(&self, name: &str) -> Result<Option<ArrayViewD<'a, T>>, String> {
+        let t = self.find(name)?;
+        if t.dtype == DType::ABSENT {
+            return Ok(None);
+        }
+        view(t).map(Some).map_err(|e| format!("input `{name}` {e}"))
+    }
+}
+
+/// The outputs of one `forward` call, each taken once by name.
+pub struct Outputs<'a> {
+    names: &'a [String],
+    items: Vec<Option<TensorMut<'a>>>,
+}
+
+impl<'a> Outputs<'a> {
+    pub(crate) fn new(names: &'a [String], items: Vec<Option<TensorMut<'a>>>) -> Outputs<'a> {
+        Outputs { names, items }
+    }
+
+    /// Output `name` as a mutable view of `T`s (the type its plan gave).
+    /// Each output can be taken once per call.
+    pub fn take<T: Element>(&mut self, name: &str) -> Result<ArrayViewMutD<'a, T>, String> {
+        let index = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| format!("the layer's signature has no output `{name}`"))?;
+        let t = self
+            .items
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("output `{name}` was already taken, or not lent"))?;
+        if t.dtype != T::DTYPE {
+            return Err(format!(
+                "output `{name}` is {}, not {} (as the plan said)",
+                t.dtype,
+                T::DTYPE
+            ));
+        }
+        view_mut(t.shape.as_slice(), t.data.into_mut_slice())
+            .map_err(|e| format!("output `{name}`: {e}"))
+    }
+}
+
 /// The parameters lent to one `forward` call, found by the names the layer
-/// declared.
+/// declared, and what `prepare` derived from them.
 pub struct Params<'a> {
     items: &'a [ParamRef<'a>],
+    prepared: Option<&'a (dyn Any + Send + Sync)>,
 }
 
 impl<'a> Params<'a> {
     /// Lends `items` to a layer called directly, in-process, rather than
     /// through the plugin boundary (a benchmark linking a layer statically).
     pub fn new(items: &'a [ParamRef<'a>]) -> Params<'a> {
-        Params { items }
+        Params {
+            items,
+            prepared: None,
+        }
+    }
+
+    pub(crate) fn with_prepared(
+        items: &'a [ParamRef<'a>],
+        prepared: Option<&'a (dyn Any + Send + Sync)>,
+    ) -> Params<'a> {
+        Params { items, prepared }
     }
 
     /// The parameter `name` as a view of dimension `D` (`Ix1`, `Ix2`, `IxDyn`…).
@@ -179,417 +622,75 @@ impl<'a> Params<'a> {
             .iter()
             .find(|p| p.name.as_str() == name)
             .ok_or_else(|| format!("the host passed no parameter `{name}`"))?;
-        let view = tensor_view(item.tensor)
-            .map_err(|e| format!("parameter `{name}`: {e}"))?
+        let shape = item.tensor.shape.as_slice();
+        view::<f32>(&item.tensor)
+            .map_err(|e| format!("parameter `{name}` {e}"))?
             .into_dimensionality::<D>()
             .map_err(|_| {
-                format!(
-                    "parameter `{name}` has shape {:?}, not the rank the layer expects",
-                    item.tensor.shape.as_slice()
-                )
-            })?;
-        Ok(view)
-    }
-}
-
-fn tensor_view(t: TensorRef<'_>) -> Result<ArrayViewD<'_, f32>, String> {
-    let (shape, data) = (t.shape.as_slice(), t.data.as_slice());
-    check_len(shape, data.len())?;
-    // SAFETY: `data` is a live slice of exactly as many elements as the
-    // shape has (checked above), laid out in C order as the boundary's
-    // contract says; the view borrows it for no longer than `t` lends it.
-    // (ndarray's checked constructor costs more than a batch-1 layer's
-    // whole boundary crossing should.)
-    Ok(unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), data.as_ptr()) })
-}
-
-fn tensor_view_mut(t: TensorMut<'_>) -> Result<ArrayViewMutD<'_, f32>, String> {
-    let shape = t.shape.as_slice();
-    let data = t.data.into_mut_slice();
-    check_len(shape, data.len())?;
-    // SAFETY: as in `tensor_view`; the slice is borrowed mutably, so the
-    // view is the only access to it.
-    Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), data.as_mut_ptr()) })
-}
-
-/// Checks that a tensor of `shape` has exactly `len` elements.
-fn check_len(shape: &[usize], len: usize) -> Result<(), String> {
-    match shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
-        Some(n) if n == len && isize::try_from(n).is_ok() => Ok(()),
-        _ => Err(format!(
-            "tensor of shape {shape:?} does not match its {len} elements"
-        )),
-    }
-}
-
-/// Sits between a [`Layer`] and the trait object the host calls: converts
-/// views and catches panics.
-struct Adapter<L> {
-    layer: L,
-}
-
-impl<L: Layer> LayerObject for Adapter<L> {
-    fn output_shape(&self, input_shape: RSlice<'_, usize>) -> RResult<RVec<usize>, LayerError> {
-        guard(|| {
-            self.layer
-                .output_shape(input_shape.as_slice())
-                .map(RVec::from)
-        })
-    }
-
-    fn param_decls(&self, input_shape: RSlice<'_, usize>) -> RResult<RVec<ParamDecl>, LayerError> {
-        guard(|| {
-            let specs = self.layer.params(input_shape.as_slice())?;
-            Ok(specs.into_iter().map(ParamSpec::into_decl).collect())
-        })
-    }
-
-    fn batch_independent(&self) -> bool {
-        // A panic here cannot be reported through a `bool`; claiming nothing
-        // is the safe answer.
-        matches!(guard(|| Ok(self.layer.batch_independent())), ROk(true))
-    }
-
-    fn forward(
-        &self,
-        input: TensorRef<'_>,
-        params: RSlice<'_, ParamRef<'_>>,
-        output: TensorMut<'_>,
-    ) -> RResult<(), LayerError> {
-        guard(|| {
-            let input = tensor_view(input).map_err(|e| format!("input: {e}"))?;
-            let output = tensor_view_mut(output).map_err(|e| format!("output: {e}"))?;
-            let params = Params {
-                items: params.as_slice(),
-            };
-            self.layer.forward(input, &params, output)
-        })
-    }
-
-    fn flops(&self, input_shape: RSlice<'_, usize>) -> u64 {
-        // Only a benchmark figure: a failure here means "unknown".
-        guard(|| Ok(self.layer.flops(input_shape.as_slice()))).unwrap_or(0)
-    }
-}
-
-fn create_layer<L: Layer>(config_json: RStr<'_>) -> RResult<LayerBox, LayerError> {
-    guard(|| {
-        let config = parse_config::<L::Config>(config_json.as_str())?;
-        let layer = L::new(config)?;
-        Ok(LayerObject_TO::from_value(Adapter { layer }, TD_Opaque))
-    })
-}
-
-extern "C" fn create_layer_extern<L: Layer>(
-    config_json: RStr<'_>,
-) -> RResult<LayerBox, LayerError> {
-    create_layer::<L>(config_json)
-}
-
-/// Parses a layer config, refusing fields the config type does not know even
-/// when its author forgot `deny_unknown_fields`.
-fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, String> {
-    let mut unknown = Vec::new();
-    let mut de = serde_json::Deserializer::from_str(json);
-    let config: C = serde_ignored::deserialize(&mut de, |path| unknown.push(path.to_string()))
-        .map_err(|e| without_position(&e))?;
-    if !unknown.is_empty() {
-        return Err(format!("unknown config field `{}`", unknown.join("`, `")));
-    }
-    Ok(config)
-}
-
-/// serde_json appends "at line 1 column 17" to its messages; the config text
-/// the plugin sees was re-serialized by the host, so that position means
-/// nothing to the user.
-fn without_position(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" at line ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
-}
-
-thread_local! {
-    /// True while this thread runs plugin code under [`guard`].
-    static CAPTURING: Cell<bool> = const { Cell::new(false) };
-    /// The message and location of the last panic caught under [`guard`].
-    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Installs, once, a panic hook that records panics raised under [`guard`]
-/// instead of printing them; the host prints them, naming the layer. Panics
-/// elsewhere go to the hook that was there before.
-fn install_panic_hook() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = panic::take_hook();
-        panic::set_hook(Box::new(move |info| {
-            if CAPTURING.with(Cell::get) {
-                let text = info.to_string().replace('\n', " ");
-                LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
-            } else {
-                previous(info);
-            }
-        }));
-    });
-}
-
-/// Runs plugin code, turning an `Err` into a [`LayerError`] and a panic into
-/// one marked `panicked`, so that nothing unwinds into the host.
-fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, LayerError> {
-    install_panic_hook();
-    let was_capturing = CAPTURING.with(|c| c.replace(true));
-    let result = panic::catch_unwind(AssertUnwindSafe(f));
-    CAPTURING.with(|c| c.set(was_capturing));
-    match result {
-        Ok(Ok(value)) => ROk(value),
-        Ok(Err(message)) => RErr(LayerError {
-            panicked: false,
-            message: message.into(),
-        }),
-        Err(payload) => {
-            let message = LAST_PANIC
-                .with(|p| p.borrow_mut().take())
-                .unwrap_or_else(|| format!("panicked: {}", payload_text(payload.as_ref())));
-            RErr(LayerError {
-                panicked: true,
-                message: RString::from(message),
+                format!("parameter `{name}` has shape {shape:?}, not the rank the layer expects")
             })
-        }
     }
-}
 
-fn payload_text(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-text payload".to_string()
+    /// What [`Layer::prepare`] returned for these parameters, as a `T`.
+    pub fn prepared<T: Any>(&self) -> Result<&'a T, String> {
+        self.prepared
+            .ok_or("nothing was prepared for these parameters")?
+            .downcast_ref::<T>()
+            .ok_or_else(|| {
+                format!(
+                    "the prepared data is not a {}",
+                    std::any::type_name::<T>()
+                )
+            })
     }
-}
-
-/// Ties a [`Layer`] type to its crate's version; implemented by
-/// [`export_layer!`].
-#[doc(hidden)]
-pub trait Export {
-    type Layer: Layer;
-    const VERSION: &'static str;
-}
-
-/// The root module of the plugin that exports `E::Layer`.
-#[doc(hidden)]
-pub fn plugin_module<E: Export>() -> PluginModuleRef {
-    PluginModule {
-        name: RStr::from_str(<E::Layer as Layer>::NAME),
-        version: RStr::from_str(E::VERSION),
-        description: RStr::from_str(<E::Layer as Layer>::DESCRIPTION),
-        create: create_layer_extern::<E::Layer>,
-    }
-    .leak_into_prefix()
-}
-
-extern "C" fn load_root_module<E: Export>() -> RootModuleResult {
-    abi_stable::library::__call_root_module_loader(plugin_module::<E>)
-}
-
-/// The header `abi_stable` looks for in a plugin library.
-#[doc(hidden)]
-pub const fn lib_header<E: Export>() -> LibHeader {
-    // SAFETY: the constructor returns the module built by `plugin_module`,
-    // which is a `PluginModuleRef`, the type named here.
-    unsafe {
-        LibHeader::from_constructor::<PluginModuleRef>(load_root_module::<E>, CheckTypeLayout::Yes)
-    }
-}
-
-/// Exports a [`Layer`] type as this library's plugin. Use it once per plugin
-/// crate, whose `Cargo.toml` sets `crate-type = ["cdylib", "rlib"]`.
-///
-/// The export is a symbol of one fixed name (the one `abi_stable` looks
-/// up), so two plugin crates linked into one program as rlibs define it
-/// twice and the link fails. A plugin crate that declares a cargo feature
-/// `static` and is built with it leaves the symbol out: the layer can then
-/// be linked into a program with others and called directly, but that build
-/// is no plugin. The `cfg` below is evaluated in the plugin crate, so it
-/// sees the plugin's own features.
-#[macro_export]
-macro_rules! export_layer {
-    ($layer:ty) => {
-        #[doc(hidden)]
-        pub struct __LayerPluginExport;
-
-        impl $crate::__private::Export for __LayerPluginExport {
-            type Layer = $layer;
-            const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-        }
-
-        // The symbol name is the one `abi_stable` looks up
-        // (`abi_stable::library::ROOT_MODULE_LOADER_NAME`). Plugin crates
-        // need not declare a `static` feature: the allow spares those that
-        // do not a warning about an unknown feature.
-        #[allow(unexpected_cfgs)]
-        const _: () = {
-            #[cfg(not(feature = "static"))]
-            #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
-            static LAYER_PLUGIN_HEADER: $crate::__private::LibHeader =
-                $crate::__private::lib_header::<__LayerPluginExport>();
-        };
-    };
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use abi_stable::std_types::RSlice;
-    use ndarray::{Ix1, Ix2};
 
-    #[test]
-    fn the_export_symbol_is_the_one_abi_stable_looks_up() {
-        let source = include_str!("authoring.rs");
-        let expected = format!(
-            "export_name = \"{}\"",
-            abi_stable::library::ROOT_MODULE_LOADER_NAME
-        );
-        assert!(source.contains(&expected), "macro must use {expected}");
+    fn f32_ref<'a>(shape: &'a [usize], data: &'a [f32]) -> TensorRef<'a> {
+        TensorRef {
+            dtype: DType::F32,
+            shape: RSlice::from_slice(shape),
+            data: RSlice::from_slice(bytemuck_f32(data)),
+        }
+    }
+
+    fn bytemuck_f32(data: &[f32]) -> &[u8] {
+        // SAFETY: any f32 is 4 initialized bytes.
+        unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), std::mem::size_of_val(data)) }
     }
 
     #[test]
     fn views_refuse_a_shape_that_does_not_match_the_data() {
         let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let view = |shape: &[usize], len: usize| {
-            tensor_view(TensorRef {
-                shape: RSlice::from_slice(shape),
-                data: RSlice::from_slice(&data[..len]),
-            })
-            .map(|v| v.to_owned())
-        };
-        let ok = view(&[2, 3], 6).unwrap();
+        let ok = view::<f32>(&f32_ref(&[2, 3], &data)).unwrap().to_owned();
         assert_eq!(ok[[1, 0]], 4.0, "C order: row 1 starts at the fourth value");
-        let err = view(&[2, 3], 5).unwrap_err();
-        assert!(
-            err.contains("shape [2, 3] does not match its 5 elements"),
-            "{err}"
-        );
-        assert!(view(&[usize::MAX, 2], 6).is_err(), "an overflowing shape");
-        assert!(view(&[0, 3], 0).unwrap().is_empty());
-    }
-
-    #[derive(Deserialize)]
-    struct LooseConfig {
-        units: usize,
-    }
-
-    /// y = x * scale, where `scale` is a parameter; panics on empty input.
-    struct Scale {
-        units: usize,
-    }
-
-    impl Layer for Scale {
-        const NAME: &'static str = "scale";
-        const DESCRIPTION: &'static str = "test layer";
-        type Config = LooseConfig;
-
-        fn new(config: LooseConfig) -> Result<Self, String> {
-            if config.units == 0 {
-                return Err("`units` must be at least 1".into());
-            }
-            Ok(Scale {
-                units: config.units,
-            })
-        }
-        fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String> {
-            Ok(input.to_vec())
-        }
-        fn params(&self, _input: &[usize]) -> Result<Vec<ParamSpec>, String> {
-            Ok(vec![ParamSpec::new("scale", [self.units], Init::Ones)])
-        }
-        fn batch_independent(&self) -> bool {
-            true
-        }
-        fn forward(
-            &self,
-            input: ArrayViewD<'_, f32>,
-            params: &Params<'_>,
-            mut output: ArrayViewMutD<'_, f32>,
-        ) -> Result<(), String> {
-            assert!(!input.is_empty(), "empty input");
-            let scale = params.get::<Ix1>("scale")?;
-            output.zip_mut_with(&input, |y, &x| *y = x * scale[0]);
-            Ok(())
-        }
-    }
-
-    fn create(json: &str) -> RResult<LayerBox, LayerError> {
-        create_layer::<Scale>(RStr::from_str(json))
-    }
-
-    fn create_err(json: &str) -> LayerError {
-        match create(json) {
-            ROk(_) => panic!("{json} should be refused"),
-            RErr(e) => e,
-        }
+        let err = view::<f32>(&f32_ref(&[2, 3], &data[..5])).unwrap_err();
+        assert!(err.contains("shape [2, 3] does not match its 20 bytes"), "{err}");
+        assert!(view::<f32>(&f32_ref(&[usize::MAX, 2], &data)).is_err());
+        assert!(view::<f32>(&f32_ref(&[0, 3], &[])).unwrap().is_empty());
+        let err = view::<i64>(&f32_ref(&[2, 3], &data)).unwrap_err();
+        assert_eq!(err, "is float32, not int64");
     }
 
     #[test]
-    fn unknown_config_fields_are_refused_even_without_deny_unknown_fields() {
-        let err = create_err(r#"{"units": 2, "unit": 3}"#);
-        assert_eq!(err.message.as_str(), "unknown config field `unit`");
-        assert!(!err.panicked);
-        let err = create_err(r#"{}"#);
-        assert_eq!(err.message.as_str(), "missing field `units`");
-        let err = create_err(r#"{"units": 0}"#);
-        assert_eq!(err.message.as_str(), "`units` must be at least 1");
-    }
-
-    #[test]
-    fn forward_runs_through_the_trait_object_and_panics_become_errors() {
-        let layer = create(r#"{"units": 1}"#).unwrap();
-        let decls = layer.param_decls(RSlice::from_slice(&[3])).unwrap();
-        assert_eq!(decls.len(), 1);
-        assert_eq!(decls[0].name.as_str(), "scale");
-        assert_eq!(decls[0].init.as_str(), "\"ones\"");
-        assert_eq!((decls[0].fan_in, decls[0].fan_out), (1, 1));
-
-        let x = [1.0f32, 2.0, 3.0];
-        let w = [2.0f32];
-        let mut y = [0.0f32; 3];
-        let params = [ParamRef {
-            name: RStr::from_str("scale"),
-            tensor: TensorRef {
-                shape: RSlice::from_slice(&[1]),
-                data: RSlice::from_slice(&w),
-            },
-        }];
-        let input = TensorRef {
+    fn bool_views_refuse_bytes_other_than_zero_and_one() {
+        let bytes = [0u8, 1, 2];
+        let t = TensorRef {
+            dtype: DType::BOOL,
             shape: RSlice::from_slice(&[3]),
-            data: RSlice::from_slice(&x),
+            data: RSlice::from_slice(&bytes),
         };
-        let output = TensorMut {
-            shape: RSlice::from_slice(&[3]),
-            data: (&mut y[..]).into(),
+        assert!(view::<bool>(&t).unwrap_err().contains("other than 0 or 1"));
+        let ok = TensorRef {
+            data: RSlice::from_slice(&bytes[..2]),
+            shape: RSlice::from_slice(&[2]),
+            ..t
         };
-        layer
-            .forward(input, RSlice::from_slice(&params), output)
-            .unwrap();
-        assert_eq!(y, [2.0, 4.0, 6.0]);
-
-        let empty = TensorRef {
-            shape: RSlice::from_slice(&[0]),
-            data: RSlice::from_slice(&[]),
-        };
-        let mut nothing: [f32; 0] = [];
-        let output = TensorMut {
-            shape: RSlice::from_slice(&[0]),
-            data: (&mut nothing[..]).into(),
-        };
-        let err = layer
-            .forward(empty, RSlice::from_slice(&params), output)
-            .unwrap_err();
-        assert!(err.panicked);
-        assert!(err.message.as_str().contains("empty input"), "{err:?}");
-        assert!(err.message.as_str().contains("authoring.rs"), "{err:?}");
+        assert_eq!(view::<bool>(&ok).unwrap().iter().copied().collect::<Vec<_>>(), [false, true]);
     }
 
     #[test]
@@ -612,9 +713,9 @@ mod tests {
         assert_eq!(default_fans(&[5]), (5, 5));
         assert_eq!(default_fans(&[8, 64]), (64, 8));
         assert_eq!(default_fans(&[4, 3, 2, 2]), (12, 16));
-        let p = ParamSpec::new("w", [64, 8], Init::Zeros).fans(64, 8);
-        let d = p.into_decl();
-        assert_eq!((d.fan_in, d.fan_out), (64, 8));
-        let _: Option<ArrayView<'_, f32, Ix2>> = None;
+        let d = ParamSpec::new("w", [64, 8], Init::Zeros)
+            .fans(64, 8)
+            .into_decl();
+        assert_eq!((d.fan_in, d.fan_out, d.dtype), (64, 8, DType::F32));
     }
 }

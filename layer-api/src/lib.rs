@@ -2,21 +2,24 @@
 //!
 //! It has two faces:
 //!
-//! * [`abi`]: what crosses the shared-library boundary. Built on `abi_stable`:
-//!   a root module every plugin exports ([`abi::PluginModule`]), a layer trait
-//!   object ([`abi::LayerBox`]) and `#[repr(C)]` tensor views. No `std`
-//!   collections, `ndarray` or `serde` types cross the line. The host is the
-//!   only user of this face.
+//! * [`abi`]: what crosses the shared-library boundary: interface 1.x, a
+//!   manifest the host reads from the file before opening it ([`manifest`])
+//!   and a versioned table of functions whose 1.0 core is frozen and whose
+//!   later entries are only appended. The host is the only user of this
+//!   face.
 //! * The authoring face, re-exported at the crate root: a plain trait
-//!   ([`Layer`]) over `ndarray` views with a `serde` config type, and one macro
-//!   ([`export_layer!`]) that turns a type implementing it into a plugin. A
-//!   plugin is a short file with no `unsafe` and no `abi_stable` names.
+//!   ([`Layer`], one `float32` tensor in and out; [`MultiLayer`] for several
+//!   named inputs and outputs of any element type) over `ndarray` views with
+//!   a `serde` config type, and one macro ([`export_layer!`]) that turns a
+//!   type implementing it into a plugin. A plugin is a short file with no
+//!   `unsafe` and no `abi_stable` names. [`testing`] runs a layer in a plain
+//!   `cargo test`.
 //!
-//! The host owns all memory. It asks a layer for its output shape and its
-//! parameter declarations before any computation, allocates the output and the
-//! parameters itself, and lends them to the layer for one `forward` call.
+//! The host owns all memory. It asks a layer for its outputs and its
+//! parameter declarations before any computation, allocates the outputs and
+//! the parameters itself, and lends them to the layer for one `forward` call.
 //!
-//! A minimal plugin:
+//! A minimal plugin (the crate `negate`, so the layer is called `negate`):
 //!
 //! ```
 //! use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params};
@@ -24,7 +27,6 @@
 //! pub struct Negate;
 //!
 //! impl Layer for Negate {
-//!     const NAME: &'static str = "negate";
 //!     const DESCRIPTION: &'static str = "y = -x";
 //!     type Config = NoConfig;
 //!
@@ -47,10 +49,17 @@
 //! ```
 
 pub mod abi;
+mod adapter;
 mod authoring;
 mod init;
+pub mod manifest;
+pub mod testing;
 
-pub use authoring::{last_axis_features, Layer, NoConfig, ParamSpec, Params};
+pub use abi::DType;
+pub use authoring::{
+    last_axis_features, Element, InputPort, Inputs, Layer, MultiLayer, NoConfig, Outputs,
+    ParamSpec, Params, Plan, Prepared, Probe, ProbeInput, Signature, TensorInfo, INPUT, OUTPUT,
+};
 pub use init::{FanMode, Init};
 pub use ndarray::{ArrayViewD, ArrayViewMutD};
 
@@ -59,13 +68,18 @@ pub use ndarray::{ArrayViewD, ArrayViewMutD};
 /// same version for the types to match.
 pub use ndarray;
 
-/// The version of this interface, as plugins and the host were built against
-/// it. Plugins built against an incompatible version are refused at load time.
-pub const INTERFACE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The `half` crate, whose `f16` and `bf16` are the element types of
+/// `float16` and `bfloat16` tensors.
+pub use half;
+
+/// The version of this crate, recorded in each plugin's manifest for
+/// information. Compatibility is decided by the interface version
+/// ([`abi::ABI_MAJOR`], [`abi::ABI_MINOR`]), not by this.
+pub const LAYER_API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the export macro expands to; not part of the public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::authoring::{lib_header, plugin_module, Export};
-    pub use abi_stable::library::LibHeader;
+    pub use crate::adapter::{plugin_table, OFFERS};
+    pub use crate::manifest::{build_manifest, ManifestParts};
 }
