@@ -234,7 +234,15 @@ fn plugins_lists_each_plugin_with_its_identity() {
             .filter(|f| !f.is_empty())
             .collect();
         assert_eq!(fields[1], "0.1.0", "{line}");
-        assert_eq!(fields[2], layer_api::INTERFACE_VERSION, "{line}");
+        assert_eq!(
+            fields[2],
+            format!(
+                "{}.{}",
+                layer_api::abi::ABI_MAJOR,
+                layer_api::abi::ABI_MINOR
+            ),
+            "{line}"
+        );
         assert_eq!(fields[3], description, "{line}");
         assert_eq!(
             fields[4],

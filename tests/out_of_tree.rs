@@ -87,12 +87,17 @@ fn a_plugin_built_outside_the_workspace_runs_in_the_host() {
         .map(str::trim)
         .filter(|f| !f.is_empty())
         .collect();
+    let interface = format!(
+        "{}.{}",
+        layer_api::abi::ABI_MAJOR,
+        layer_api::abi::ABI_MINOR
+    );
     assert_eq!(
         fields,
         [
             "scale",
             "0.1.0",
-            layer_api::INTERFACE_VERSION,
+            interface.as_str(),
             "y = x * factor, one factor per feature",
             path_str(&installed),
         ]

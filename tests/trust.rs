@@ -854,7 +854,11 @@ fn a_plugin_built_against_an_incompatible_layer_api_is_refused_with_both_version
         }
         host_fails(&args)
     };
-    let host_version = layer_api::INTERFACE_VERSION;
+    let host_version = format!(
+        "{}.{}",
+        layer_api::abi::ABI_MAJOR,
+        layer_api::abi::ABI_MINOR
+    );
 
     // A newer, incompatible interface version.
     let newer = build_stale_plugin(|api| {

@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::params::{sample, ParamStore};
 use crate::runner::Runner;
 use crate::runtime::{LayerPlan, Model};
+use crate::tensor::Tensor;
 
 /// Timing of one layer.
 #[derive(Debug, Clone, Serialize)]
@@ -54,11 +55,12 @@ pub fn bench(
     model: &Model,
     plans: &[LayerPlan],
     params: &ParamStore,
-    input: &ArrayD<f32>,
+    input: &Tensor,
     threads: usize,
     min_time: Duration,
 ) -> Result<BenchReport, Error> {
     let mut runner = Runner::new(model, plans, params, threads)?;
+    let input = input.clone().into_standard();
     for _ in 0..3 {
         runner.run(input.view())?;
     }
@@ -80,7 +82,7 @@ pub fn bench(
             plugin: layer.plugin.name.clone(),
             output_shape: plan.output_shape.clone(),
             seconds: median(times),
-            flops: layer.flops(&plan.input_shape),
+            flops: layer.flops(plan),
         })
         .collect();
     Ok(BenchReport {
@@ -91,6 +93,10 @@ pub fn bench(
         seconds: median(&mut totals),
         flops: layers.iter().map(|l| l.flops).sum(),
         layers,
+    })
+    .and_then(|report| {
+        runner.close()?;
+        Ok(report)
     })
 }
 

@@ -150,6 +150,8 @@ mod tests {
         let mut plans: Vec<LayerPlan> = ["0", "1", "2"]
             .iter()
             .map(|l| LayerPlan {
+                inputs: Vec::new(),
+                outputs: Vec::new(),
                 input_shape: vec![2, 4],
                 output_shape: vec![2, 4],
                 params: vec![param(l, "weight", &[4, 4]), param(l, "bias", &[4])],

@@ -51,6 +51,7 @@ use crate::error::Error;
 use crate::params::ParamStore;
 use crate::registry::{self, library_file_name, LoadedPlugin, PluginRegistry};
 use crate::runtime::{LayerPlan, ModelLayer};
+use crate::tensor::Tensor;
 
 /// A NaN with a payload no arithmetic produces: an output element still
 /// holding these bits after `forward` was not written.
@@ -179,7 +180,7 @@ pub fn check_library(path: &Path, configs: &[Value]) -> Report {
         path: path.to_path_buf(),
         checks: Vec::new(),
     };
-    let plugin = match registry::load(path, None) {
+    let plugin = match registry::load(path, None, None) {
         Ok(plugin) => plugin,
         Err(e) => {
             report
@@ -242,11 +243,12 @@ fn identity(path: &Path, plugin: &LoadedPlugin) -> Result<String, String> {
         return Err("the plugin declares an empty version".to_string());
     }
     Ok(format!(
-        "{} {}, interface {} (this host speaks {}): {}",
+        "{} {}, interface {} (this host speaks {}.{}): {}",
         plugin.name,
         plugin.version,
         plugin.interface_version,
-        layer_api::INTERFACE_VERSION,
+        layer_api::abi::ABI_MAJOR,
+        layer_api::abi::ABI_MINOR,
         plugin.description
     ))
 }
@@ -254,9 +256,12 @@ fn identity(path: &Path, plugin: &LoadedPlugin) -> Result<String, String> {
 fn bad_config_refused(plugin: &LoadedPlugin) -> Result<String, String> {
     let config: Value = serde_json::from_str(BAD_CONFIG).expect("valid JSON");
     match plugin.create(&config) {
-        Ok(_) => Err(format!(
-            "{BAD_CONFIG} was accepted; unknown fields must be errors"
-        )),
+        Ok(handle) => {
+            let _ = (plugin.core.drop_layer)(handle);
+            Err(format!(
+                "{BAD_CONFIG} was accepted; unknown fields must be errors"
+            ))
+        }
         Err(e) if e.panicked => Err(format!(
             "{BAD_CONFIG} made the plugin panic instead of returning an error: {}",
             e.message
@@ -592,12 +597,18 @@ fn run(
     params: &ParamStore,
     input: &ArrayD<f32>,
 ) -> Result<Vec<f32>, String> {
-    let elements: usize = plan.output_shape.iter().product();
-    let mut output = vec![f32::from_bits(UNWRITTEN); elements];
-    layer
-        .forward_into(plan, input, params, &mut output)
+    let input = Tensor::F32(input.clone());
+    let outputs = layer
+        .run_once(plan, &[Some(&input)], params, |t| {
+            if let Tensor::F32(a) = t {
+                a.fill(f32::from_bits(UNWRITTEN));
+            }
+        })
         .map_err(|e| e.to_string())?;
-    Ok(output)
+    match outputs.into_iter().next() {
+        Some(Tensor::F32(a)) => Ok(a.into_iter().collect()),
+        _ => Err("the layer did not produce one float32 output".to_string()),
+    }
 }
 
 fn same_bits(expected: &[f32], actual: &[f32]) -> Result<(), String> {

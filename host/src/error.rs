@@ -59,6 +59,11 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error("the forward pass was prepared for {expected} input, not {found}")]
+    InputDtype {
+        expected: layer_api::DType,
+        found: layer_api::DType,
+    },
     #[error("cannot start worker threads: {0}")]
     Threads(String),
     #[error(transparent)]

@@ -27,6 +27,7 @@ pub mod registry;
 pub mod runner;
 pub mod runtime;
 pub mod stream;
+pub mod tensor;
 pub mod trace;
 
 pub use error::Error;

@@ -12,9 +12,11 @@ use host::npy::NpyRowReader;
 use host::param_file::ParamFile;
 use host::params::ParamStore;
 use host::registry::PluginRegistry;
-use host::runtime::Model;
+use host::runtime::{Model, TensorSpec};
+use host::tensor::Tensor;
 use host::trace::LayerTrace;
 use host::{conformance, npy, pin, print, stream, Error};
+use layer_api::DType;
 
 #[derive(Parser)]
 #[command(
@@ -269,7 +271,10 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
     let mut input = NpyRowReader::open(&args.input).map_err(npy_error)?;
     let model = Model::load(spec, &registry)?;
-    let plans = model.plan(input.shape())?;
+    // The input is read as float32 and converted to the element type the
+    // first layer takes.
+    let first_dtype = model.input_dtype(DType::F32);
+    let plans = model.plan_typed(TensorSpec::new(first_dtype, input.shape()))?;
     let params = load_params(
         &model,
         &plans,
@@ -277,11 +282,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
         args.allow_unused_params,
     )?;
     let threads = args.threads.max(1);
-    let trace = |layer: &host::runtime::ModelLayer, output: &ndarray::ArrayD<f32>, elapsed| {
+    let trace = |layer: &host::runtime::ModelLayer, output: &Tensor, elapsed| {
         if args.trace {
             eprintln!(
                 "{}",
-                LayerTrace::new(&layer.name, &layer.plugin.name, output, elapsed)
+                LayerTrace::of_tensor(&layer.name, &layer.plugin.name, output, elapsed)
             );
         }
     };
@@ -289,11 +294,19 @@ fn run(args: RunArgs) -> Result<(), Error> {
         if args.batch_size.is_some() {
             eprintln!("note: --batch-size does not apply: {reason}, so the whole input is processed at once");
         }
-        let input = input.into_array().map_err(npy_error)?;
+        let input = Tensor::F32(input.into_array().map_err(npy_error)?)
+            .convert(first_dtype)
+            .map_err(|message| Error::Model {
+                path: args.model.clone(),
+                message: format!("the input {}: {message}", args.input.display()),
+            })?;
         let output = model.forward_observed(&plans, &params, &input, threads, trace)?;
+        // Every layer object is dropped before anything is written: a panic
+        // in a layer's `Drop` fails the run with the output untouched.
+        model.close()?;
         return match &args.output {
-            Some(path) => write_atomically(path, |w| npy::write_f32(w, &output)),
-            None => print_stdout(&format!("{}\n", print::format_array(&output))),
+            Some(path) => write_atomically(path, |w| npy::write_tensor(w, &output)),
+            None => print_stdout(&format!("{}\n", print::format_tensor(&output))),
         };
     }
 
@@ -340,6 +353,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
             run_chunks(&mut input, &mut |values| {
                 npy.write(values).map_err(|e| write_error(path, e))
             })?;
+            // Before the output is committed: see the whole-input case.
+            model.close()?;
             npy.finish().map_err(|e| write_error(path, e)).map(|_| ())
         }),
         None => {
@@ -348,6 +363,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
                 values.extend_from_slice(chunk);
                 Ok(())
             })
+            .and_then(|()| model.close())
             .and_then(|()| {
                 let output = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&output_shape), values)
                     .expect("the chunks hold every row of the output");
@@ -440,7 +456,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             })?,
     };
     let model = Model::load(spec, &registry)?;
-    let input = host::bench::random_input(&[args.batch, features]);
+    let input = Tensor::F32(host::bench::random_input(&[args.batch, features]));
     let plans = model.plan(input.shape())?;
     let params = load_params(&model, &plans, args.params.as_ref(), false)?;
     let report = host::bench::bench(
@@ -563,10 +579,10 @@ fn plugins(args: PluginDirs) -> Result<(), Error> {
     for (path, loaded) in found {
         match loaded {
             Ok(p) => rows.push([
-                p.name.clone(),
-                p.version.clone(),
-                p.interface_version.clone(),
-                p.description.clone(),
+                p.manifest.name.clone(),
+                p.manifest.version.clone(),
+                format!("{}.{}", p.manifest.abi.0, p.manifest.abi.1),
+                p.manifest.description.clone(),
                 path.display().to_string(),
             ]),
             Err(e) => problems.push(e),

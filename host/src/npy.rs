@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use thiserror::Error;
 
@@ -472,6 +473,40 @@ pub fn write_f32(writer: &mut (impl Write + ?Sized), array: &ArrayD<f32>) -> std
     let standard = array.as_standard_layout();
     npy.write(standard.as_slice().expect("standard layout is contiguous"))?;
     npy.finish().map(|_| ())
+}
+
+/// Writes a tensor as a little-endian, C-order `.npy` (format 1.0) of its
+/// own element type. numpy has no bfloat16: those are written as float32,
+/// which holds every bfloat16 value exactly.
+pub fn write_tensor(writer: &mut (impl Write + ?Sized), tensor: &Tensor) -> std::io::Result<()> {
+    let descr = match tensor {
+        Tensor::F32(a) => return write_f32(writer, a),
+        Tensor::BF16(a) => return write_f32(writer, &a.mapv(f32::from)),
+        Tensor::F64(_) => "<f8",
+        Tensor::F16(_) => "<f2",
+        Tensor::I64(_) => "<i8",
+        Tensor::I32(_) => "<i4",
+        Tensor::U8(_) => "|u1",
+        Tensor::Bool(_) => "|b1",
+    };
+    let shape = tensor.shape();
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = match dims.as_slice() {
+        [one] => format!("({one},)"),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    // Magic (6) + version (2) + length (2) + header + newline, to a multiple of 64.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    writer.write_all(b"\x93NUMPY\x01\x00")?;
+    writer.write_all(&(header.len() as u16).to_le_bytes())?;
+    writer.write_all(header.as_bytes())?;
+    // x86-64 is little-endian: the elements' bytes are already '<'.
+    let standard = tensor.clone().into_standard();
+    writer.write_all(standard.bytes())
 }
 
 /// Writes a little-endian, C-order f32 `.npy` (format 1.0) whose shape is

@@ -119,8 +119,12 @@ pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Vec<LayerPin
             source: Box::new(source),
         };
         let library = registry.locate(&layer.plugin).map_err(plugin_error)?;
-        registry::load(&library, Some(&layer.plugin)).map_err(plugin_error)?;
-        let sha256 = sha256_file(&library)?;
+        // Loading checks the manifest; the pin is the hash of the very bytes
+        // that were checked and loaded.
+        let sha256 = registry::load(&library, Some(&layer.plugin), None)
+            .map_err(plugin_error)?
+            .sha256
+            .clone();
         pins.push(LayerPin {
             layer: layer.name.clone(),
             changed: layer.sha256.as_deref() != Some(sha256.as_str()),

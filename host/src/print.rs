@@ -5,6 +5,8 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis};
 
+use crate::tensor::Tensor;
+
 const LINE_WIDTH: usize = 75;
 const PRECISION: usize = 8;
 /// Arrays with more elements than this are summarized.
@@ -24,6 +26,79 @@ pub fn format_array(array: &ArrayD<f32>) -> String {
     let mut out = String::new();
     format_axis(&view, &format, summarize, 0, &mut out);
     out
+}
+
+/// Formats a tensor of any element type: floats as numpy prints them
+/// (through float32 for float16, bfloat16 and float64 alike, at float32's
+/// shortest digits), integers as integers, booleans as `True`/`False`, with
+/// the same brackets and summarization.
+pub fn format_tensor(tensor: &Tensor) -> String {
+    match tensor {
+        Tensor::F32(a) => format_array(a),
+        Tensor::F64(_) | Tensor::F16(_) | Tensor::BF16(_) => {
+            format_array(&tensor.to_f64().mapv(|v| v as f32))
+        }
+        Tensor::Bool(a) => format_plain(&a.view(), &|v: &u8| {
+            if *v != 0 { "True" } else { "False" }.to_string()
+        }),
+        Tensor::I64(a) => format_plain(&a.view(), &|v: &i64| v.to_string()),
+        Tensor::I32(a) => format_plain(&a.view(), &|v: &i32| v.to_string()),
+        Tensor::U8(a) => format_plain(&a.view(), &|v: &u8| v.to_string()),
+    }
+}
+
+/// Integers and booleans, right-aligned in columns of the widest value.
+fn format_plain<T>(array: &ArrayViewD<'_, T>, show: &dyn Fn(&T) -> String) -> String {
+    if array.ndim() == 0 {
+        return array.iter().next().map(show).unwrap_or_default();
+    }
+    let summarize = array.len() > THRESHOLD;
+    let width = array.iter().map(|v| show(v).len()).max().unwrap_or(1);
+    let mut out = String::new();
+    plain_axis(array, show, width, summarize, 0, &mut out);
+    out
+}
+
+fn plain_axis<T>(
+    view: &ArrayViewD<'_, T>,
+    show: &dyn Fn(&T) -> String,
+    width: usize,
+    summarize: bool,
+    depth: usize,
+    out: &mut String,
+) {
+    out.push('[');
+    let n = view.shape()[0];
+    let indices: Vec<Option<usize>> = if summarize && n > 2 * EDGE_ITEMS {
+        (0..EDGE_ITEMS)
+            .map(Some)
+            .chain([None])
+            .chain((n - EDGE_ITEMS..n).map(Some))
+            .collect()
+    } else {
+        (0..n).map(Some).collect()
+    };
+    for (k, index) in indices.iter().enumerate() {
+        if k > 0 {
+            if view.ndim() == 1 {
+                out.push(' ');
+            } else {
+                out.push_str(&"\n".repeat(view.ndim() - 1));
+                out.push_str(&" ".repeat(depth + 1));
+            }
+        }
+        match index {
+            None => out.push_str("..."),
+            Some(i) if view.ndim() == 1 => {
+                out.push_str(&format!("{:>width$}", show(&view[[*i]])));
+            }
+            Some(i) => {
+                let sub = view.index_axis(Axis(0), *i);
+                plain_axis(&sub, show, width, summarize, depth + 1, out);
+            }
+        }
+    }
+    out.push(']');
 }
 
 /// Formats a shape as Python writes a tuple (`(2, 64)`, `(8,)`, `()`), with

@@ -1,13 +1,18 @@
-//! Finding plugin libraries by layer name, loading them once, and checking
-//! that they speak this host's interface version before trusting them.
+//! Finding plugin libraries by layer name, reading their manifests without
+//! running their code, and loading each once, from the very bytes that were
+//! checked (and hashed, for a pinned layer).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use abi_stable::library::{AbiHeaderRef, LibraryError, ROOT_MODULE_LOADER_NAME_WITH_NUL};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+
+use abi_stable::abi_stability::abi_checking::check_layout_compatibility;
 use abi_stable::std_types::RStr;
-use layer_api::abi::{LayerBox, LayerError, PluginModuleRef};
+use layer_api::abi::{self, CoreTable, LayerError, LayerHandle, PluginTable, TableRef};
+use layer_api::manifest::Manifest;
 use thiserror::Error;
 
 /// The environment variable holding extra plugin directories, colon-separated.
@@ -32,41 +37,75 @@ pub enum PluginError {
         searched: Vec<PathBuf>,
         found: Vec<String>,
     },
+    #[error("cannot read {}: {reason}", .path.display())]
+    Read { path: PathBuf, reason: String },
     #[error("{}: not a loadable shared library: {reason}", .path.display())]
     NotALibrary { path: PathBuf, reason: String },
     #[error(
-        "{}: a shared library, but not a layer plugin (it exports no layer-api root module)",
-        .path.display()
+        "{}: a shared library, but not a layer plugin: it carries no plugin manifest (symbol \
+         {}); it was not opened",
+        .path.display(), abi::MANIFEST_SYMBOL
     )]
-    NotAPlugin { path: PathBuf },
+    NoManifest { path: PathBuf },
+    #[error("{}: {reason}; it was not opened", .path.display())]
+    BadManifest { path: PathBuf, reason: String },
     #[error(
-        "{}: built against layer-api interface {plugin_version}, but this host speaks \
-         {host_version}{note}; rebuild the plugin against layer-api {host_version} \
-         (--verbose shows the full report)",
-        .path.display()
+        "{}: built for layer interface {}.{}, but this host speaks {}.{}; rebuild the plugin \
+         against layer-api {}.x",
+        .path.display(), .plugin.0, .plugin.1, abi::ABI_MAJOR, abi::ABI_MINOR, abi::ABI_MAJOR
     )]
-    Incompatible {
+    Incompatible { path: PathBuf, plugin: (u32, u32) },
+    #[error(
+        "{}: its interface table does not match layer interface {}.x as this host knows it \
+         ({summary}): built against a modified copy of layer-api? Rebuild it against layer-api \
+         {}.x (--verbose shows the full report)",
+        .path.display(), abi::ABI_MAJOR, abi::ABI_MAJOR
+    )]
+    Layout {
         path: PathBuf,
-        plugin_version: String,
-        host_version: String,
-        note: String,
+        summary: String,
         detail: String,
     },
+    #[error(
+        "{}: the plugin needs {}, which this host (interface {}.{}) does not have; it offers: \
+         {}. Use a newer host",
+        .path.display(),
+        .missing.iter().map(|m| format!("'{m}'")).collect::<Vec<_>>().join(", "),
+        abi::ABI_MAJOR, abi::ABI_MINOR,
+        abi::CAPABILITIES.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+    )]
+    MissingCapability { path: PathBuf, missing: Vec<String> },
+    #[error(
+        "{}: built with panic = \"abort\", so a panic in it would end the host; it is not \
+         loaded in-process. Rebuild it with panic = \"unwind\" (cargo's default)",
+        .path.display()
+    )]
+    PanicAbort { path: PathBuf },
     #[error("{}: the plugin calls itself '{declared}', not '{expected}'", .path.display())]
     NameMismatch {
         path: PathBuf,
         declared: String,
         expected: String,
     },
-    #[error("{}: the plugin failed to initialize: {message}", .path.display())]
+    #[error("{}: the plugin failed to load: {message}", .path.display())]
     Init { path: PathBuf, message: String },
+    #[error(
+        "plugin library {} has sha256 {actual}, but the model pins {expected}; it was not \
+         loaded. If the new library is trusted, run `host lock` on the model to pin it",
+        .path.display()
+    )]
+    Pin {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
 }
 
 impl PluginError {
     /// The full text behind a short message, for `--verbose`.
     pub fn detail(&self) -> Option<&str> {
         match self {
-            PluginError::Incompatible { detail, .. } => Some(detail),
+            PluginError::Layout { detail, .. } => Some(detail),
             _ => None,
         }
     }
@@ -81,6 +120,16 @@ fn list_or_none(items: impl Iterator<Item = String>) -> String {
     }
 }
 
+/// A plugin library whose manifest was read and checked, without opening
+/// it.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    /// The SHA-256 of the bytes read, as 64 lowercase hex digits.
+    pub sha256: String,
+}
+
 /// A loaded, checked plugin library. Libraries are never unloaded, so this
 /// lives for the rest of the process.
 pub struct LoadedPlugin {
@@ -88,8 +137,13 @@ pub struct LoadedPlugin {
     pub name: String,
     pub version: String,
     pub description: String,
+    /// The interface version the plugin was built for, `major.minor`.
     pub interface_version: String,
-    module: PluginModuleRef,
+    pub manifest: Manifest,
+    /// The SHA-256 of the library bytes that were checked and loaded.
+    pub sha256: String,
+    pub table: TableRef,
+    pub core: CoreTable,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -105,9 +159,9 @@ impl std::fmt::Debug for LoadedPlugin {
 
 impl LoadedPlugin {
     /// Creates a layer from its config (a JSON object).
-    pub fn create(&self, config: &serde_json::Value) -> Result<LayerBox, LayerError> {
+    pub fn create(&self, config: &serde_json::Value) -> Result<LayerHandle, LayerError> {
         let text = config.to_string();
-        (self.module.create())(RStr::from_str(&text)).into_result()
+        (self.core.create)(RStr::from_str(&text)).into_result()
     }
 }
 
@@ -150,7 +204,7 @@ impl PluginRegistry {
     /// its library wins.
     pub fn resolve(&self, name: &str) -> Result<&'static LoadedPlugin, PluginError> {
         let path = self.locate(name)?;
-        load(&path, Some(name))
+        load(&path, Some(name), None)
     }
 
     /// The library file of the plugin called `name`, without loading it:
@@ -200,13 +254,14 @@ impl PluginRegistry {
         paths
     }
 
-    /// Loads every library in the search directories, for `host plugins`.
-    pub fn discover(&self) -> Vec<(PathBuf, Result<&'static LoadedPlugin, PluginError>)> {
+    /// Reads the manifest of every library in the search directories,
+    /// without opening any of them, for `host plugins`.
+    pub fn discover(&self) -> Vec<(PathBuf, Result<Inspected, PluginError>)> {
         self.library_paths()
             .into_iter()
             .map(|path| {
-                let loaded = load(&path, None);
-                (path, loaded)
+                let inspected = inspect(&path);
+                (path, inspected)
             })
             .collect()
     }
@@ -240,13 +295,163 @@ fn plugin_name_of(path: &Path) -> Option<String> {
 
 type LoadResult = Result<&'static LoadedPlugin, PluginError>;
 
+/// The most a plugin library may weigh: it is read whole, hashed and
+/// copied once before it is opened.
+const MAX_LIBRARY_BYTES: u64 = 1 << 30;
+
+/// Reads the library at `path` once, through one open handle.
+fn read_library(path: &Path) -> Result<Vec<u8>, PluginError> {
+    let read_error = |e: std::io::Error| PluginError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(PluginError::Read {
+            path: path.to_path_buf(),
+            reason: "not a regular file".to_string(),
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_LIBRARY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_LIBRARY_BYTES {
+        return Err(PluginError::Read {
+            path: path.to_path_buf(),
+            reason: format!("larger than {MAX_LIBRARY_BYTES} bytes; not a plugin library"),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The manifest bytes inside a library file's bytes, found through its
+/// dynamic symbol table, without running anything.
+fn manifest_bytes<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], PluginError> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let not_a_library = |reason: String| PluginError::NotALibrary {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = object::File::parse(bytes).map_err(|e| not_a_library(e.to_string()))?;
+    if file.kind() != object::ObjectKind::Dynamic {
+        return Err(not_a_library(format!(
+            "an object file of kind {:?}, not a shared library",
+            file.kind()
+        )));
+    }
+    let symbol = file
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(abi::MANIFEST_SYMBOL) && s.is_definition())
+        .ok_or_else(|| PluginError::NoManifest {
+            path: path.to_path_buf(),
+        })?;
+    let bad = |reason: &str| PluginError::BadManifest {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let section = symbol
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .ok_or_else(|| bad("its manifest symbol lies in no section"))?;
+    let data = section
+        .data()
+        .map_err(|_| bad("its manifest's section cannot be read"))?;
+    let offset = symbol
+        .address()
+        .checked_sub(section.address())
+        .and_then(|o| usize::try_from(o).ok())
+        .ok_or_else(|| bad("its manifest symbol lies outside its section"))?;
+    let size = usize::try_from(symbol.size()).map_err(|_| bad("its manifest is too large"))?;
+    offset
+        .checked_add(size)
+        .and_then(|end| data.get(offset..end))
+        .ok_or_else(|| bad("its manifest symbol lies outside its section's data"))
+}
+
+/// Reads and checks the manifest of the library at `path` without opening
+/// it: everything the host can know about a plugin before running its code.
+pub fn inspect(path: &Path) -> Result<Inspected, PluginError> {
+    let bytes = read_library(path)?;
+    inspect_bytes(path, &bytes)
+}
+
+fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<Inspected, PluginError> {
+    let manifest = Manifest::parse(manifest_bytes(path, bytes)?).map_err(|reason| {
+        PluginError::BadManifest {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })?;
+    check_manifest(path, &manifest)?;
+    Ok(Inspected {
+        path: path.to_path_buf(),
+        manifest,
+        sha256: sha256_hex(bytes),
+    })
+}
+
+/// The checks a manifest must pass before its library is opened.
+fn check_manifest(path: &Path, m: &Manifest) -> Result<(), PluginError> {
+    if m.abi.0 != abi::ABI_MAJOR {
+        return Err(PluginError::Incompatible {
+            path: path.to_path_buf(),
+            plugin: m.abi,
+        });
+    }
+    let missing: Vec<String> = m
+        .needs
+        .iter()
+        .filter(|need| !abi::CAPABILITIES.iter().any(|(c, _)| c == need))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(PluginError::MissingCapability {
+            path: path.to_path_buf(),
+            missing,
+        });
+    }
+    match m.panic.as_str() {
+        "unwind" => {}
+        "abort" => {
+            return Err(PluginError::PanicAbort {
+                path: path.to_path_buf(),
+            })
+        }
+        other => return Err(PluginError::BadManifest {
+            path: path.to_path_buf(),
+            reason: format!(
+                "its manifest gives panic strategy \"{other}\"; expected \"unwind\" or \"abort\""
+            ),
+        }),
+    }
+    if plugin_name_of(path).is_some_and(|file_name| file_name != m.name) {
+        return Err(PluginError::NameMismatch {
+            path: path.to_path_buf(),
+            declared: m.name.clone(),
+            expected: plugin_name_of(path).unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Loads the plugin library at `path` (found by [`PluginRegistry::locate`],
 /// or named by the user) at most once per process; later calls get the same
 /// result, error included. With `expected_name`, the plugin must call itself
-/// that.
+/// that; with `pin`, the bytes loaded must have that SHA-256.
 pub fn load(
     path: &Path,
     expected_name: Option<&str>,
+    pin: Option<&str>,
 ) -> Result<&'static LoadedPlugin, PluginError> {
     static LOADED: OnceLock<Mutex<HashMap<PathBuf, LoadResult>>> = OnceLock::new();
     let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -254,10 +459,19 @@ pub fn load(
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let result = loaded
-        .entry(key)
-        .or_insert_with(|| load_uncached(path).map(|p| &*Box::leak(Box::new(p))))
-        .clone()?;
+    let result = match loaded.get(&key) {
+        Some(result) => result.clone()?,
+        None => {
+            // A pinned library that does not match is refused without being
+            // opened, and without caching the refusal as the file's result.
+            let result = load_uncached(path, pin).map(|p| &*Box::leak(Box::new(p)));
+            if matches!(result, Err(PluginError::Pin { .. })) {
+                return result;
+            }
+            loaded.insert(key, result.clone());
+            result?
+        }
+    };
     if let Some(expected) = expected_name {
         if result.name != expected {
             return Err(PluginError::NameMismatch {
@@ -267,79 +481,135 @@ pub fn load(
             });
         }
     }
+    if let Some(pin) = pin {
+        if result.sha256 != pin {
+            return Err(PluginError::Pin {
+                path: path.to_path_buf(),
+                expected: pin.to_string(),
+                actual: result.sha256.clone(),
+            });
+        }
+    }
     Ok(result)
 }
 
-fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
+/// Reads the library once, checks its manifest (and pin), copies the very
+/// bytes that were checked into a sealed in-memory file and opens that: a
+/// file swapped or rewritten at `path` after the read is never what runs.
+fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
+    let bytes = read_library(path)?;
+    // The pin first: a file that is not the one pinned is not even parsed.
+    if let Some(pin) = pin {
+        let actual = sha256_hex(&bytes);
+        if actual != pin {
+            return Err(PluginError::Pin {
+                path: path.to_path_buf(),
+                expected: pin.to_string(),
+                actual,
+            });
+        }
+    }
+    let inspected = inspect_bytes(path, &bytes)?;
+    let sealed = sealed_copy(&inspected.manifest.name, &bytes).map_err(|e| PluginError::Init {
+        path: path.to_path_buf(),
+        message: format!("cannot make a sealed in-memory copy to load: {e}"),
+    })?;
+    let fd_path = format!("/proc/self/fd/{}", sealed.as_raw_fd());
     // SAFETY: opening a library runs its initializers. The user chose this
-    // file by putting it in a plugin directory; that is the trust decision.
+    // file by putting it in a plugin directory, and its manifest (and pin)
+    // passed; the bytes opened are exactly the bytes checked.
     let library =
-        unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::NotALibrary {
+        unsafe { libloading::Library::new(&fd_path) }.map_err(|e| PluginError::NotALibrary {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: e.to_string().replace(&fd_path, "the library"),
         })?;
-    // SAFETY: abi_stable libraries export this symbol as a `LibHeader` static,
-    // whose first field is the `AbiHeader`; `AbiHeaderRef` is a transparent
-    // reference to it, so reading the symbol's address as one is what
-    // abi_stable itself does. `upgrade` then checks the header before use.
-    let header: Result<AbiHeaderRef, _> = unsafe {
+    // SAFETY: the manifest said interface 1.x, whose table symbol is a
+    // `PluginTable` static; only its address is taken here.
+    let table_ptr: Result<*const PluginTable, _> = unsafe {
         library
-            .get::<AbiHeaderRef>(ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes())
+            .get::<*const PluginTable>(abi::TABLE_SYMBOL.as_bytes())
             .map(|symbol| *symbol)
     };
-    let Ok(header) = header else {
-        return Err(PluginError::NotAPlugin {
-            path: path.to_path_buf(),
-        });
-    };
-    // The references into the library are 'static: never unload it.
-    std::mem::forget(library);
-
-    let host_version = layer_api::INTERFACE_VERSION.to_string();
-    let incompatible =
-        |plugin_version: String, note: &str, detail: String| PluginError::Incompatible {
-            path: path.to_path_buf(),
-            plugin_version,
-            host_version: host_version.clone(),
-            note: note.to_string(),
-            detail,
-        };
-    let lib_header = header.upgrade().map_err(|e| {
-        incompatible(
-            "(unknown)".to_string(),
-            " (its abi_stable runtime is incompatible with the host's)",
-            e.to_string(),
-        )
-    })?;
-    let plugin_version = lib_header.version_strings().version.to_string();
-    let module = lib_header
-        .init_root_module::<PluginModuleRef>()
-        .map_err(|e| match e {
-            LibraryError::IncompatibleVersionNumber { .. } => {
-                incompatible(plugin_version.clone(), "", e.to_string())
-            }
-            LibraryError::AbiInstability(_) => incompatible(
-                plugin_version.clone(),
-                if plugin_version == host_version {
-                    " with a different layout (a modified copy of layer-api?)"
-                } else {
-                    ""
-                },
-                e.to_string(),
-            ),
-            other => PluginError::Init {
+    let table_ptr = match table_ptr {
+        Ok(ptr) if !ptr.is_null() => ptr,
+        _ => {
+            return Err(PluginError::Init {
                 path: path.to_path_buf(),
-                message: other.to_string(),
-            },
-        })?;
+                message: format!(
+                    "its manifest is there but its table (symbol {}) is not",
+                    abi::TABLE_SYMBOL
+                ),
+            })
+        }
+    };
+    // The table and everything it points to are 'static: never unload.
+    std::mem::forget(library);
+    // The mapping keeps the code; the descriptor is no longer needed.
+    drop(sealed);
+
+    // SAFETY: the symbol of a library that stays loaded, whose manifest said
+    // interface 1.x.
+    let table = unsafe { TableRef::new(table_ptr) }.map_err(|message| PluginError::Init {
+        path: path.to_path_buf(),
+        message,
+    })?;
+    let manifest = inspected.manifest;
+    if table.version() != manifest.abi {
+        return Err(PluginError::Init {
+            path: path.to_path_buf(),
+            message: format!(
+                "its manifest says interface {}.{} but its table says {}.{}",
+                manifest.abi.0,
+                manifest.abi.1,
+                table.version().0,
+                table.version().1
+            ),
+        });
+    }
+    check_layout_compatibility(abi::CORE_LAYOUT, table.core_layout()).map_err(|errors| {
+        let detail = errors.to_string();
+        let summary = detail
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .last()
+            .unwrap_or("layouts differ")
+            .to_string();
+        PluginError::Layout {
+            path: path.to_path_buf(),
+            summary,
+            detail,
+        }
+    })?;
     Ok(LoadedPlugin {
         path: path.to_path_buf(),
-        name: module.name().to_string(),
-        version: module.version().to_string(),
-        description: module.description().to_string(),
-        interface_version: plugin_version,
-        module,
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        description: manifest.description.clone(),
+        interface_version: format!("{}.{}", manifest.abi.0, manifest.abi.1),
+        sha256: inspected.sha256,
+        core: table.core(),
+        table,
+        manifest,
     })
+}
+
+/// An in-memory file holding `bytes`, sealed so that nothing can change
+/// them any more.
+fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
+    let fd = memfd_create(
+        format!("layer-plugin-{name}"),
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    let fd = std::os::fd::OwnedFd::from(file);
+    fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(fd)
 }
 
 #[cfg(test)]

@@ -13,19 +13,21 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::{RSlice, RStr};
-use layer_api::abi::{LayerError, ParamRef, TensorRef};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use abi_stable::std_types::RStr;
+use layer_api::abi::{LayerError, ParamRef, PreparedHandle, TensorRef};
+use layer_api::DType;
 
 use crate::error::Error;
 use crate::params::ParamStore;
-use crate::runtime::{LayerPlan, Model, ModelLayer};
+use crate::runtime::{tensor_mut, tensor_ref, LayerPlan, Model, ModelLayer, PreparedData};
+use crate::tensor::{Tensor, TensorView};
 
 /// Below this many floating-point operations per piece, splitting a layer
 /// costs more in hand-offs than it gains.
 const MIN_FLOPS_PER_THREAD: u64 = 1_000_000;
 
-/// One piece of a split layer: rows `[start, end)` of axis 0.
+/// One piece of a split layer: rows `[start, end)` of axis 0, as byte
+/// ranges of the input and output.
 #[derive(Debug, Clone)]
 struct Piece {
     input_shape: Vec<usize>,
@@ -35,14 +37,15 @@ struct Piece {
 }
 
 /// What sees each layer's index, output and time taken in an observed run.
-type LayerObserver<'a> = dyn FnMut(usize, &ArrayD<f32>, Duration) + 'a;
+type LayerObserver<'a> = dyn FnMut(usize, &Tensor, Duration) + 'a;
 
 /// A prepared forward pass of one model for one input shape.
 pub struct Runner<'m> {
     layers: &'m [ModelLayer],
     plans: &'m [LayerPlan],
     params: Vec<Vec<ParamRef<'m>>>,
-    outputs: Vec<ArrayD<f32>>,
+    prepared: Vec<PreparedData<'m>>,
+    outputs: Vec<Tensor>,
     /// Per layer: the pieces its batch is split into (empty: run whole).
     pieces: Vec<Vec<Piece>>,
     pool: Option<rayon::ThreadPool>,
@@ -50,7 +53,8 @@ pub struct Runner<'m> {
 
 impl<'m> Runner<'m> {
     /// Prepares `model` for inputs of the shape `plans` was made for, with
-    /// up to `threads` threads.
+    /// up to `threads` threads: each layer's output buffer, parameter views
+    /// and prepared data (from `prepare`, once per parameter set).
     pub fn new(
         model: &'m Model,
         plans: &'m [LayerPlan],
@@ -62,10 +66,23 @@ impl<'m> Runner<'m> {
             .iter()
             .map(|plan| param_refs(plan, params))
             .collect::<Result<Vec<_>, Error>>()?;
+        let prepared = model
+            .layers
+            .iter()
+            .zip(plans)
+            .zip(&layer_params)
+            .map(|((layer, plan), refs)| layer.prepare(plan, refs))
+            .collect::<Result<Vec<_>, Error>>()?;
         let outputs = plans
             .iter()
-            .map(|p| ArrayD::zeros(IxDyn(&p.output_shape)))
-            .collect();
+            .map(|p| {
+                let spec = &p.outputs[0];
+                Tensor::zeros(spec.dtype, &spec.shape).map_err(|message| Error::Model {
+                    path: model.spec.path.clone(),
+                    message,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let pieces = model
             .layers
             .iter()
@@ -87,6 +104,7 @@ impl<'m> Runner<'m> {
             layers: &model.layers,
             plans,
             params: layer_params,
+            prepared,
             outputs,
             pieces,
             pool,
@@ -94,7 +112,7 @@ impl<'m> Runner<'m> {
     }
 
     /// Runs every layer on `input` and returns the last layer's output.
-    pub fn run(&mut self, input: ArrayViewD<'_, f32>) -> Result<&ArrayD<f32>, Error> {
+    pub fn run(&mut self, input: TensorView<'_>) -> Result<&Tensor, Error> {
         self.run_layers(input, None)
     }
 
@@ -104,44 +122,65 @@ impl<'m> Runner<'m> {
     /// layer call.
     pub fn run_observed(
         &mut self,
-        input: ArrayViewD<'_, f32>,
-        mut after_layer: impl FnMut(usize, &ArrayD<f32>, Duration),
-    ) -> Result<&ArrayD<f32>, Error> {
+        input: TensorView<'_>,
+        mut after_layer: impl FnMut(usize, &Tensor, Duration),
+    ) -> Result<&Tensor, Error> {
         self.run_layers(input, Some(&mut after_layer))
+    }
+
+    /// Frees what the layers prepared, reporting a panic in its `Drop`.
+    pub fn close(self) -> Result<(), Error> {
+        let mut first = Ok(());
+        for prepared in self.prepared {
+            let closed = prepared.close();
+            if first.is_ok() {
+                first = closed;
+            }
+        }
+        first
     }
 
     fn run_layers(
         &mut self,
-        input: ArrayViewD<'_, f32>,
+        input: TensorView<'_>,
         mut after_layer: Option<&mut LayerObserver<'_>>,
-    ) -> Result<&ArrayD<f32>, Error> {
+    ) -> Result<&Tensor, Error> {
         let expected = &self.plans[0].input_shape;
-        if expected.as_slice() != input.shape() {
+        if expected.as_slice() != input.shape {
             return Err(Error::InputShape {
                 expected: expected.clone(),
-                found: input.shape().to_vec(),
+                found: input.shape.to_vec(),
             });
         }
-        let input = input.as_standard_layout();
+        let expected_dtype = self.plans[0].inputs[0]
+            .as_ref()
+            .map_or(DType::F32, |s| s.dtype);
+        if input.dtype != expected_dtype {
+            return Err(Error::InputDtype {
+                expected: expected_dtype,
+                found: input.dtype,
+            });
+        }
         for i in 0..self.layers.len() {
             let started = after_layer.is_some().then(Instant::now);
             let (done, rest) = self.outputs.split_at_mut(i);
             let x = match i {
-                0 => input.as_slice(),
-                _ => done[i - 1].as_slice(),
-            }
-            .expect("standard layout");
+                0 => input,
+                _ => done[i - 1].view(),
+            };
             let out = &mut rest[0];
-            out.fill(0.0);
+            out.bytes_mut().fill(0);
             run_layer(
                 &self.layers[i],
                 &self.plans[i],
                 x,
                 &self.params[i],
-                out.as_slice_mut().expect("owned arrays are contiguous"),
+                self.prepared[i].handle,
+                out,
                 &self.pieces[i],
                 self.pool.as_ref(),
             )?;
+            self.layers[i].check_outputs(std::slice::from_ref(&self.outputs[i]))?;
             if let (Some(observe), Some(started)) = (after_layer.as_mut(), started) {
                 observe(i, &self.outputs[i], started.elapsed());
             }
@@ -160,12 +199,14 @@ fn split(layer: &ModelLayer, plan: &LayerPlan, threads: usize) -> Vec<Piece> {
     if threads < 2 || rows < 2 || rows != out_rows || !layer.batch_independent() {
         return Vec::new();
     }
-    let pieces = piece_count(rows, threads, layer.flops(&plan.input_shape));
+    let pieces = piece_count(rows, threads, layer.flops(plan));
     if pieces < 2 {
         return Vec::new();
     }
-    let in_row: usize = plan.input_shape[1..].iter().product();
-    let out_row: usize = plan.output_shape[1..].iter().product();
+    let in_dtype = plan.inputs[0].as_ref().map_or(DType::F32, |s| s.dtype);
+    let in_row: usize = plan.input_shape[1..].iter().product::<usize>() * in_dtype.size();
+    let out_row: usize =
+        plan.output_shape[1..].iter().product::<usize>() * plan.outputs[0].dtype.size();
     (0..pieces)
         .map(|k| {
             let start = rows * k / pieces;
@@ -195,29 +236,45 @@ fn piece_count(rows: usize, threads: usize, flops: u64) -> usize {
         .min((flops / MIN_FLOPS_PER_THREAD).max(1) as usize)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_layer(
     layer: &ModelLayer,
     plan: &LayerPlan,
-    input: &[f32],
+    input: TensorView<'_>,
     params: &[ParamRef<'_>],
-    output: &mut [f32],
+    prepared: PreparedHandle,
+    output: &mut Tensor,
     pieces: &[Piece],
     pool: Option<&rayon::ThreadPool>,
 ) -> Result<(), Error> {
-    let call = |in_shape: &[usize], x: &[f32], out_shape: &[usize], y: &mut [f32]| {
-        layer.call_forward(in_shape, x, params, out_shape, y)
+    let in_dtype = input.dtype;
+    let out_dtype = output.dtype();
+    // Optional inputs after the first are left out in a chain.
+    let absent = plan.inputs.len() - 1;
+    let call = |in_shape: &[usize], x: &[u8], out_shape: &[usize], y: &mut [u8]| {
+        let mut inputs = Vec::with_capacity(1 + absent);
+        inputs.push(TensorRef {
+            dtype: in_dtype,
+            shape: abi_stable::std_types::RSlice::from_slice(in_shape),
+            data: abi_stable::std_types::RSlice::from_slice(x),
+        });
+        inputs.extend((0..absent).map(|_| tensor_ref(None)));
+        let mut outputs = [tensor_mut(out_shape, out_dtype, y)];
+        layer.call_forward(prepared, &inputs, params, &mut outputs)
     };
+    let x_all = input.bytes;
+    let y_all = output.bytes_mut();
     let result = match pool {
         Some(pool) if !pieces.is_empty() => {
             let failure: Mutex<Option<LayerError>> = Mutex::new(None);
             pool.scope(|scope| {
-                let mut rest = output;
+                let mut rest = y_all;
                 let mut taken = 0;
                 for piece in pieces {
                     let (y, tail) = rest.split_at_mut(piece.output_range.end - taken);
                     rest = tail;
                     taken = piece.output_range.end;
-                    let x = &input[piece.input_range.clone()];
+                    let x = &x_all[piece.input_range.clone()];
                     let failure = &failure;
                     let call = &call;
                     scope.spawn(move |_| {
@@ -233,7 +290,7 @@ fn run_layer(
                 None => Ok(()),
             }
         }
-        _ => call(&plan.input_shape, input, &plan.output_shape, output),
+        _ => call(&plan.input_shape, x_all, &plan.output_shape, y_all),
     };
     result.map_err(|e| layer.error(e))
 }
@@ -252,20 +309,21 @@ pub(crate) fn param_refs<'a>(
             })?;
             Ok(ParamRef {
                 name: RStr::from_str(&p.local_name),
-                tensor: tensor_ref(tensor),
+                tensor: param_tensor_ref(tensor),
             })
         })
         .collect()
 }
 
-fn tensor_ref(array: &ArrayD<f32>) -> TensorRef<'_> {
+fn param_tensor_ref(array: &ndarray::ArrayD<f32>) -> TensorRef<'_> {
     TensorRef {
-        shape: RSlice::from_slice(array.shape()),
-        data: RSlice::from_slice(
+        dtype: DType::F32,
+        shape: abi_stable::std_types::RSlice::from_slice(array.shape()),
+        data: abi_stable::std_types::RSlice::from_slice(bytemuck::cast_slice(
             array
                 .as_slice()
                 .expect("the host keeps every tensor in standard layout"),
-        ),
+        )),
     }
 }
 

@@ -1,33 +1,120 @@
 //! A model made runnable: each layer's plugin resolved and its layer object
-//! created, shapes and parameters planned for an input shape before any
-//! computation, then the forward pass, layer by layer.
+//! created, element types, shapes and parameters planned for an input
+//! before any computation, then the forward pass, layer by layer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use abi_stable::std_types::RSlice;
-use layer_api::abi::{LayerBox, LayerError, ParamRef, TensorMut, TensorRef};
-use layer_api::Init;
-use ndarray::ArrayD;
+use abi_stable::std_types::{RSlice, RSliceMut};
+use layer_api::abi::{
+    LayerError, LayerHandle, ParamRef, PreparedHandle, TensorDesc, TensorMut, TensorRef,
+};
+use layer_api::{DType, Init};
 
 use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{self, LoadedPlugin, PluginRegistry};
 use crate::runner::{param_refs, Runner};
+use crate::tensor::Tensor;
+
+/// One input of a layer, as its signature declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputPort {
+    pub name: String,
+    pub optional: bool,
+    /// Accepted element types, preferred first.
+    pub dtypes: Vec<DType>,
+}
+
+/// A layer's named inputs and outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub inputs: Vec<InputPort>,
+    pub outputs: Vec<String>,
+}
+
+/// A tensor's element type and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn new(dtype: DType, shape: &[usize]) -> TensorSpec {
+        TensorSpec {
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn desc(&self) -> TensorDesc<'_> {
+        TensorDesc {
+            dtype: self.dtype,
+            shape: RSlice::from_slice(&self.shape),
+        }
+    }
+}
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
     pub name: String,
     pub plugin: &'static LoadedPlugin,
-    object: LayerBox,
+    pub signature: Signature,
+    handle: LayerHandle,
+    /// Set once the layer object is destroyed ([`ModelLayer::close`]).
+    closed: AtomicBool,
 }
 
-/// What one layer will do for a given input shape.
+/// What one layer will do for given inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerPlan {
+    /// One per declared input; `None` for an optional input left out.
+    pub inputs: Vec<Option<TensorSpec>>,
+    /// One per declared output.
+    pub outputs: Vec<TensorSpec>,
+    /// The first input's and first output's shapes: a chain's.
     pub input_shape: Vec<usize>,
     pub output_shape: Vec<usize>,
     pub params: Vec<ParamInfo>,
+}
+
+impl LayerPlan {
+    fn descs(&self) -> Vec<TensorDesc<'_>> {
+        self.inputs
+            .iter()
+            .map(|i| match i {
+                Some(spec) => spec.desc(),
+                None => TensorDesc {
+                    dtype: DType::ABSENT,
+                    shape: RSlice::from_slice(&[]),
+                },
+            })
+            .collect()
+    }
+}
+
+/// What a layer prepared from one parameter set; freed when dropped.
+pub struct PreparedData<'a> {
+    layer: &'a ModelLayer,
+    pub(crate) handle: PreparedHandle,
+}
+
+impl PreparedData<'_> {
+    /// Frees the prepared data now, reporting a panic in its `Drop`.
+    pub fn close(mut self) -> Result<(), Error> {
+        let handle = std::mem::replace(&mut self.handle, PreparedHandle::NONE);
+        self.layer.drop_prepared(handle)
+    }
+}
+
+impl Drop for PreparedData<'_> {
+    fn drop(&mut self) {
+        let handle = std::mem::replace(&mut self.handle, PreparedHandle::NONE);
+        // Reached only on an error path already being reported.
+        let _ = self.layer.drop_prepared(handle);
+    }
 }
 
 /// A model ready to plan and run.
@@ -43,17 +130,78 @@ impl ModelLayer {
         plugin: &'static LoadedPlugin,
         config: &serde_json::Value,
     ) -> Result<ModelLayer, Error> {
-        let object = plugin.create(config).map_err(|e| Error::Layer {
+        let handle = plugin.create(config).map_err(|e| Error::Layer {
             layer: name.to_string(),
             plugin: plugin.name.clone(),
             message: format!("invalid config {config}: {}", e.message),
             panicked: e.panicked,
         })?;
-        Ok(ModelLayer {
+        let mut layer = ModelLayer {
             name: name.to_string(),
             plugin,
-            object,
-        })
+            signature: Signature {
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            },
+            handle,
+            closed: AtomicBool::new(false),
+        };
+        let signature = (plugin.core.signature)(layer.handle())
+            .into_result()
+            .map_err(|e| layer.error(e))?;
+        layer.signature = Signature {
+            inputs: signature
+                .inputs
+                .iter()
+                .map(|p| InputPort {
+                    name: p.name.to_string(),
+                    optional: p.optional,
+                    dtypes: p.dtypes.to_vec(),
+                })
+                .collect(),
+            outputs: signature
+                .outputs
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect(),
+        };
+        layer.check_signature()?;
+        Ok(layer)
+    }
+
+    fn check_signature(&self) -> Result<(), Error> {
+        let s = &self.signature;
+        let refuse = |message: String| Err(self.plain_error(message));
+        if s.inputs.is_empty() || s.outputs.is_empty() {
+            return refuse("declares no inputs or no outputs".into());
+        }
+        for input in &s.inputs {
+            if input.dtypes.is_empty() {
+                return refuse(format!("input '{}' accepts no element type", input.name));
+            }
+            if let Some(bad) = input.dtypes.iter().find(|d| !d.is_known()) {
+                return refuse(format!(
+                    "input '{}' accepts {bad}, an element type this host does not know",
+                    input.name
+                ));
+            }
+        }
+        let mut names: Vec<&str> = s.inputs.iter().map(|p| p.name.as_str()).collect();
+        names.extend(s.outputs.iter().map(String::as_str));
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return refuse(format!("declares two inputs or outputs called '{}'", w[0]));
+        }
+        Ok(())
+    }
+
+    fn handle(&self) -> &LayerHandle {
+        debug_assert!(
+            !self.closed.load(Ordering::Relaxed),
+            "a layer is used only until it is closed"
+        );
+        &self.handle
     }
 
     pub(crate) fn error(&self, e: LayerError) -> Error {
@@ -65,43 +213,155 @@ impl ModelLayer {
         }
     }
 
-    /// Floating-point operations of one forward pass (0: the layer does not say).
-    pub fn flops(&self, input_shape: &[usize]) -> u64 {
-        self.object.flops(RSlice::from_slice(input_shape))
+    fn plain_error(&self, message: String) -> Error {
+        Error::Layer {
+            layer: self.name.clone(),
+            plugin: self.plugin.name.clone(),
+            message,
+            panicked: false,
+        }
     }
 
-    /// Whether the layer may process a batch in separate pieces.
+    /// The element type a chain feeds this layer when given `offered`: that
+    /// type if the first input accepts it, else the first input's preferred
+    /// type.
+    pub fn input_dtype_for(&self, offered: DType) -> DType {
+        let accepted = &self.signature.inputs[0].dtypes;
+        if accepted.contains(&offered) {
+            offered
+        } else {
+            accepted[0]
+        }
+    }
+
+    /// Floating-point operations of one forward pass (0: the layer does not
+    /// say, or its plugin predates `flops`).
+    pub fn flops(&self, plan: &LayerPlan) -> u64 {
+        match self.plugin.table.flops() {
+            Some(flops) => flops(self.handle(), RSlice::from_slice(&plan.descs())),
+            None => 0,
+        }
+    }
+
+    /// Whether the layer may process a batch in separate pieces. A layer
+    /// whose answer fails claims nothing.
     pub fn batch_independent(&self) -> bool {
-        self.object.batch_independent()
+        matches!(
+            (self.plugin.core.batch_independent)(self.handle()).into_result(),
+            Ok(true)
+        )
     }
 
-    /// The layer's output shape and parameters for an input of `input_shape`.
-    pub fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
-        let output_shape = self
-            .object
-            .output_shape(RSlice::from_slice(input_shape))
+    /// The inputs the layer asks `check-plugin` to try.
+    pub fn probes(&self) -> Result<Vec<layer_api::abi::ProbeCase>, Error> {
+        (self.plugin.core.probes)(self.handle())
             .into_result()
-            .map_err(|e| self.error(e))?
-            .into_vec();
-        let decls = self
-            .object
-            .param_decls(RSlice::from_slice(input_shape))
+            .map(|p| p.into_vec())
+            .map_err(|e| self.error(e))
+    }
+
+    /// The layer's plan for a chain: one input of `shape`, of the first
+    /// input's preferred element type.
+    pub fn plan(&self, input_shape: &[usize]) -> Result<LayerPlan, Error> {
+        let dtype = self.signature.inputs[0].dtypes[0];
+        self.plan_chain(TensorSpec::new(dtype, input_shape))
+    }
+
+    /// The layer's plan for a chain: `input` to its first input, the others
+    /// (which must be optional) left out.
+    pub fn plan_chain(&self, input: TensorSpec) -> Result<LayerPlan, Error> {
+        let mut inputs = vec![Some(input)];
+        inputs.extend(self.signature.inputs[1..].iter().map(|_| None));
+        self.plan_inputs(inputs)
+    }
+
+    /// The layer's outputs and parameters for `inputs` (one per declared
+    /// input, `None` to leave an optional one out), checked against its
+    /// signature first.
+    pub fn plan_inputs(&self, inputs: Vec<Option<TensorSpec>>) -> Result<LayerPlan, Error> {
+        let s = &self.signature;
+        if inputs.len() != s.inputs.len() {
+            return Err(self.plain_error(format!(
+                "takes {} inputs ({}), but was given {}",
+                s.inputs.len(),
+                s.inputs
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                inputs.len()
+            )));
+        }
+        for (port, given) in s.inputs.iter().zip(&inputs) {
+            match given {
+                None if !port.optional => {
+                    return Err(self.plain_error(format!(
+                        "input '{}' is required but was not given",
+                        port.name
+                    )))
+                }
+                Some(spec) if !port.dtypes.contains(&spec.dtype) => {
+                    return Err(self.plain_error(format!(
+                        "input '{}' accepts {}, not {}",
+                        port.name,
+                        dtype_list(&port.dtypes),
+                        spec.dtype
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let mut plan = LayerPlan {
+            inputs,
+            outputs: Vec::new(),
+            input_shape: Vec::new(),
+            output_shape: Vec::new(),
+            params: Vec::new(),
+        };
+        let answer = (self.plugin.core.plan)(self.handle(), RSlice::from_slice(&plan.descs()))
             .into_result()
             .map_err(|e| self.error(e))?;
-        let mut params = Vec::with_capacity(decls.len());
-        for decl in decls {
+        if answer.outputs.len() != s.outputs.len() {
+            return Err(self.plain_error(format!(
+                "declares {} outputs but planned {}",
+                s.outputs.len(),
+                answer.outputs.len()
+            )));
+        }
+        for (name, spec) in s.outputs.iter().zip(answer.outputs.iter()) {
+            if !spec.dtype.is_known() {
+                return Err(self.plain_error(format!(
+                    "output '{name}' is of element type {}, which this host does not know",
+                    spec.dtype
+                )));
+            }
+            let elements = spec.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if elements
+                .and_then(|n| n.checked_mul(spec.dtype.size()))
+                .is_none_or(|bytes| isize::try_from(bytes).is_err())
+            {
+                return Err(self.plain_error(format!(
+                    "output '{name}' has shape {:?}, too large to allocate",
+                    spec.shape.as_slice()
+                )));
+            }
+            plan.outputs.push(TensorSpec::new(spec.dtype, &spec.shape));
+        }
+        for decl in answer.params {
             let local_name = decl.name.into_string();
-            let init: Init =
-                serde_json::from_str(decl.init.as_str()).map_err(|e| Error::Layer {
-                    layer: self.name.clone(),
-                    plugin: self.plugin.name.clone(),
-                    message: format!(
-                        "parameter '{local_name}' declares an invalid default initializer: {e}"
-                    ),
-                    panicked: false,
-                })?;
+            if decl.dtype != DType::F32 {
+                return Err(self.plain_error(format!(
+                    "parameter '{local_name}' is {}; this host keeps float32 parameters only",
+                    decl.dtype
+                )));
+            }
+            let init: Init = serde_json::from_str(decl.init.as_str()).map_err(|e| {
+                self.plain_error(format!(
+                    "parameter '{local_name}' declares an invalid default initializer: {e}"
+                ))
+            })?;
             let name = format!("{}.{}", self.name, local_name);
-            params.push(ParamInfo {
+            plan.params.push(ParamInfo {
                 stored_as: name.clone(),
                 name,
                 layer: self.name.clone(),
@@ -112,56 +372,181 @@ impl ModelLayer {
                 init,
             });
         }
-        Ok(LayerPlan {
-            input_shape: input_shape.to_vec(),
-            output_shape,
-            params,
+        plan.input_shape = plan.inputs[0]
+            .as_ref()
+            .map(|s| s.shape.clone())
+            .unwrap_or_default();
+        plan.output_shape = plan.outputs[0].shape.clone();
+        Ok(plan)
+    }
+
+    /// Lets the layer derive read-only data from its parameters, once per
+    /// parameter set (nothing, for a plugin that predates `prepare`).
+    pub fn prepare(
+        &self,
+        plan: &LayerPlan,
+        params: &[ParamRef<'_>],
+    ) -> Result<PreparedData<'_>, Error> {
+        let handle = match self.plugin.table.prepare() {
+            Some(prepare) if self.plugin.table.drop_prepared().is_some() => prepare(
+                self.handle(),
+                RSlice::from_slice(&plan.descs()),
+                RSlice::from_slice(params),
+            )
+            .into_result()
+            .map_err(|e| self.error(e))?,
+            _ => PreparedHandle::NONE,
+        };
+        Ok(PreparedData {
+            layer: self,
+            handle,
         })
     }
 
-    /// Runs the layer once, on one thread, on `input` (of `plan.input_shape`,
-    /// standard layout), writing into `output`, which holds as many elements
-    /// as `plan.output_shape` says. Unlike a model's forward pass it leaves
-    /// `output` as it finds it before the call, so that `host check-plugin`
-    /// can see which elements the layer wrote.
-    pub fn forward_into(
-        &self,
-        plan: &LayerPlan,
-        input: &ArrayD<f32>,
-        params: &ParamStore,
-        output: &mut [f32],
-    ) -> Result<(), Error> {
-        let refs = param_refs(plan, params)?;
-        let input = input.as_standard_layout();
-        let data = input.as_slice().expect("standard layout is contiguous");
-        self.call_forward(&plan.input_shape, data, &refs, &plan.output_shape, output)
-            .map_err(|e| self.error(e))
+    fn drop_prepared(&self, handle: PreparedHandle) -> Result<(), Error> {
+        if handle.0.is_null() {
+            return Ok(());
+        }
+        match self.plugin.table.drop_prepared() {
+            Some(drop_prepared) => drop_prepared(self.handle(), handle)
+                .into_result()
+                .map_err(|e| self.error(e)),
+            None => Ok(()),
+        }
     }
 
-    /// One `forward` call through the plugin boundary, on row-major data:
-    /// the single place the host lends tensors to a layer.
+    /// Runs the layer once, on one thread, on `inputs` (one per declared
+    /// input, shaped as `plan` says), with its parameters prepared for this
+    /// call alone. Each output starts as `fill` gives it, so that `host
+    /// check-plugin` can see which elements the layer wrote.
+    pub fn run_once(
+        &self,
+        plan: &LayerPlan,
+        inputs: &[Option<&Tensor>],
+        params: &ParamStore,
+        fill: impl Fn(&mut Tensor),
+    ) -> Result<Vec<Tensor>, Error> {
+        let refs = param_refs(plan, params)?;
+        let prepared = self.prepare(plan, &refs)?;
+        let mut outputs = plan
+            .outputs
+            .iter()
+            .map(|spec| {
+                let mut t =
+                    Tensor::zeros(spec.dtype, &spec.shape).map_err(|m| self.plain_error(m))?;
+                fill(&mut t);
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let standard: Vec<Option<Tensor>> = inputs
+            .iter()
+            .map(|t| t.map(|t| t.clone().into_standard()))
+            .collect();
+        let input_refs: Vec<TensorRef<'_>> =
+            standard.iter().map(|t| tensor_ref(t.as_ref())).collect();
+        {
+            let mut output_muts: Vec<TensorMut<'_>> = outputs
+                .iter_mut()
+                .zip(&plan.outputs)
+                .map(|(t, spec)| tensor_mut(&spec.shape, spec.dtype, t.bytes_mut()))
+                .collect();
+            self.call_forward(prepared.handle, &input_refs, &refs, &mut output_muts)
+                .map_err(|e| self.error(e))?;
+        }
+        prepared.close()?;
+        self.check_outputs(&outputs)?;
+        Ok(outputs)
+    }
+
+    /// Refuses boolean outputs holding bytes other than 0 and 1.
+    pub(crate) fn check_outputs(&self, outputs: &[Tensor]) -> Result<(), Error> {
+        for (name, t) in self.signature.outputs.iter().zip(outputs) {
+            t.check_bool()
+                .map_err(|m| self.plain_error(format!("output '{name}': {m}")))?;
+        }
+        Ok(())
+    }
+
+    /// One `forward` call through the plugin boundary: the single place the
+    /// host lends tensors to a layer.
     pub(crate) fn call_forward(
         &self,
-        input_shape: &[usize],
-        input: &[f32],
+        prepared: PreparedHandle,
+        inputs: &[TensorRef<'_>],
         params: &[ParamRef<'_>],
-        output_shape: &[usize],
-        output: &mut [f32],
+        outputs: &mut [TensorMut<'_>],
     ) -> Result<(), LayerError> {
-        self.object
-            .forward(
-                TensorRef {
-                    shape: RSlice::from_slice(input_shape),
-                    data: RSlice::from_slice(input),
-                },
-                RSlice::from_slice(params),
-                TensorMut {
-                    shape: RSlice::from_slice(output_shape),
-                    data: output.into(),
-                },
-            )
-            .into_result()
+        (self.plugin.core.forward)(
+            self.handle(),
+            prepared,
+            RSlice::from_slice(inputs),
+            RSlice::from_slice(params),
+            RSliceMut::from_mut_slice(outputs),
+        )
+        .into_result()
     }
+
+    /// Destroys the layer object, reporting a panic in its `Drop`. The
+    /// layer must not be used after.
+    pub fn close(&self) -> Result<(), Error> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        (self.plugin.core.drop_layer)(LayerHandle(self.handle.0))
+            .into_result()
+            .map_err(|e| {
+                let mut error = self.error(e);
+                if let Error::Layer { message, .. } = &mut error {
+                    *message = format!("while being dropped: {message}");
+                }
+                error
+            })
+    }
+}
+
+impl Drop for ModelLayer {
+    fn drop(&mut self) {
+        // Reached on error paths; `close` is the way that reports.
+        let _ = self.close();
+    }
+}
+
+/// A tensor lent to a layer (`None`: an optional input left out).
+pub(crate) fn tensor_ref(t: Option<&Tensor>) -> TensorRef<'_> {
+    match t {
+        Some(t) => TensorRef {
+            dtype: t.dtype(),
+            shape: RSlice::from_slice(t.shape()),
+            data: RSlice::from_slice(t.bytes()),
+        },
+        None => TensorRef {
+            dtype: DType::ABSENT,
+            shape: RSlice::from_slice(&[]),
+            data: RSlice::from_slice(&[]),
+        },
+    }
+}
+
+/// An output lent to a layer: `t`'s bytes, described by `shape` (the
+/// plan's, which is `t`'s own or, for a piece of a batch, its rows').
+pub(crate) fn tensor_mut<'a>(
+    shape: &'a [usize],
+    dtype: DType,
+    data: &'a mut [u8],
+) -> TensorMut<'a> {
+    TensorMut {
+        dtype,
+        shape: RSlice::from_slice(shape),
+        data: RSliceMut::from_mut_slice(data),
+    }
+}
+
+fn dtype_list(dtypes: &[DType]) -> String {
+    dtypes
+        .iter()
+        .map(|d| d.name())
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 impl Model {
@@ -174,25 +559,67 @@ impl Model {
                 source: Box::new(source),
             };
             let path = registry.locate(&layer.plugin).map_err(plugin_error)?;
-            // Before loading: loading a library runs its code.
-            if let Some(pin) = &layer.sha256 {
-                crate::pin::verify(&layer.name, &path, pin)?;
+            let plugin = registry::load(&path, Some(&layer.plugin), layer.sha256.as_deref())
+                .map_err(plugin_error)?;
+            let created = ModelLayer::new(&layer.name, plugin, &layer.config)?;
+            if created.signature.inputs[1..].iter().any(|p| !p.optional) {
+                return Err(created.plain_error(format!(
+                    "takes several inputs ({}); a format-1 model is a chain of one-input layers",
+                    created
+                        .signature
+                        .inputs
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
             }
-            let plugin = registry::load(&path, Some(&layer.plugin)).map_err(plugin_error)?;
-            layers.push(ModelLayer::new(&layer.name, plugin, &layer.config)?);
+            layers.push(created);
         }
         Ok(Model { spec, layers })
     }
 
-    /// Shapes and parameters of every layer for an input of `input_shape`,
-    /// with the model file's initializer overrides and sharing applied,
-    /// checked before anything is computed.
+    /// The element type the model's input is converted to, given the type
+    /// it comes in.
+    pub fn input_dtype(&self, offered: DType) -> DType {
+        self.layers[0].input_dtype_for(offered)
+    }
+
+    /// Shapes and parameters of every layer for an input of `input_shape`
+    /// (of the first layer's preferred element type).
     pub fn plan(&self, input_shape: &[usize]) -> Result<Vec<LayerPlan>, Error> {
-        let mut shape = input_shape.to_vec();
-        let mut plans = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let plan = layer.plan(&shape)?;
-            shape.clone_from(&plan.output_shape);
+        let dtype = self.layers[0].signature.inputs[0].dtypes[0];
+        self.plan_typed(TensorSpec::new(dtype, input_shape))
+    }
+
+    /// Element types, shapes and parameters of every layer for `input`,
+    /// with the model file's initializer overrides and sharing applied,
+    /// checked before anything is computed. A layer whose output type the
+    /// next layer does not accept is refused, naming both.
+    pub fn plan_typed(&self, input: TensorSpec) -> Result<Vec<LayerPlan>, Error> {
+        let mut spec = input;
+        let mut plans: Vec<LayerPlan> = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let accepted = &layer.signature.inputs[0].dtypes;
+            if i > 0 && !accepted.contains(&spec.dtype) {
+                let before = &self.layers[i - 1];
+                return Err(Error::Model {
+                    path: self.spec.path.clone(),
+                    message: format!(
+                        "layer '{}' (plugin '{}') outputs {}, but the next layer, '{}' (plugin \
+                         '{}'), accepts {}; put a layer between them that converts, or choose \
+                         layers whose types agree",
+                        before.name,
+                        before.plugin.name,
+                        spec.dtype,
+                        layer.name,
+                        layer.plugin.name,
+                        dtype_list(accepted)
+                    ),
+                });
+            }
+            let plan = layer.plan_chain(spec)?;
+            spec = plan.outputs[0].clone();
             plans.push(plan);
         }
         let mut seen = std::collections::HashSet::new();
@@ -224,9 +651,9 @@ impl Model {
         &self,
         plans: &[LayerPlan],
         params: &ParamStore,
-        input: &ArrayD<f32>,
+        input: &Tensor,
         threads: usize,
-    ) -> Result<ArrayD<f32>, Error> {
+    ) -> Result<Tensor, Error> {
         self.forward_observed(plans, params, input, threads, |_, _, _| {})
     }
 
@@ -236,14 +663,31 @@ impl Model {
         &self,
         plans: &[LayerPlan],
         params: &ParamStore,
-        input: &ArrayD<f32>,
+        input: &Tensor,
         threads: usize,
-        mut observe: impl FnMut(&ModelLayer, &ArrayD<f32>, Duration),
-    ) -> Result<ArrayD<f32>, Error> {
+        mut observe: impl FnMut(&ModelLayer, &Tensor, Duration),
+    ) -> Result<Tensor, Error> {
         let mut runner = Runner::new(self, plans, params, threads)?;
-        let output = runner.run_observed(input.view(), |i, output, elapsed| {
-            observe(&self.layers[i], output, elapsed)
-        })?;
-        Ok(output.clone())
+        let input = input.clone().into_standard();
+        let output = runner
+            .run_observed(input.view(), |i, output, elapsed| {
+                observe(&self.layers[i], output, elapsed)
+            })?
+            .clone();
+        runner.close()?;
+        Ok(output)
+    }
+
+    /// Destroys every layer object, reporting the first panic in a `Drop`.
+    /// The model must not run after.
+    pub fn close(&self) -> Result<(), Error> {
+        let mut first = Ok(());
+        for layer in &self.layers {
+            let closed = layer.close();
+            if first.is_ok() {
+                first = closed;
+            }
+        }
+        first
     }
 }

@@ -12,13 +12,15 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use layer_api::DType;
+use ndarray::ArrayD;
 
 use crate::error::Error;
 use crate::npy::NpyRowReader;
 use crate::params::ParamStore;
 use crate::runner::Runner;
 use crate::runtime::{LayerPlan, Model, ModelLayer};
+use crate::tensor::{Tensor, TensorView};
 
 /// Bytes the default chunk's buffers (its input rows and every layer's
 /// output rows) take: small enough that memory stays flat, large enough
@@ -114,7 +116,7 @@ pub fn run_in_chunks(
     input_path: &Path,
     batch_size: usize,
     threads: usize,
-    mut after_layer: impl FnMut(&Range<usize>, &ModelLayer, &ArrayD<f32>, Duration),
+    mut after_layer: impl FnMut(&Range<usize>, &ModelLayer, &Tensor, Duration),
     mut on_output: impl FnMut(&Range<usize>, &ArrayD<f32>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let shape = input.shape().to_vec();
@@ -126,6 +128,13 @@ pub fn run_in_chunks(
     let full_plans = plans_for_rows(model, plans, &shape, first.len())?;
     let last_plans = plans_for_rows(model, plans, &shape, last.len())?;
     let mut full = Runner::new(model, &full_plans, params, threads)?;
+    // Streaming reads float32 rows: the first layer must take them as they are.
+    if full_plans[0].inputs[0].as_ref().map(|s| s.dtype) != Some(DType::F32) {
+        return Err(Error::Model {
+            path: model.spec.path.clone(),
+            message: "streams only models whose first layer takes float32 input".to_string(),
+        });
+    }
     let mut short = if last.len() == first.len() {
         None
     } else {
@@ -142,10 +151,20 @@ pub fn run_in_chunks(
             path: input_path.to_path_buf(),
             source,
         })?;
-        let view = ArrayViewD::from_shape(IxDyn(&chunk_shape), values)
-            .expect("the reader returns exactly the rows asked for");
+        let view = TensorView {
+            dtype: DType::F32,
+            shape: &chunk_shape,
+            bytes: bytemuck::cast_slice(values),
+        };
         let output = runner.run_observed(view, |i, out, elapsed| {
             after_layer(rows, &model.layers[i], out, elapsed)
+        })?;
+        let output = output.as_f32().ok_or_else(|| Error::Model {
+            path: model.spec.path.clone(),
+            message: format!(
+                "streams only float32 outputs; this model's is {}",
+                output.dtype()
+            ),
         })?;
         on_output(rows, output)?;
     }

@@ -26,6 +26,20 @@ pub struct LayerTrace {
 }
 
 impl LayerTrace {
+    /// The trace of an output of any element type (its statistics taken as
+    /// float32 values, which integers up to 2^24 and booleans are exactly).
+    pub fn of_tensor(
+        layer: &str,
+        plugin: &str,
+        output: &crate::tensor::Tensor,
+        elapsed: Duration,
+    ) -> LayerTrace {
+        match output.as_f32() {
+            Some(a) => LayerTrace::new(layer, plugin, a, elapsed),
+            None => LayerTrace::new(layer, plugin, &output.to_f64().mapv(|v| v as f32), elapsed),
+        }
+    }
+
     pub fn new(layer: &str, plugin: &str, output: &ArrayD<f32>, elapsed: Duration) -> LayerTrace {
         let n = output.len() as f64;
         let mean = output.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
