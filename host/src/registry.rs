@@ -419,12 +419,14 @@ fn check_manifest(path: &Path, m: &Manifest) -> Result<(), PluginError> {
                 path: path.to_path_buf(),
             })
         }
-        other => return Err(PluginError::BadManifest {
-            path: path.to_path_buf(),
-            reason: format!(
+        other => {
+            return Err(PluginError::BadManifest {
+                path: path.to_path_buf(),
+                reason: format!(
                 "its manifest gives panic strategy \"{other}\"; expected \"unwind\" or \"abort\""
             ),
-        }),
+            })
+        }
     }
     if plugin_name_of(path).is_some_and(|file_name| file_name != m.name) {
         return Err(PluginError::NameMismatch {

@@ -396,7 +396,8 @@ unsafe impl Send for TableRef {}
 unsafe impl Sync for TableRef {}
 
 /// Where the 1.0 part of every 1.x table ends.
-pub const CORE_END: usize = std::mem::offset_of!(PluginTable, core) + std::mem::size_of::<CoreTable>();
+pub const CORE_END: usize =
+    std::mem::offset_of!(PluginTable, core) + std::mem::size_of::<CoreTable>();
 
 macro_rules! appended_entry {
     ($(#[$doc:meta])* $name:ident: $ty:ty) => {

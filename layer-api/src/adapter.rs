@@ -49,7 +49,9 @@ extern "C" fn create<L: MultiLayer>(config_json: RStr<'_>) -> RResult<LayerHandl
             output_names: signature.outputs.clone(),
             layer,
         };
-        Ok(LayerHandle(Box::into_raw(Box::new(instance)).cast::<c_void>()))
+        Ok(LayerHandle(
+            Box::into_raw(Box::new(instance)).cast::<c_void>(),
+        ))
     })
 }
 
@@ -178,20 +180,27 @@ extern "C" fn forward<L: MultiLayer>(
             }
         };
         let params = Params::with_prepared(params, prepared);
-        let outputs: Vec<Option<TensorMut<'_>>> = outputs.into_mut_slice().iter_mut().map(|t| {
-            Some(TensorMut {
-                dtype: t.dtype,
-                shape: t.shape,
-                data: std::mem::take(&mut t.data),
+        let outputs: Vec<Option<TensorMut<'_>>> = outputs
+            .into_mut_slice()
+            .iter_mut()
+            .map(|t| {
+                Some(TensorMut {
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    data: std::mem::take(&mut t.data),
+                })
             })
-        }).collect();
+            .collect();
         let inputs = Inputs::new(&inst.input_names, inputs);
         let mut outputs = Outputs::new(&inst.output_names, outputs);
         inst.layer.forward(&inputs, &params, &mut outputs)
     })
 }
 
-extern "C" fn flops<L: MultiLayer>(handle: &LayerHandle, inputs: RSlice<'_, TensorDesc<'_>>) -> u64 {
+extern "C" fn flops<L: MultiLayer>(
+    handle: &LayerHandle,
+    inputs: RSlice<'_, TensorDesc<'_>>,
+) -> u64 {
     // Only a benchmark figure: a failure here means "unknown".
     guard(|| Ok(instance::<L>(handle).layer.flops(&infos(inputs)))).unwrap_or(0)
 }

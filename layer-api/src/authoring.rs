@@ -636,12 +636,7 @@ impl<'a> Params<'a> {
         self.prepared
             .ok_or("nothing was prepared for these parameters")?
             .downcast_ref::<T>()
-            .ok_or_else(|| {
-                format!(
-                    "the prepared data is not a {}",
-                    std::any::type_name::<T>()
-                )
-            })
+            .ok_or_else(|| format!("the prepared data is not a {}", std::any::type_name::<T>()))
     }
 }
 
@@ -669,7 +664,10 @@ mod tests {
         let ok = view::<f32>(&f32_ref(&[2, 3], &data)).unwrap().to_owned();
         assert_eq!(ok[[1, 0]], 4.0, "C order: row 1 starts at the fourth value");
         let err = view::<f32>(&f32_ref(&[2, 3], &data[..5])).unwrap_err();
-        assert!(err.contains("shape [2, 3] does not match its 20 bytes"), "{err}");
+        assert!(
+            err.contains("shape [2, 3] does not match its 20 bytes"),
+            "{err}"
+        );
         assert!(view::<f32>(&f32_ref(&[usize::MAX, 2], &data)).is_err());
         assert!(view::<f32>(&f32_ref(&[0, 3], &[])).unwrap().is_empty());
         let err = view::<i64>(&f32_ref(&[2, 3], &data)).unwrap_err();
@@ -690,7 +688,14 @@ mod tests {
             shape: RSlice::from_slice(&[2]),
             ..t
         };
-        assert_eq!(view::<bool>(&ok).unwrap().iter().copied().collect::<Vec<_>>(), [false, true]);
+        assert_eq!(
+            view::<bool>(&ok)
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            [false, true]
+        );
     }
 
     #[test]

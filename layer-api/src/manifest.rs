@@ -211,7 +211,9 @@ mod tests {
         bytes.extend_from_slice(&[0; 16]);
         let m = Manifest::parse(&bytes).unwrap();
         assert_eq!((m.abi, m.panic.as_str()), ((1, 9), "abort"));
-        assert!(Manifest::parse(b"NOTMAGIC{}").unwrap_err().contains("magic"));
+        assert!(Manifest::parse(b"NOTMAGIC{}")
+            .unwrap_err()
+            .contains("magic"));
         let mut bad = MANIFEST_MAGIC.to_vec();
         bad.extend_from_slice(b"{\"name\":1}\0");
         assert!(Manifest::parse(&bad).unwrap_err().contains("not valid"));

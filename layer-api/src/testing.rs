@@ -182,8 +182,16 @@ impl Harness {
             outputs: Vec::new(),
         };
         let signature = result((table.core.signature)(harness.handle()))?;
-        harness.inputs = signature.inputs.iter().map(|p| p.name.to_string()).collect();
-        harness.outputs = signature.outputs.iter().map(|p| p.name.to_string()).collect();
+        harness.inputs = signature
+            .inputs
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        harness.outputs = signature
+            .outputs
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
         Ok(harness)
     }
 
@@ -225,7 +233,10 @@ impl Harness {
                 },
             })
             .collect();
-        let plan = result((self.table.core.plan)(self.handle(), RSlice::from_slice(&descs)))?;
+        let plan = result((self.table.core.plan)(
+            self.handle(),
+            RSlice::from_slice(&descs),
+        ))?;
 
         let params: Vec<ArrayD<f32>> = plan
             .params
