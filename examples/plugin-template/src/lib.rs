@@ -1,5 +1,7 @@
 //! `scale`: multiplies each feature (the last input axis) by its own learned
-//! factor, `y[..., i] = x[..., i] * factor[i]`.
+//! factor, `y[..., i] = x[..., i] * factor[i]`. The layer is called `scale`
+//! because the crate is: `export_layer!` names it after the library,
+//! `libscale.so`.
 
 use layer_api::ndarray::Ix1;
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
@@ -22,7 +24,6 @@ pub struct Scale {
 }
 
 impl Layer for Scale {
-    const NAME: &'static str = "scale"; // so the library must be libscale.so
     const DESCRIPTION: &'static str = "y = x * factor, one factor per feature";
     type Config = ScaleConfig;
 
@@ -70,3 +71,18 @@ impl Layer for Scale {
 }
 
 export_layer!(Scale);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::array;
+    use layer_api::testing;
+
+    #[test]
+    fn multiplies_each_feature_by_its_own_factor() {
+        let x = array![[1.0f32, -2.0, 3.0], [0.5, 4.0, -6.0]].into_dyn();
+        let factor = array![1.0f32, -2.0, 0.5].into_dyn();
+        let y = testing::forward::<Scale>("{}", x, &[("factor", factor)]).unwrap();
+        assert_eq!(y, array![[1.0f32, 4.0, 1.5], [0.5, -8.0, -3.0]].into_dyn());
+    }
+}

@@ -8,7 +8,6 @@ use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params
 pub struct Centered;
 
 impl Layer for Centered {
-    const NAME: &'static str = "centered";
     const DESCRIPTION: &'static str = "y = x - mean(x), the mean over every element";
     type Config = NoConfig;
 
@@ -48,3 +47,48 @@ impl Layer for Centered {
 }
 
 export_layer!(Centered);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::{array, ArrayD, IxDyn};
+    use layer_api::testing;
+
+    #[test]
+    fn subtracts_the_mean_of_every_element_batch_included() {
+        // Sum 24 over 6 elements: the mean is 4.
+        let x = array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 9.0]].into_dyn();
+        let y = testing::forward::<Centered>("{}", x, &[]).unwrap();
+        assert_eq!(y, array![[-3.0f32, -2.0, -1.0], [0.0, 1.0, 5.0]].into_dyn());
+    }
+
+    #[test]
+    fn matches_mean_subtraction_on_a_larger_input() {
+        let shape = [3, 2, 5];
+        let values: Vec<f32> = (0..30)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len() as f64;
+        let x = ArrayD::from_shape_vec(IxDyn(&shape), values.clone()).unwrap();
+        let y = testing::forward::<Centered>("{}", x, &[]).unwrap();
+        assert_eq!(y.shape(), &shape);
+        for (got, &v) in y.iter().zip(&values) {
+            let want = (f64::from(v) - mean) as f32;
+            assert!((got - want).abs() < 1e-6, "{got} != {want}");
+        }
+    }
+
+    #[test]
+    fn an_empty_input_gives_an_empty_output() {
+        let x = ArrayD::<f32>::zeros(IxDyn(&[0, 4]));
+        let y = testing::forward::<Centered>("{}", x, &[]).unwrap();
+        assert_eq!(y.shape(), &[0, 4]);
+    }
+
+    #[test]
+    fn refuses_a_config_with_fields() {
+        let err = testing::forward::<Centered>(r#"{"units": 3}"#, array![1.0f32].into_dyn(), &[])
+            .unwrap_err();
+        assert!(err.contains("unknown field `units`"), "{err}");
+    }
+}

@@ -52,7 +52,6 @@ impl Linear {
 }
 
 impl Layer for Linear {
-    const NAME: &'static str = "linear";
     const DESCRIPTION: &'static str =
         "y = x · Wᵀ + b, W of shape (out_features, in_features), as torch.nn.Linear";
     type Config = LinearConfig;
@@ -144,3 +143,103 @@ impl Layer for Linear {
 }
 
 export_layer!(Linear);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::{array, ArrayD, IxDyn};
+    use layer_api::testing;
+
+    fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+    }
+
+    /// torch.nn.Linear: `y[.., o] = Σ_i x[.., i] W[o, i] + b[o]`, by loops.
+    fn torch_linear(x: &ArrayD<f32>, w: &ArrayD<f32>, b: Option<&ArrayD<f32>>) -> Vec<f32> {
+        let (out_features, in_features) = (w.shape()[0], w.shape()[1]);
+        let x = x.as_slice().unwrap();
+        let mut y = Vec::new();
+        for row in x.chunks(in_features) {
+            for o in 0..out_features {
+                let mut sum = b.map_or(0.0, |b| f64::from(b[[o]]));
+                for (i, &xi) in row.iter().enumerate() {
+                    sum += f64::from(xi) * f64::from(w[[o, i]]);
+                }
+                y.push(sum as f32);
+            }
+        }
+        y
+    }
+
+    fn assert_close(got: &ArrayD<f32>, want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{g} != {w}");
+        }
+    }
+
+    #[test]
+    fn computes_x_w_transposed_plus_b_by_hand() {
+        // W rows are outputs: y0 = 1·1 + 2·2 + 0.5 = 5.5, y1 = 1·(-1) + 2·0 - 1 = -2
+        // (no activation, so the negative stays).
+        let x = array![[1.0f32, 2.0]].into_dyn();
+        let w = array![[1.0f32, 2.0], [-1.0, 0.0]].into_dyn();
+        let b = array![0.5f32, -1.0].into_dyn();
+        let y =
+            testing::forward::<Linear>(r#"{"out_features": 2}"#, x, &[("weight", w), ("bias", b)])
+                .unwrap();
+        assert_eq!(y, array![[5.5f32, -2.0]].into_dyn());
+    }
+
+    #[test]
+    fn matches_torch_linear_and_keeps_leading_axes() {
+        let x = filled(&[2, 3, 5], 0);
+        let w = filled(&[4, 5], 3);
+        let b = filled(&[4], 9);
+        let y = testing::forward::<Linear>(
+            r#"{"out_features": 4, "in_features": 5}"#,
+            x.clone(),
+            &[("weight", w.clone()), ("bias", b.clone())],
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[2, 3, 4]);
+        assert_close(&y, &torch_linear(&x, &w, Some(&b)));
+    }
+
+    #[test]
+    fn without_bias_declares_and_adds_none() {
+        let x = filled(&[3, 5], 1);
+        let w = filled(&[2, 5], 7);
+        // Only `weight` is given: a declared `bias` would fail for want of a value.
+        let y = testing::forward::<Linear>(
+            r#"{"out_features": 2, "bias": false}"#,
+            x.clone(),
+            &[("weight", w.clone())],
+        )
+        .unwrap();
+        assert_close(&y, &torch_linear(&x, &w, None));
+    }
+
+    #[test]
+    fn refuses_bad_configs_and_inputs() {
+        let x = || filled(&[1, 4], 0);
+        let err = testing::forward::<Linear>(r#"{"out_features": 0}"#, x(), &[]).unwrap_err();
+        assert_eq!(err, "`out_features` must be at least 1");
+        let err = testing::forward::<Linear>(r#"{"out_features": 2, "in_features": 0}"#, x(), &[])
+            .unwrap_err();
+        assert!(err.starts_with("`in_features` must be at least 1"), "{err}");
+        let err = testing::forward::<Linear>(r#"{"out_features": 2, "in_features": 3}"#, x(), &[])
+            .unwrap_err();
+        assert!(
+            err.contains("expects 3 input features (config `in_features`)"),
+            "{err}"
+        );
+        let err =
+            testing::forward::<Linear>(r#"{"out_features": 2, "bias": 1}"#, x(), &[]).unwrap_err();
+        assert!(err.contains("expected a boolean"), "{err}");
+    }
+}

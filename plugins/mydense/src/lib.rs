@@ -41,7 +41,6 @@ impl MyDense {
 }
 
 impl Layer for MyDense {
-    const NAME: &'static str = "mydense";
     const DESCRIPTION: &'static str = "y = relu(x · W + b), W of shape (in_units, units)";
     type Config = MyDenseConfig;
 
@@ -112,3 +111,82 @@ impl Layer for MyDense {
 }
 
 export_layer!(MyDense);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::{array, ArrayD, IxDyn};
+    use layer_api::testing;
+
+    fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+    }
+
+    #[test]
+    fn computes_relu_of_x_w_plus_b_by_hand() {
+        // x W = [1·1 + 2·3, 1·(-2) + 2·0.5] = [7, -1]; + b = [6.5, -0.5];
+        // relu zeroes the second.
+        let x = array![[1.0f32, 2.0]].into_dyn();
+        let w = array![[1.0f32, -2.0], [3.0, 0.5]].into_dyn();
+        let b = array![-0.5f32, 0.5].into_dyn();
+        let y = testing::forward::<MyDense>(r#"{"units": 2}"#, x, &[("weight", w), ("bias", b)])
+            .unwrap();
+        assert_eq!(y, array![[6.5f32, 0.0]].into_dyn());
+    }
+
+    #[test]
+    fn matches_explicit_loops_and_keeps_leading_axes() {
+        let (in_units, units) = (4, 3);
+        let x = filled(&[2, 3, in_units], 0);
+        let w = filled(&[in_units, units], 5);
+        let b = filled(&[units], 11);
+        let y = testing::forward::<MyDense>(
+            r#"{"units": 3, "in_units": 4}"#,
+            x.clone(),
+            &[("weight", w.clone()), ("bias", b.clone())],
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[2, 3, units]);
+        let mut zeros = 0;
+        for a in 0..2 {
+            for r in 0..3 {
+                for k in 0..units {
+                    let mut sum = f64::from(b[[k]]);
+                    for i in 0..in_units {
+                        sum += f64::from(x[[a, r, i]]) * f64::from(w[[i, k]]);
+                    }
+                    let want = sum.max(0.0) as f32;
+                    zeros += usize::from(want == 0.0);
+                    let got = y[[a, r, k]];
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "[{a}, {r}, {k}]: {got} != {want}"
+                    );
+                }
+            }
+        }
+        assert!(zeros > 0 && zeros < 18, "the case exercises relu both ways");
+    }
+
+    #[test]
+    fn refuses_bad_configs_and_inputs() {
+        let x = || filled(&[1, 4], 0);
+        let err = testing::forward::<MyDense>(r#"{"units": 0}"#, x(), &[]).unwrap_err();
+        assert_eq!(err, "`units` must be at least 1");
+        let err =
+            testing::forward::<MyDense>(r#"{"units": 2, "in_units": 0}"#, x(), &[]).unwrap_err();
+        assert!(err.starts_with("`in_units` must be at least 1"), "{err}");
+        let err =
+            testing::forward::<MyDense>(r#"{"units": 2, "in_units": 3}"#, x(), &[]).unwrap_err();
+        assert!(
+            err.contains("expects 3 input features (config `in_units`)"),
+            "{err}"
+        );
+        let err = testing::forward::<MyDense>(r#"{"unit": 2}"#, x(), &[]).unwrap_err();
+        assert!(err.contains("unknown field `unit`"), "{err}");
+    }
+}

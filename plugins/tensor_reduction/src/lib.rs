@@ -9,7 +9,8 @@
 //! `V_(ij)k = W_ijk + W_jik` (`W_iik` on the diagonal), builds the upper
 //! triangle of each row's outer product `x ⊗ x`, and multiplies the two with
 //! one matrix product per block of rows: half the work of the full outer
-//! product, in a GEMM rather than a triple loop.
+//! product, in a GEMM rather than a triple loop. The fold is done once per
+//! set of parameters, in `prepare`; every `forward` uses the folded `V`.
 //!
 //! The parameter and its default initializer; a model file may override it
 //! with `"init"`. PyTorch has no such layer to copy a default from: a standard
@@ -22,6 +23,7 @@
 
 use layer_api::{
     export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
+    Prepared,
 };
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView3, ArrayViewMut2, Ix3};
 use serde::Deserialize;
@@ -50,6 +52,13 @@ impl TensorReduction {
     fn in_units(&self, input_shape: &[usize]) -> Result<usize, String> {
         last_axis_features(input_shape, self.in_units, "in_units")
     }
+}
+
+/// What `prepare` derives from `W`: `V`, the weight folded over its two
+/// input axes, for `in_units` input features.
+struct Folded {
+    in_units: usize,
+    weight: Array2<f32>,
 }
 
 /// `W` folded over its two input axes: row `(i, j)` for `i ≤ j`, in the
@@ -84,7 +93,6 @@ fn upper_outer_product(x: &[f32], pairs: &mut [f32]) {
 }
 
 impl Layer for TensorReduction {
-    const NAME: &'static str = "tensor_reduction";
     const DESCRIPTION: &'static str =
         "y_k = Σ_ij W_ijk x_i x_j, W of shape (in_units, in_units, units)";
     type Config = TensorReductionConfig;
@@ -133,15 +141,44 @@ impl Layer for TensorReduction {
         (rows * pairs + 2 * rows * pairs * self.units) as u64
     }
 
+    fn prepare(
+        &self,
+        input_shape: &[usize],
+        params: &Params<'_>,
+    ) -> Result<Option<Prepared>, String> {
+        let in_units = self.in_units(input_shape)?;
+        let weight = params.get::<Ix3>("weight")?;
+        let expected = (in_units, in_units, self.units);
+        if weight.dim() != expected {
+            return Err(format!(
+                "parameter `weight` has shape {:?}, not {expected:?}",
+                weight.shape()
+            ));
+        }
+        Ok(Some(Box::new(Folded {
+            in_units,
+            weight: fold_symmetric(weight),
+        })))
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
         params: &Params<'_>,
         mut output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String> {
-        let weight = params.get::<Ix3>("weight")?;
-        let in_units = weight.dim().0;
-        let folded = fold_symmetric(weight);
+        let Folded {
+            in_units,
+            weight: folded,
+        } = params.prepared::<Folded>()?;
+        let in_units = *in_units;
+        if input.shape().last() != Some(&in_units) {
+            return Err(format!(
+                "the weight was prepared for {in_units} input features, but the input has \
+                 shape {:?}",
+                input.shape()
+            ));
+        }
         let x = input
             .as_slice()
             .ok_or("the host lent an input that is not contiguous")?;
@@ -164,10 +201,133 @@ impl Layer for TensorReduction {
             }
             let mut y_block = ArrayViewMut2::from_shape((rows, self.units), y_block)
                 .map_err(|e| format!("output block as ({rows}, {}): {e}", self.units))?;
-            general_mat_mul(1.0, &outer_block, &folded, 0.0, &mut y_block);
+            general_mat_mul(1.0, &outer_block, folded, 0.0, &mut y_block);
         }
         Ok(())
     }
 }
 
 export_layer!(TensorReduction);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::{array, ArrayD, IxDyn};
+    use layer_api::testing::{self, Harness};
+    use layer_api::INPUT;
+
+    fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+    }
+
+    /// The textbook triple sum `y_k = Σ_i Σ_j W_ijk x_i x_j` for every row,
+    /// in f64, over the full (unfolded) `W`.
+    fn triple_sum(x: &ArrayD<f32>, w: &ArrayD<f32>) -> Vec<f32> {
+        let (n, units) = (w.shape()[0], w.shape()[2]);
+        let mut y = Vec::new();
+        for row in x.as_slice().unwrap().chunks(n) {
+            for k in 0..units {
+                let mut sum = 0.0f64;
+                for i in 0..n {
+                    for j in 0..n {
+                        sum += f64::from(w[[i, j, k]]) * f64::from(row[i]) * f64::from(row[j]);
+                    }
+                }
+                y.push(sum as f32);
+            }
+        }
+        y
+    }
+
+    fn assert_close(got: &ArrayD<f32>, want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-4, "{g} != {w}");
+        }
+    }
+
+    #[test]
+    fn computes_the_reduction_by_hand() {
+        // 1·1·1 + 2·1·2 + 3·2·1 + 4·2·2 = 27.
+        let x = array![[1.0f32, 2.0]].into_dyn();
+        let w = array![[[1.0f32], [2.0]], [[3.0], [4.0]]].into_dyn();
+        let y =
+            testing::forward::<TensorReduction>(r#"{"units": 1}"#, x, &[("weight", w)]).unwrap();
+        assert_eq!(y, array![[27.0f32]].into_dyn());
+    }
+
+    #[test]
+    fn folding_adds_the_mirrored_weights_off_the_diagonal() {
+        let w = array![[[1.0f32, 10.0], [2.0, 20.0]], [[3.0, 30.0], [4.0, 40.0]]];
+        // Rows (0, 0), (0, 1), (1, 1): W_00, W_01 + W_10, W_11.
+        assert_eq!(
+            fold_symmetric(w.view()),
+            array![[1.0f32, 10.0], [5.0, 50.0], [4.0, 40.0]]
+        );
+    }
+
+    #[test]
+    fn the_prepared_fold_matches_the_triple_sum_and_keeps_leading_axes() {
+        let x = filled(&[2, 3, 4], 0);
+        let w = filled(&[4, 4, 3], 5);
+        let y = testing::forward::<TensorReduction>(
+            r#"{"units": 3, "in_units": 4}"#,
+            x.clone(),
+            &[("weight", w.clone())],
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[2, 3, 3]);
+        assert_close(&y, &triple_sum(&x, &w));
+    }
+
+    #[test]
+    fn one_layer_serves_any_batch_size_including_more_than_a_block() {
+        let harness = Harness::new::<TensorReduction>(r#"{"units": 2}"#).unwrap();
+        let w = filled(&[3, 3, 2], 1);
+        for rows in [0, 1, ROWS_PER_BLOCK + 3] {
+            let x = filled(&[rows, 3], rows);
+            let mut outputs = harness
+                .run(vec![(INPUT, x.clone().into())], &[("weight", w.clone())])
+                .unwrap();
+            let y = outputs.pop().unwrap().1.into_array::<f32>().unwrap();
+            assert_eq!(y.shape(), &[rows, 2]);
+            assert_close(&y, &triple_sum(&x, &w));
+        }
+        harness.close().unwrap();
+    }
+
+    #[test]
+    fn forward_without_preparation_says_so() {
+        let layer = TensorReduction::new(TensorReductionConfig {
+            units: 1,
+            in_units: None,
+        })
+        .unwrap();
+        let x = filled(&[1, 2], 0);
+        let mut y = ArrayD::<f32>::zeros(IxDyn(&[1, 1]));
+        let err = layer
+            .forward(x.view(), &Params::new(&[]), y.view_mut())
+            .unwrap_err();
+        assert!(err.contains("nothing was prepared"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_configs_and_inputs() {
+        let x = || filled(&[1, 4], 0);
+        let err = testing::forward::<TensorReduction>(r#"{"units": 0}"#, x(), &[]).unwrap_err();
+        assert_eq!(err, "`units` must be at least 1");
+        let err = testing::forward::<TensorReduction>(r#"{"units": 2, "in_units": 0}"#, x(), &[])
+            .unwrap_err();
+        assert!(err.starts_with("`in_units` must be at least 1"), "{err}");
+        let err = testing::forward::<TensorReduction>(r#"{"units": 2, "in_units": 3}"#, x(), &[])
+            .unwrap_err();
+        assert!(
+            err.contains("expects 3 input features (config `in_units`)"),
+            "{err}"
+        );
+    }
+}

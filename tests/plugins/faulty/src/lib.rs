@@ -30,6 +30,8 @@ pub enum Failure {
     Nondeterministic,
     /// Divides by zero.
     InfiniteOutput,
+    /// Works, but panics when the layer is dropped.
+    PanicInDrop,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,7 +46,6 @@ pub struct Faulty {
 }
 
 impl Layer for Faulty {
-    const NAME: &'static str = "faulty";
     const DESCRIPTION: &'static str = "identity that fails on purpose (for tests)";
     type Config = FaultyConfig;
 
@@ -119,4 +120,34 @@ impl Layer for Faulty {
     }
 }
 
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        // Never while already unwinding: a second panic would abort.
+        if self.fail == Failure::PanicInDrop && !std::thread::panicking() {
+            panic!("faulty: told to panic in drop");
+        }
+    }
+}
+
 export_layer!(Faulty);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::array;
+    use layer_api::testing::Harness;
+    use layer_api::INPUT;
+
+    #[test]
+    fn panic_in_drop_runs_then_panics_when_dropped() {
+        let harness = Harness::new::<Faulty>(r#"{"fail": "panic_in_drop"}"#).unwrap();
+        let x = array![[1.0f32, -2.0]].into_dyn();
+        let outputs = harness.run(vec![(INPUT, x.clone().into())], &[]).unwrap();
+        assert_eq!(outputs[0].1, x.into());
+        let err = harness.close().unwrap_err();
+        assert!(err.contains("faulty: told to panic in drop"), "{err}");
+
+        let harness = Harness::new::<Faulty>("{}").unwrap();
+        harness.close().unwrap();
+    }
+}
