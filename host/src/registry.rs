@@ -546,8 +546,10 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
     };
     // The table and everything it points to are 'static: never unload.
     std::mem::forget(library);
-    // The mapping keeps the code; the descriptor is no longer needed.
-    drop(sealed);
+    // Keep the descriptor open for the life of the process: the dynamic
+    // loader knows the library by the name "/proc/self/fd/N", and would
+    // hand back this library for a later plugin opened under a reused N.
+    std::mem::forget(sealed);
 
     // SAFETY: the symbol of a library that stays loaded, whose manifest said
     // interface 1.x.
@@ -573,8 +575,7 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
         let summary = detail
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .last()
+            .rfind(|l| !l.is_empty())
             .unwrap_or("layouts differ")
             .to_string();
         PluginError::Layout {

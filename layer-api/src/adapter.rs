@@ -221,7 +221,7 @@ extern "C" fn prepare<L: MultiLayer>(
     })
 }
 
-extern "C" fn drop_prepared<L: MultiLayer>(
+extern "C" fn drop_prepared(
     _handle: &LayerHandle,
     prepared: PreparedHandle,
 ) -> RResult<(), LayerError> {
@@ -254,7 +254,7 @@ pub const fn plugin_table<L: MultiLayer>() -> PluginTable {
         },
         flops: Some(flops::<L>),
         prepare: Some(prepare::<L>),
-        drop_prepared: Some(drop_prepared::<L>),
+        drop_prepared: Some(drop_prepared),
     }
 }
 
