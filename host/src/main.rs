@@ -16,7 +16,6 @@ use host::runtime::{Model, TensorSpec};
 use host::tensor::Tensor;
 use host::trace::LayerTrace;
 use host::{conformance, npy, pin, print, stream, Error};
-use layer_api::DType;
 
 #[derive(Parser)]
 #[command(
@@ -271,9 +270,9 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
     let mut input = NpyRowReader::open(&args.input).map_err(npy_error)?;
     let model = Model::load(spec, &registry)?;
-    // The input is read as float32 and converted to the element type the
-    // first layer takes.
-    let first_dtype = model.input_dtype(DType::F32);
+    // The input is read in its own element type and converted to one the
+    // first layer takes (float64 into a float32 layer, as numpy's astype).
+    let first_dtype = model.input_dtype(input.dtype().tensor_dtype());
     let plans = model.plan_typed(TensorSpec::new(first_dtype, input.shape()))?;
     let params = load_params(
         &model,
@@ -294,7 +293,9 @@ fn run(args: RunArgs) -> Result<(), Error> {
         if args.batch_size.is_some() {
             eprintln!("note: --batch-size does not apply: {reason}, so the whole input is processed at once");
         }
-        let input = Tensor::F32(input.into_array().map_err(npy_error)?)
+        let input = input
+            .into_tensor()
+            .map_err(npy_error)?
             .convert(first_dtype)
             .map_err(|message| Error::Model {
                 path: args.model.clone(),

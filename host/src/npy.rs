@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use crate::tensor::Tensor;
+use layer_api::DType;
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use thiserror::Error;
 
@@ -114,6 +115,48 @@ impl Dtype {
             size,
             little_endian,
             descr: descr.to_string(),
+        })
+    }
+
+    /// The element type the host keeps this type's values in: its own where
+    /// the interface has it, else the narrowest signed integer type that
+    /// holds every value (uint64 as int64, its values checked on reading).
+    pub fn tensor_dtype(&self) -> DType {
+        match (self.kind, self.size) {
+            (Kind::Bool, _) => DType::BOOL,
+            (Kind::Float, 2) => DType::F16,
+            (Kind::Float, 4) => DType::F32,
+            (Kind::Float, _) => DType::F64,
+            (Kind::Uint, 1) => DType::U8,
+            (Kind::Int, 1 | 2 | 4) | (Kind::Uint, 2) => DType::I32,
+            (Kind::Int, _) | (Kind::Uint, _) => DType::I64,
+        }
+    }
+
+    /// One element's bytes in little-endian order, 8 bytes wide.
+    fn le_bytes(&self, bytes: &[u8]) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..self.size].copy_from_slice(bytes);
+        if !self.little_endian {
+            b[..self.size].reverse();
+        }
+        b
+    }
+
+    /// One integer or boolean element, exactly (`None` for a uint64 past
+    /// int64's range).
+    fn to_i64(&self, bytes: &[u8]) -> Option<i64> {
+        let b = self.le_bytes(bytes);
+        Some(match (self.kind, self.size) {
+            (Kind::Bool, _) => i64::from(b[0] != 0),
+            (Kind::Int, 1) => i64::from(b[0] as i8),
+            (Kind::Int, 2) => i64::from(i16::from_le_bytes([b[0], b[1]])),
+            (Kind::Int, 4) => i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            (Kind::Uint, 1) => i64::from(b[0]),
+            (Kind::Uint, 2) => i64::from(u16::from_le_bytes([b[0], b[1]])),
+            (Kind::Uint, 4) => i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            (Kind::Uint, _) => i64::try_from(u64::from_le_bytes(b)).ok()?,
+            _ => i64::from_le_bytes(b),
         })
     }
 
@@ -422,6 +465,66 @@ pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dt
     ))
 }
 
+/// Reads an `.npy` file into a tensor of the element type its dtype maps to
+/// ([`Dtype::tensor_dtype`]), values exact, in C order.
+pub fn read_tensor(path: &Path) -> Result<Tensor, NpyError> {
+    let file = File::open(path).map_err(|e| NpyError::Io(e.to_string()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| NpyError::Io(e.to_string()))?
+        .len();
+    let mut reader = BufReader::new(file);
+    let header = read_header(&mut reader)?;
+    let elements = data_elements(&header, len)?;
+    let dtype = &header.dtype;
+    let mut bytes = vec![0u8; elements * dtype.size];
+    read_exact_or(&mut reader, &mut bytes, || {
+        NpyError::Io("the data ended before its declared length".into())
+    })?;
+    let each = bytes.chunks_exact(dtype.size);
+    let shape = if header.fortran_order {
+        IxDyn(&header.shape).f()
+    } else {
+        IxDyn(&header.shape).into()
+    };
+    fn array<T: Clone>(shape: ndarray::Shape<IxDyn>, data: Vec<T>) -> ArrayD<T> {
+        ArrayD::from_shape_vec(shape, data)
+            .expect("element count checked against the shape")
+            .as_standard_layout()
+            .into_owned()
+    }
+    let too_large = || NpyError::Io(format!("a {} value exceeds int64's range", dtype.descr));
+    let tensor = match dtype.tensor_dtype() {
+        DType::F32 => Tensor::F32(array(shape, each.map(|b| dtype.to_f32(b)).collect())),
+        DType::F64 => Tensor::F64(array(
+            shape,
+            each.map(|b| f64::from_le_bytes(dtype.le_bytes(b)))
+                .collect(),
+        )),
+        DType::F16 => Tensor::F16(array(
+            shape,
+            each.map(|b| {
+                let b = dtype.le_bytes(b);
+                half::f16::from_le_bytes([b[0], b[1]])
+            })
+            .collect(),
+        )),
+        DType::BOOL => Tensor::Bool(array(shape, each.map(|b| u8::from(b[0] != 0)).collect())),
+        DType::U8 => Tensor::U8(array(shape, each.map(|b| b[0]).collect())),
+        DType::I32 => Tensor::I32(array(
+            shape,
+            each.map(|b| dtype.to_i64(b).map_or(0, |v| v as i32))
+                .collect(),
+        )),
+        _ => Tensor::I64(array(
+            shape,
+            each.map(|b| dtype.to_i64(b).ok_or_else(too_large))
+                .collect::<Result<Vec<_>, _>>()?,
+        )),
+    };
+    Ok(tensor)
+}
+
 /// The number of elements the header's shape describes, checked against the
 /// `len` bytes of the whole file, so that nothing is allocated for a shape
 /// the file cannot hold.
@@ -589,6 +692,7 @@ impl<W: Write> NpyWriter<W> {
 /// against the file's size when it is opened.
 pub struct NpyRowReader {
     path: PathBuf,
+    dtype: Dtype,
     shape: Vec<usize>,
     /// Elements per row: the product of every axis but the first.
     row_len: usize,
@@ -654,6 +758,7 @@ impl NpyRowReader {
         };
         Ok(NpyRowReader {
             path: path.to_path_buf(),
+            dtype: header.dtype.clone(),
             shape: header.shape,
             row_len,
             source,
@@ -742,6 +847,16 @@ impl NpyRowReader {
     }
 
     /// The whole array, in C order.
+    /// The file's element type.
+    pub fn dtype(&self) -> &Dtype {
+        &self.dtype
+    }
+
+    /// Reads the whole array in the element type its dtype maps to.
+    pub fn into_tensor(self) -> Result<Tensor, NpyError> {
+        read_tensor(&self.path)
+    }
+
     pub fn into_array(self) -> Result<ArrayD<f32>, NpyError> {
         match self.source {
             RowSource::Whole(array) => Ok(array),

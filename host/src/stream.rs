@@ -36,6 +36,8 @@ pub enum Unchunkable<'m> {
     /// This layer's output rows depend on other rows (or it does not keep
     /// the number of rows).
     Layer(&'m ModelLayer),
+    /// Rows are streamed as float32: the model must take and give float32.
+    NotFloat32,
 }
 
 impl std::fmt::Display for Unchunkable<'_> {
@@ -49,6 +51,11 @@ impl std::fmt::Display for Unchunkable<'_> {
                 "layer '{}' ({}) is not batch-independent",
                 layer.name, layer.plugin.name
             ),
+            Unchunkable::NotFloat32 => write!(
+                f,
+                "streaming reads and writes float32 rows, and this model's input or output \
+                 is of another element type"
+            ),
         }
     }
 }
@@ -58,6 +65,11 @@ impl std::fmt::Display for Unchunkable<'_> {
 pub fn check_chunkable<'m>(model: &'m Model, plans: &[LayerPlan]) -> Result<(), Unchunkable<'m>> {
     if plans.first().is_none_or(|p| p.input_shape.len() < 2) {
         return Err(Unchunkable::NoBatchAxis);
+    }
+    let first_dtype = plans[0].inputs[0].as_ref().map(|s| s.dtype);
+    let last_dtype = plans.last().map(|p| p.outputs[0].dtype);
+    if first_dtype != Some(DType::F32) || last_dtype != Some(DType::F32) {
+        return Err(Unchunkable::NotFloat32);
     }
     for (layer, plan) in model.layers.iter().zip(plans) {
         let keeps_rows =

@@ -19,6 +19,7 @@ const PLUGINS: &[&str] = &[
     "tensor_reduction",
     "fourier",
     "faulty",
+    "cast",
 ];
 
 pub fn repo_root() -> PathBuf {
