@@ -63,8 +63,39 @@ struct CheckPluginArgs {
     /// A layer config (JSON object) to check with (repeatable; default {}).
     #[arg(long = "config", value_name = "JSON")]
     configs: Vec<String>,
+    /// Also check the layer's outputs against reference values (check `reference`, with
+    /// each config).
+    ///
+    /// CASES.npz is an .npz file (np.savez or np.savez_compressed) of arrays named
+    /// `input.<name>`, one for each of the layer's inputs (an optional one may be left
+    /// out), of a type the input accepts; `param.<name>`, one for each parameter the layer
+    /// declares for those inputs, of the declared shape (float32; float64 and float16 are
+    /// converted to float32); and `output.<name>`, the expected value of each output, of
+    /// the type and shape the layer plans. Arrays may be float32, float64, float16, int64,
+    /// int32, uint8 or bool. The layer is planned for the inputs and run once; each output
+    /// must be within --tolerance of its expected value, and a mismatch names the output,
+    /// its worst element's index, the value and the expected value. For a one-input layer
+    /// the names are `input.input` and `output.output`; e.g. for mydense:
+    /// np.savez("cases.npz", **{"input.input": x, "param.weight": w, "param.bias": b,
+    /// "output.output": y}).
+    #[arg(long, value_name = "CASES.npz")]
+    reference: Option<PathBuf>,
+    /// How far a float output may be from its reference value, as a fraction of the
+    /// largest magnitude of that output's expected value (integer and bool outputs must
+    /// match exactly) [default: 1e-5]
+    #[arg(long, value_name = "T", requires = "reference", value_parser = parse_tolerance)]
+    tolerance: Option<f64>,
     #[command(flatten)]
     plugins: PluginDirs,
+}
+
+fn parse_tolerance(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!(
+            "'{text}' is not a tolerance: give a non-negative number, e.g. 1e-5"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -557,6 +588,8 @@ fn init(args: InitArgs) -> Result<(), Error> {
     let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
     let infos = summary.resolved_params(None)?;
     let store = ParamStore::initialize(&infos, args.seed.unwrap_or(model.spec.seed));
+    // As in `run`: a panic in a layer's `Drop` fails before anything is written.
+    model.close()?;
     store.save_safetensors(&args.out)?;
     let values: usize = store.iter().map(|(_, t)| t.len()).sum();
     print_stdout(&format!(
@@ -627,8 +660,17 @@ fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
         .iter()
         .map(|text| conformance::parse_config(text))
         .collect::<Result<Vec<_>, _>>()?;
+    let reference = args
+        .reference
+        .as_deref()
+        .map(conformance::Reference::read)
+        .transpose()?;
     let path = conformance::locate(&args.plugin, &registry)?;
-    let report = conformance::check_library(&path, &configs);
+    let options = conformance::Options {
+        reference,
+        tolerance: args.tolerance.unwrap_or(conformance::DEFAULT_TOLERANCE),
+    };
+    let report = conformance::check_library_with(&path, &configs, &options);
     print_stdout(&format!("{report}\n"))?;
     report.into_result(&args.plugin).map(drop)
 }
