@@ -1,0 +1,339 @@
+//! What the export macro puts between a [`MultiLayer`] and the binary
+//! interface: the functions of the plugin's table. They convert the
+//! boundary's types to the authoring ones and catch every panic, so that
+//! nothing unwinds into the host.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::ffi::c_void;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+
+use abi_stable::std_types::{RErr, ROk, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
+use abi_stable::StableAbi;
+use serde::de::DeserializeOwned;
+
+use crate::abi::{
+    self, CoreTable, DType, LayerError, LayerHandle, ParamRef, PluginTable, PortDecl,
+    PreparedHandle, ProbeCase, TensorDesc, TensorMut, TensorRef, ABI_MAJOR, ABI_MINOR,
+};
+use crate::authoring::{Inputs, MultiLayer, Outputs, Params, TensorInfo};
+
+/// A created layer, with the names of its ports fixed at creation.
+pub(crate) struct Instance<L> {
+    pub(crate) layer: L,
+    pub(crate) input_names: Vec<String>,
+    pub(crate) output_names: Vec<String>,
+}
+
+fn instance<L>(handle: &LayerHandle) -> &Instance<L> {
+    // SAFETY: the host passes back only handles this plugin's `create`
+    // made for this layer type, until it passes them to `drop_layer`.
+    unsafe { &*handle.0.cast::<Instance<L>>() }
+}
+
+fn infos(inputs: RSlice<'_, TensorDesc<'_>>) -> Vec<Option<TensorInfo>> {
+    inputs
+        .iter()
+        .map(|d| (d.dtype != DType::ABSENT).then(|| TensorInfo::new(d.dtype, d.shape.to_vec())))
+        .collect()
+}
+
+extern "C" fn create<L: MultiLayer>(config_json: RStr<'_>) -> RResult<LayerHandle, LayerError> {
+    guard(|| {
+        let config = parse_config::<L::Config>(config_json.as_str())?;
+        let layer = L::new(config)?;
+        let signature = layer.signature();
+        let instance = Instance {
+            input_names: signature.inputs.iter().map(|p| p.name.clone()).collect(),
+            output_names: signature.outputs.clone(),
+            layer,
+        };
+        Ok(LayerHandle(
+            Box::into_raw(Box::new(instance)).cast::<c_void>(),
+        ))
+    })
+}
+
+extern "C" fn drop_layer<L: MultiLayer>(handle: LayerHandle) -> RResult<(), LayerError> {
+    guard(|| {
+        // SAFETY: made by `create::<L>`; the host passes each handle here once
+        // and never uses it after.
+        drop(unsafe { Box::from_raw(handle.0.cast::<Instance<L>>()) });
+        Ok(())
+    })
+}
+
+extern "C" fn signature<L: MultiLayer>(
+    handle: &LayerHandle,
+) -> RResult<abi::Signature, LayerError> {
+    guard(|| {
+        let s = instance::<L>(handle).layer.signature();
+        Ok(abi::Signature {
+            inputs: s
+                .inputs
+                .into_iter()
+                .map(|p| PortDecl {
+                    name: p.name.into(),
+                    optional: p.optional,
+                    dtypes: p.dtypes.into(),
+                })
+                .collect(),
+            outputs: s
+                .outputs
+                .into_iter()
+                .map(|name| PortDecl {
+                    name: name.into(),
+                    optional: false,
+                    dtypes: RVec::new(),
+                })
+                .collect(),
+        })
+    })
+}
+
+extern "C" fn plan<L: MultiLayer>(
+    handle: &LayerHandle,
+    inputs: RSlice<'_, TensorDesc<'_>>,
+) -> RResult<abi::LayerPlan, LayerError> {
+    guard(|| {
+        let plan = instance::<L>(handle).layer.plan(&infos(inputs))?;
+        Ok(abi::LayerPlan {
+            outputs: plan
+                .outputs
+                .into_iter()
+                .map(|t| abi::TensorSpec {
+                    dtype: t.dtype,
+                    shape: t.shape.into(),
+                })
+                .collect(),
+            params: plan.params.into_iter().map(|p| p.into_decl()).collect(),
+        })
+    })
+}
+
+extern "C" fn batch_independent<L: MultiLayer>(handle: &LayerHandle) -> RResult<bool, LayerError> {
+    guard(|| Ok(instance::<L>(handle).layer.batch_independent()))
+}
+
+extern "C" fn probes<L: MultiLayer>(handle: &LayerHandle) -> RResult<RVec<ProbeCase>, LayerError> {
+    guard(|| {
+        Ok(instance::<L>(handle)
+            .layer
+            .probes()
+            .into_iter()
+            .map(|p| ProbeCase {
+                inputs: p
+                    .inputs
+                    .into_iter()
+                    .map(|i| match i {
+                        Some(i) => ROption::RSome(abi::ProbeInput {
+                            shape: i.shape.into(),
+                            dtype: i.dtype.unwrap_or(DType::ABSENT),
+                            low: i.range.0,
+                            high: i.range.1,
+                        }),
+                        None => ROption::RNone,
+                    })
+                    .collect(),
+            })
+            .collect())
+    })
+}
+
+extern "C" fn forward<L: MultiLayer>(
+    handle: &LayerHandle,
+    _prepared: PreparedHandle,
+    inputs: RSlice<'_, TensorRef<'_>>,
+    params: RSlice<'_, ParamRef<'_>>,
+    outputs: RSliceMut<'_, TensorMut<'_>>,
+) -> RResult<(), LayerError> {
+    guard(|| {
+        let inst = instance::<L>(handle);
+        let inputs = inputs.as_slice();
+        let params = Params::new(params.as_slice());
+        let outputs: Vec<Option<TensorMut<'_>>> = outputs
+            .into_mut_slice()
+            .iter_mut()
+            .map(|t| {
+                Some(TensorMut {
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    data: std::mem::take(&mut t.data),
+                })
+            })
+            .collect();
+        let inputs = Inputs::new(&inst.input_names, inputs);
+        let mut outputs = Outputs::new(&inst.output_names, outputs);
+        inst.layer.forward(&inputs, &params, &mut outputs)
+    })
+}
+
+/// The table of the plugin whose layer is `L`.
+#[doc(hidden)]
+pub const fn plugin_table<L: MultiLayer>() -> PluginTable {
+    PluginTable {
+        size: std::mem::size_of::<PluginTable>(),
+        abi_major: ABI_MAJOR,
+        abi_minor: ABI_MINOR,
+        core_layout: <CoreTable as StableAbi>::LAYOUT,
+        core: CoreTable {
+            create: create::<L>,
+            drop_layer: drop_layer::<L>,
+            signature: signature::<L>,
+            plan: plan::<L>,
+            batch_independent: batch_independent::<L>,
+            probes: probes::<L>,
+            forward: forward::<L>,
+        },
+    }
+}
+
+/// The capabilities [`plugin_table`] offers beyond the core, by name.
+#[doc(hidden)]
+pub const OFFERS: &[&str] = &[];
+
+/// Parses a layer config, refusing fields the config type does not know even
+/// when its author forgot `deny_unknown_fields`.
+pub(crate) fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, String> {
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(json);
+    let config: C = serde_ignored::deserialize(&mut de, |path| unknown.push(path.to_string()))
+        .map_err(|e| without_position(&e))?;
+    if !unknown.is_empty() {
+        return Err(format!("unknown config field `{}`", unknown.join("`, `")));
+    }
+    Ok(config)
+}
+
+/// serde_json appends "at line 1 column 17" to its messages; the config text
+/// the plugin sees was re-serialized by the host, so that position means
+/// nothing to the user.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+thread_local! {
+    /// True while this thread runs plugin code under [`guard`].
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    /// The message and location of the last panic caught under [`guard`].
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs, once, a panic hook that records panics raised under [`guard`]
+/// instead of printing them; the host prints them, naming the layer. Panics
+/// elsewhere go to the hook that was there before.
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if CAPTURING.with(Cell::get) {
+                let text = info.to_string().replace('\n', " ");
+                LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs plugin code, turning an `Err` into a [`LayerError`] and a panic into
+/// one marked `panicked`, so that nothing unwinds into the host.
+pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, LayerError> {
+    install_panic_hook();
+    let was_capturing = CAPTURING.with(|c| c.replace(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    CAPTURING.with(|c| c.set(was_capturing));
+    match result {
+        Ok(Ok(value)) => ROk(value),
+        Ok(Err(message)) => RErr(LayerError {
+            panicked: false,
+            message: message.into(),
+        }),
+        Err(payload) => {
+            let message = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| format!("panicked: {}", payload_text(payload.as_ref())));
+            RErr(LayerError {
+                panicked: true,
+                message: RString::from(message),
+            })
+        }
+    }
+}
+
+fn payload_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-text payload".to_string()
+    }
+}
+
+/// Exports a [`Layer`](crate::Layer) or [`MultiLayer`] type as this
+/// library's plugin. Use it once per plugin crate, whose `Cargo.toml` sets
+/// `crate-type = ["cdylib", "rlib"]`.
+///
+/// It writes two exported symbols: the manifest (name, version, interface
+/// version, capabilities, panic strategy), which the host reads from the
+/// file before opening it, and the table of functions. The layer's name is
+/// the crate's library name (`CARGO_CRATE_NAME`), the name of the file
+/// cargo builds (`lib<name>.so`).
+///
+/// The symbols have fixed names, so two plugin crates linked into one
+/// program as rlibs define them twice and the link fails. A plugin crate
+/// that declares a cargo feature `static` and is built with it leaves them
+/// out: the layer can then be linked into a program with others and called
+/// directly, but that build is no plugin. The `cfg` below is evaluated in
+/// the plugin crate, so it sees the plugin's own features and panic
+/// strategy.
+#[macro_export]
+macro_rules! export_layer {
+    ($layer:ty) => {
+        // Plugin crates need not declare a `static` feature: the allow
+        // spares those that do not a warning about an unknown feature.
+        #[allow(unexpected_cfgs)]
+        const _: () = {
+            #[cfg(not(feature = "static"))]
+            #[unsafe(export_name = "layer_plugin_manifest_v1")]
+            #[used]
+            static LAYER_PLUGIN_MANIFEST: [u8; $crate::abi::MANIFEST_CAPACITY] =
+                $crate::__private::build_manifest(&$crate::__private::ManifestParts {
+                    name: env!("CARGO_CRATE_NAME"),
+                    version: env!("CARGO_PKG_VERSION"),
+                    description: <$layer as $crate::MultiLayer>::DESCRIPTION,
+                    layer_api: $crate::LAYER_API_VERSION,
+                    abi: ($crate::abi::ABI_MAJOR, $crate::abi::ABI_MINOR),
+                    offers: $crate::__private::OFFERS,
+                    needs: &[],
+                    panic_abort: cfg!(panic = "abort"),
+                });
+            #[cfg(not(feature = "static"))]
+            #[unsafe(export_name = "layer_plugin_table_v1")]
+            #[used]
+            static LAYER_PLUGIN_TABLE: $crate::abi::PluginTable =
+                $crate::__private::plugin_table::<$layer>();
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_macro_exports_the_symbols_the_host_looks_up() {
+        let source = include_str!("adapter.rs");
+        for symbol in [abi::MANIFEST_SYMBOL, abi::TABLE_SYMBOL] {
+            let expected = format!("export_name = \"{symbol}\"");
+            assert!(source.contains(&expected), "macro must use {expected}");
+        }
+    }
+}

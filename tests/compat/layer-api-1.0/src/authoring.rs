@@ -1,0 +1,656 @@
+//! The authoring face: what a plugin writer implements and the types a layer
+//! sees. Two traits, one for each kind of layer:
+//!
+//! * [`Layer`]: one `float32` tensor in, one out: most layers. A plugin
+//!   implements it and exports it with [`export_layer!`](crate::export_layer).
+//! * [`MultiLayer`]: several named inputs and outputs, any element types,
+//!   optional inputs. Every [`Layer`] is a [`MultiLayer`] with one input
+//!   called `input` and one output called `output`.
+
+use ndarray::{ArrayView, ArrayViewD, ArrayViewMutD, Dimension, IxDyn};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::abi::{DType, ParamDecl, ParamRef, TensorMut, TensorRef};
+use crate::init::Init;
+
+/// A neural-network layer with one `float32` input and one `float32` output,
+/// as a plugin author writes it.
+///
+/// The host calls `output_shape` and `params` before any computation, with
+/// the shape of the input the layer will see, allocates the output and the
+/// parameters, and then calls `forward`. Errors are plain messages: say what
+/// is wrong and what would be right; the host adds which layer and plugin.
+/// A panic is caught at the boundary and reported as an error too.
+///
+/// The layer's name is its crate's library name (`mydense` for
+/// `libmydense.so`): the export macro writes it, so it cannot disagree with
+/// the file.
+pub trait Layer: Sized + Send + Sync + 'static {
+    /// One line saying what the layer computes.
+    const DESCRIPTION: &'static str;
+    /// The layer's config, deserialized from the model file's `"config"`
+    /// object. Use `#[serde(deny_unknown_fields)]` so that a misspelt field
+    /// names the fields that exist; the adapter refuses unknown fields either
+    /// way. Layers without options use [`NoConfig`].
+    type Config: DeserializeOwned;
+
+    /// Validates the config and builds the layer.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// The output shape for `input_shape`, or why that input is not valid.
+    fn output_shape(&self, input_shape: &[usize]) -> Result<Vec<usize>, String>;
+
+    /// The parameters this layer needs for `input_shape`. The host creates,
+    /// initializes, loads and saves them.
+    fn params(&self, _input_shape: &[usize]) -> Result<Vec<ParamSpec>, String> {
+        Ok(Vec::new())
+    }
+
+    /// True when output row `i` depends only on input row `i` (axis 0).
+    fn batch_independent(&self) -> bool;
+
+    /// Computes `output` (already shaped as `output_shape` said) from `input`
+    /// and the parameters. Write every element: the host hands over zeros,
+    /// but `host check-plugin` hands over a marker value and fails a layer
+    /// that leaves any of it.
+    fn forward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        output: ArrayViewMutD<'_, f32>,
+    ) -> Result<(), String>;
+}
+
+/// A layer with several named inputs and outputs of any element type.
+///
+/// The host asks for the [`Signature`] once, then calls `plan` with the
+/// element type and shape of every input (in the signature's order; `None`
+/// for an optional input left out) before any computation, allocates each
+/// output as the plan says, and calls `forward`.
+pub trait MultiLayer: Sized + Send + Sync + 'static {
+    /// One line saying what the layer computes.
+    const DESCRIPTION: &'static str;
+    /// As [`Layer::Config`].
+    type Config: DeserializeOwned;
+
+    /// Validates the config and builds the layer.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// The layer's inputs (with the element types each accepts) and outputs.
+    fn signature(&self) -> Signature;
+
+    /// Each output's element type and shape (in the signature's order) and
+    /// the parameters, for inputs described by `inputs`, or why those inputs
+    /// are not valid. The host has checked each present input's element type
+    /// against the signature.
+    fn plan(&self, inputs: &[Option<TensorInfo>]) -> Result<Plan, String>;
+
+    /// True when row `i` of every output depends only on row `i` of every
+    /// input (axis 0).
+    fn batch_independent(&self) -> bool;
+
+    /// Inputs for `host check-plugin` to run the layer on. Layers whose one
+    /// input is a float tensor may leave this empty and let the checker
+    /// try shapes; others should say, including the valid range of integer
+    /// inputs (an index tensor's `[0, rows)`).
+    fn probes(&self) -> Vec<Probe> {
+        Vec::new()
+    }
+
+    /// Computes every output (each already shaped as `plan` said) from the
+    /// inputs and the parameters. Write every element of every output.
+    fn forward(
+        &self,
+        inputs: &Inputs<'_>,
+        params: &Params<'_>,
+        outputs: &mut Outputs<'_>,
+    ) -> Result<(), String>;
+}
+
+/// The name of a one-input layer's input.
+pub const INPUT: &str = "input";
+/// The name of a one-output layer's output.
+pub const OUTPUT: &str = "output";
+
+impl<L: Layer> MultiLayer for L {
+    const DESCRIPTION: &'static str = L::DESCRIPTION;
+    type Config = L::Config;
+
+    fn new(config: Self::Config) -> Result<Self, String> {
+        L::new(config)
+    }
+
+    fn signature(&self) -> Signature {
+        Signature::new().input(INPUT, [DType::F32]).output(OUTPUT)
+    }
+
+    fn plan(&self, inputs: &[Option<TensorInfo>]) -> Result<Plan, String> {
+        let shape = &single_input(inputs)?.shape;
+        let output = self.output_shape(shape)?;
+        Ok(Plan::new([TensorInfo::new(DType::F32, output)]).params(self.params(shape)?))
+    }
+
+    fn batch_independent(&self) -> bool {
+        Layer::batch_independent(self)
+    }
+
+    fn forward(
+        &self,
+        inputs: &Inputs<'_>,
+        params: &Params<'_>,
+        outputs: &mut Outputs<'_>,
+    ) -> Result<(), String> {
+        let input = inputs.get::<f32>(INPUT)?;
+        let output = outputs.take::<f32>(OUTPUT)?;
+        Layer::forward(self, input, params, output)
+    }
+}
+
+fn single_input(inputs: &[Option<TensorInfo>]) -> Result<&TensorInfo, String> {
+    match inputs {
+        [Some(x)] => Ok(x),
+        _ => Err(format!(
+            "takes exactly one input, `{INPUT}`; the host passed {}",
+            inputs.len()
+        )),
+    }
+}
+
+/// A tensor's element type and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> TensorInfo {
+        TensorInfo {
+            dtype,
+            shape: shape.into(),
+        }
+    }
+}
+
+/// One input of a [`Signature`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputPort {
+    pub name: String,
+    pub optional: bool,
+    /// Accepted element types, preferred first.
+    pub dtypes: Vec<DType>,
+}
+
+/// A layer's named inputs and outputs, built with [`Signature::input`],
+/// [`Signature::optional_input`] and [`Signature::output`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Signature {
+    pub inputs: Vec<InputPort>,
+    pub outputs: Vec<String>,
+}
+
+impl Signature {
+    pub fn new() -> Signature {
+        Signature::default()
+    }
+
+    /// A required input accepting `dtypes` (preferred first).
+    pub fn input(mut self, name: &str, dtypes: impl Into<Vec<DType>>) -> Signature {
+        self.inputs.push(InputPort {
+            name: name.to_string(),
+            optional: false,
+            dtypes: dtypes.into(),
+        });
+        self
+    }
+
+    /// An input the layer can run without (a mask).
+    pub fn optional_input(mut self, name: &str, dtypes: impl Into<Vec<DType>>) -> Signature {
+        self.inputs.push(InputPort {
+            name: name.to_string(),
+            optional: true,
+            dtypes: dtypes.into(),
+        });
+        self
+    }
+
+    pub fn output(mut self, name: &str) -> Signature {
+        self.outputs.push(name.to_string());
+        self
+    }
+}
+
+/// What a layer will do for given inputs: its outputs and parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub outputs: Vec<TensorInfo>,
+    pub params: Vec<ParamSpec>,
+}
+
+impl Plan {
+    /// Outputs in the signature's order.
+    pub fn new(outputs: impl Into<Vec<TensorInfo>>) -> Plan {
+        Plan {
+            outputs: outputs.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// The parameters, in the order `forward` finds them.
+    pub fn params(mut self, params: Vec<ParamSpec>) -> Plan {
+        self.params = params;
+        self
+    }
+}
+
+/// How `host check-plugin` makes one input of a [`Probe`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeInput {
+    pub shape: Vec<usize>,
+    /// `None`: each element type the input accepts, in turn.
+    pub dtype: Option<DType>,
+    /// For integer inputs: values are drawn from `[low, high)`.
+    pub range: (i64, i64),
+}
+
+impl ProbeInput {
+    /// An input of `shape`, of each accepted element type in turn.
+    pub fn new(shape: impl Into<Vec<usize>>) -> ProbeInput {
+        ProbeInput {
+            shape: shape.into(),
+            dtype: None,
+            range: (0, 2),
+        }
+    }
+
+    /// Only this element type.
+    pub fn dtype(mut self, dtype: DType) -> ProbeInput {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// Integer values from `[low, high)`.
+    pub fn range(mut self, low: i64, high: i64) -> ProbeInput {
+        self.range = (low, high);
+        self
+    }
+}
+
+/// Inputs for `host check-plugin`: one per declared input, in the
+/// signature's order, `None` to leave an optional input out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub inputs: Vec<Option<ProbeInput>>,
+}
+
+impl Probe {
+    pub fn new(inputs: impl Into<Vec<Option<ProbeInput>>>) -> Probe {
+        Probe {
+            inputs: inputs.into(),
+        }
+    }
+}
+
+/// The size of the last axis, where layers like dense ones keep their
+/// features: inferred from the input when the config leaves `expected` out,
+/// checked against it when given (`field` names the config field in the
+/// message).
+pub fn last_axis_features(
+    input_shape: &[usize],
+    expected: Option<usize>,
+    field: &str,
+) -> Result<usize, String> {
+    let Some(&features) = input_shape.last() else {
+        return Err(
+            "needs an input of rank 1 or more, whose last axis holds the \
+                    features; got a scalar"
+                .into(),
+        );
+    };
+    match expected {
+        Some(expected) if expected != features => Err(format!(
+            "expects {expected} input features (config `{field}`), but the input's \
+             last axis has {features} (input shape {input_shape:?})"
+        )),
+        _ => Ok(features),
+    }
+}
+
+/// The config of a layer that has no options: only `{}` is accepted.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+/// A parameter declaration: name, shape, default initializer and the fans
+/// that scale the Xavier and Kaiming initializers. Parameters are
+/// `float32`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    name: String,
+    shape: Vec<usize>,
+    init: Init,
+    fans: Option<(usize, usize)>,
+}
+
+impl ParamSpec {
+    /// A parameter called `name` of `shape`, initialized by `init` unless the
+    /// model file says otherwise.
+    pub fn new(name: impl Into<String>, shape: impl Into<Vec<usize>>, init: Init) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            shape: shape.into(),
+            init,
+            fans: None,
+        }
+    }
+
+    /// Sets fan-in and fan-out. Without this they follow PyTorch's rule for a
+    /// weight laid out `(out, in, …)`: fan-in `shape[1] * receptive field`,
+    /// fan-out `shape[0] * receptive field`; a vector's fans are its length.
+    pub fn fans(mut self, fan_in: usize, fan_out: usize) -> ParamSpec {
+        self.fans = Some((fan_in, fan_out));
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub(crate) fn into_decl(self) -> ParamDecl {
+        let (fan_in, fan_out) = self.fans.unwrap_or_else(|| default_fans(&self.shape));
+        ParamDecl {
+            name: self.name.into(),
+            dtype: DType::F32,
+            shape: self.shape.into(),
+            fan_in,
+            fan_out,
+            init: self.init.to_json().into(),
+        }
+    }
+}
+
+fn default_fans(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (*n, *n),
+        [out, inp, rest @ ..] => {
+            let receptive: usize = rest.iter().product();
+            (inp * receptive, out * receptive)
+        }
+    }
+}
+
+/// An element type a tensor may hold.
+pub trait Element: Copy + Send + Sync + 'static + sealed::Sealed {
+    const DTYPE: DType;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t {
+            const DTYPE: DType = DType::$d;
+        }
+    )*};
+}
+
+element!(
+    f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16,
+    i64 => I64, i32 => I32, u8 => U8, bool => BOOL,
+);
+
+/// Checks `bytes` hold exactly `shape`'s elements of `T`, aligned, and (for
+/// `bool`) only 0 and 1; returns the element count.
+fn check_elements<T: Element>(shape: &[usize], bytes: &[u8]) -> Result<usize, String> {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| {
+            n.checked_mul(std::mem::size_of::<T>()) == Some(bytes.len())
+                && isize::try_from(bytes.len()).is_ok()
+        })
+        .ok_or_else(|| {
+            format!(
+                "tensor of shape {shape:?} does not match its {} bytes of {}",
+                bytes.len(),
+                T::DTYPE
+            )
+        })?;
+    if bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 && count > 0 {
+        return Err(format!("{} tensor data is not aligned", T::DTYPE));
+    }
+    if T::DTYPE == DType::BOOL && bytes.iter().any(|&b| b > 1) {
+        return Err("a bool tensor holds a byte other than 0 or 1".into());
+    }
+    Ok(count)
+}
+
+fn view<'a, T: Element>(t: &TensorRef<'a>) -> Result<ArrayViewD<'a, T>, String> {
+    if t.dtype != T::DTYPE {
+        return Err(format!("is {}, not {}", t.dtype, T::DTYPE));
+    }
+    let shape = t.shape.as_slice();
+    let bytes: &'a [u8] = t.data.as_slice();
+    check_elements::<T>(shape, bytes)?;
+    // SAFETY: `bytes` is live for 'a and holds exactly as many aligned,
+    // valid `T` as the shape has (checked above), in C order as the
+    // boundary's contract says. (ndarray's checked constructor costs more
+    // than a batch-1 layer's whole boundary crossing should.)
+    Ok(unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), bytes.as_ptr().cast::<T>()) })
+}
+
+fn view_mut<'a, T: Element>(
+    shape: &'a [usize],
+    bytes: &'a mut [u8],
+) -> Result<ArrayViewMutD<'a, T>, String> {
+    check_elements::<T>(shape, bytes)?;
+    // SAFETY: as in `view`; the bytes are borrowed mutably, so the view is
+    // the only access to them, and every byte pattern a `T` view can write
+    // is one the host reads back as that dtype.
+    Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), bytes.as_mut_ptr().cast::<T>()) })
+}
+
+/// The inputs lent to one `forward` call, found by the names the signature
+/// gave them.
+pub struct Inputs<'a> {
+    names: &'a [String],
+    items: &'a [TensorRef<'a>],
+}
+
+impl<'a> Inputs<'a> {
+    pub(crate) fn new(names: &'a [String], items: &'a [TensorRef<'a>]) -> Inputs<'a> {
+        Inputs { names, items }
+    }
+
+    fn find(&self, name: &str) -> Result<&TensorRef<'a>, String> {
+        let index = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| format!("the layer's signature has no input `{name}`"))?;
+        self.items
+            .get(index)
+            .ok_or_else(|| format!("the host passed no input `{name}`"))
+    }
+
+    /// The element type of input `name` (`None`: an optional input left out).
+    pub fn dtype(&self, name: &str) -> Result<Option<DType>, String> {
+        let t = self.find(name)?;
+        Ok((t.dtype != DType::ABSENT).then_some(t.dtype))
+    }
+
+    /// Input `name` as a view of `T`s.
+    pub fn get<T: Element>(&self, name: &str) -> Result<ArrayViewD<'a, T>, String> {
+        self.optional(name)?
+            .ok_or_else(|| format!("required input `{name}` was left out"))
+    }
+
+    /// Optional input `name`, or `None` if it was left out.
+    pub fn optional<T: Element>(&self, name: &str) -> Result<Option<ArrayViewD<'a, T>>, String> {
+        let t = self.find(name)?;
+        if t.dtype == DType::ABSENT {
+            return Ok(None);
+        }
+        view(t).map(Some).map_err(|e| format!("input `{name}` {e}"))
+    }
+}
+
+/// The outputs of one `forward` call, each taken once by name.
+pub struct Outputs<'a> {
+    names: &'a [String],
+    items: Vec<Option<TensorMut<'a>>>,
+}
+
+impl<'a> Outputs<'a> {
+    pub(crate) fn new(names: &'a [String], items: Vec<Option<TensorMut<'a>>>) -> Outputs<'a> {
+        Outputs { names, items }
+    }
+
+    /// Output `name` as a mutable view of `T`s (the type its plan gave).
+    /// Each output can be taken once per call.
+    pub fn take<T: Element>(&mut self, name: &str) -> Result<ArrayViewMutD<'a, T>, String> {
+        let index = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| format!("the layer's signature has no output `{name}`"))?;
+        let t = self
+            .items
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("output `{name}` was already taken, or not lent"))?;
+        if t.dtype != T::DTYPE {
+            return Err(format!(
+                "output `{name}` is {}, not {} (as the plan said)",
+                t.dtype,
+                T::DTYPE
+            ));
+        }
+        view_mut(t.shape.as_slice(), t.data.into_mut_slice())
+            .map_err(|e| format!("output `{name}`: {e}"))
+    }
+}
+
+/// The parameters lent to one `forward` call, found by the names the layer
+/// declared.
+pub struct Params<'a> {
+    items: &'a [ParamRef<'a>],
+}
+
+impl<'a> Params<'a> {
+    /// Lends `items` to a layer called directly, in-process, rather than
+    /// through the plugin boundary (a benchmark linking a layer statically).
+    pub fn new(items: &'a [ParamRef<'a>]) -> Params<'a> {
+        Params { items }
+    }
+
+    /// The parameter `name` as a view of dimension `D` (`Ix1`, `Ix2`, `IxDyn`…).
+    pub fn get<D: Dimension>(&self, name: &str) -> Result<ArrayView<'a, f32, D>, String> {
+        let item = self
+            .items
+            .iter()
+            .find(|p| p.name.as_str() == name)
+            .ok_or_else(|| format!("the host passed no parameter `{name}`"))?;
+        let shape = item.tensor.shape.as_slice();
+        view::<f32>(&item.tensor)
+            .map_err(|e| format!("parameter `{name}` {e}"))?
+            .into_dimensionality::<D>()
+            .map_err(|_| {
+                format!("parameter `{name}` has shape {shape:?}, not the rank the layer expects")
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi_stable::std_types::RSlice;
+
+    fn f32_ref<'a>(shape: &'a [usize], data: &'a [f32]) -> TensorRef<'a> {
+        TensorRef {
+            dtype: DType::F32,
+            shape: RSlice::from_slice(shape),
+            data: RSlice::from_slice(bytemuck_f32(data)),
+        }
+    }
+
+    fn bytemuck_f32(data: &[f32]) -> &[u8] {
+        // SAFETY: any f32 is 4 initialized bytes.
+        unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), std::mem::size_of_val(data)) }
+    }
+
+    #[test]
+    fn views_refuse_a_shape_that_does_not_match_the_data() {
+        let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let ok = view::<f32>(&f32_ref(&[2, 3], &data)).unwrap().to_owned();
+        assert_eq!(ok[[1, 0]], 4.0, "C order: row 1 starts at the fourth value");
+        let err = view::<f32>(&f32_ref(&[2, 3], &data[..5])).unwrap_err();
+        assert!(
+            err.contains("shape [2, 3] does not match its 20 bytes"),
+            "{err}"
+        );
+        assert!(view::<f32>(&f32_ref(&[usize::MAX, 2], &data)).is_err());
+        assert!(view::<f32>(&f32_ref(&[0, 3], &[])).unwrap().is_empty());
+        let err = view::<i64>(&f32_ref(&[2, 3], &data)).unwrap_err();
+        assert_eq!(err, "is float32, not int64");
+    }
+
+    #[test]
+    fn bool_views_refuse_bytes_other_than_zero_and_one() {
+        let bytes = [0u8, 1, 2];
+        let t = TensorRef {
+            dtype: DType::BOOL,
+            shape: RSlice::from_slice(&[3]),
+            data: RSlice::from_slice(&bytes),
+        };
+        assert!(view::<bool>(&t).unwrap_err().contains("other than 0 or 1"));
+        let ok = TensorRef {
+            data: RSlice::from_slice(&bytes[..2]),
+            shape: RSlice::from_slice(&[2]),
+            ..t
+        };
+        assert_eq!(
+            view::<bool>(&ok)
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            [false, true]
+        );
+    }
+
+    #[test]
+    fn last_axis_features_are_inferred_or_checked() {
+        assert_eq!(last_axis_features(&[2, 3, 64], None, "in_units"), Ok(64));
+        assert_eq!(last_axis_features(&[5], Some(5), "in_units"), Ok(5));
+        assert_eq!(
+            last_axis_features(&[2, 8], Some(4), "in_features").unwrap_err(),
+            "expects 4 input features (config `in_features`), but the input's last axis \
+             has 8 (input shape [2, 8])"
+        );
+        assert!(last_axis_features(&[], None, "in_units")
+            .unwrap_err()
+            .contains("got a scalar"));
+    }
+
+    #[test]
+    fn default_fans_follow_the_out_in_layout() {
+        assert_eq!(default_fans(&[]), (1, 1));
+        assert_eq!(default_fans(&[5]), (5, 5));
+        assert_eq!(default_fans(&[8, 64]), (64, 8));
+        assert_eq!(default_fans(&[4, 3, 2, 2]), (12, 16));
+        let d = ParamSpec::new("w", [64, 8], Init::Zeros)
+            .fans(64, 8)
+            .into_decl();
+        assert_eq!((d.fan_in, d.fan_out, d.dtype), (64, 8, DType::F32));
+    }
+}
