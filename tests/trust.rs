@@ -538,7 +538,8 @@ fn a_file_that_is_not_a_library_or_not_a_plugin_is_refused() {
         ("junk", "not a loadable shared library: "),
         (
             "notaplugin",
-            "a shared library, but not a layer plugin (it exports no layer-api root module)",
+            "a shared library, but not a layer plugin: it carries no plugin manifest (symbol \
+             layer_plugin_manifest_v1); it was not opened",
         ),
     ] {
         let model = model_with_layers(&format!(r#"[{{"type": "{name}"}}]"#));

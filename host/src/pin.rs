@@ -1,73 +1,31 @@
 //! Pinning a layer to the exact plugin library it was tested with.
 //!
 //! A layer in the model file may carry `"sha256"`, the hex SHA-256 of its
-//! plugin's library file. The host hashes the file it found and compares
-//! before loading it, because loading a library already runs its code.
-//! `host lock` writes these pins into a model file.
+//! plugin's library file. The registry hashes the bytes it read and compares
+//! before loading them (see `registry::load`), because loading a library
+//! already runs its code. `host lock` writes these pins into a model file.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::atomic_file::write_atomically;
 use crate::model::ModelSpec;
 use crate::registry::{self, PluginRegistry};
 
-/// Why a pinned plugin was refused, or a pin could not be read or written.
+/// Why a pin written in a model file is not one.
 #[derive(Debug, Error)]
 pub enum PinError {
-    #[error(
-        "layer '{layer}': plugin library {} has sha256 {actual}, but the model pins {expected}; \
-         it was not loaded. If the new library is trusted, run `host lock` on the model \
-         to pin it",
-        .path.display()
-    )]
-    Mismatch {
-        layer: String,
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
     #[error(
         "layer '{layer}': \"sha256\" must be 64 hex digits (the SHA-256 of the plugin library), \
          got \"{value}\""
     )]
     Malformed { layer: String, value: String },
-    #[error("cannot hash {}: {source}", .path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// The SHA-256 of a file, as 64 lowercase hex digits.
-pub fn sha256_file(path: &Path) -> Result<String, PinError> {
-    let read_error = |source| PinError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf).map_err(read_error)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// Checks a pin as written in a model file: 64 hex digits, either case.
-/// Returns it in lowercase, the form [`sha256_file`] gives.
+/// Returns it in lowercase, the form the registry computes.
 pub fn parse_pin(layer: &str, value: &str) -> Result<String, PinError> {
     if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(value.to_ascii_lowercase())
@@ -75,22 +33,6 @@ pub fn parse_pin(layer: &str, value: &str) -> Result<String, PinError> {
         Err(PinError::Malformed {
             layer: layer.to_string(),
             value: value.to_string(),
-        })
-    }
-}
-
-/// Refuses `path` unless its hash is `expected` (already checked by
-/// [`parse_pin`]).
-pub fn verify(layer: &str, path: &Path, expected: &str) -> Result<(), PinError> {
-    let actual = sha256_file(path)?;
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(PinError::Mismatch {
-            layer: layer.to_string(),
-            path: path.to_path_buf(),
-            expected: expected.to_string(),
-            actual,
         })
     }
 }
@@ -175,18 +117,6 @@ pub fn write_pins(model: &mut Value, pins: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sha256_of_known_contents() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("abc");
-        std::fs::write(&path, b"abc").unwrap();
-        // FIPS 180-2, appendix B.1.
-        assert_eq!(
-            sha256_file(&path).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
 
     #[test]
     fn pins_must_be_64_hex_digits() {

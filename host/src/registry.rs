@@ -126,8 +126,6 @@ fn list_or_none(items: impl Iterator<Item = String>) -> String {
 pub struct Inspected {
     pub path: PathBuf,
     pub manifest: Manifest,
-    /// The SHA-256 of the bytes read, as 64 lowercase hex digits.
-    pub sha256: String,
 }
 
 /// A loaded, checked plugin library. Libraries are never unloaded, so this
@@ -388,7 +386,6 @@ fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<Inspected, PluginError> {
     Ok(Inspected {
         path: path.to_path_buf(),
         manifest,
-        sha256: sha256_hex(bytes),
     })
 }
 
@@ -500,14 +497,14 @@ pub fn load(
 /// file swapped or rewritten at `path` after the read is never what runs.
 fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
     let bytes = read_library(path)?;
+    let sha256 = sha256_hex(&bytes);
     // The pin first: a file that is not the one pinned is not even parsed.
     if let Some(pin) = pin {
-        let actual = sha256_hex(&bytes);
-        if actual != pin {
+        if sha256 != pin {
             return Err(PluginError::Pin {
                 path: path.to_path_buf(),
                 expected: pin.to_string(),
-                actual,
+                actual: sha256,
             });
         }
     }
@@ -572,12 +569,7 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
     }
     check_layout_compatibility(abi::CORE_LAYOUT, table.core_layout()).map_err(|errors| {
         let detail = errors.to_string();
-        let summary = detail
-            .lines()
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .unwrap_or("layouts differ")
-            .to_string();
+        let summary = layout_summary(&detail);
         PluginError::Layout {
             path: path.to_path_buf(),
             summary,
@@ -590,11 +582,38 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
         version: manifest.version.clone(),
         description: manifest.description.clone(),
         interface_version: format!("{}.{}", manifest.abi.0, manifest.abi.1),
-        sha256: inspected.sha256,
+        sha256,
         core: table.core(),
         table,
         manifest,
     })
+}
+
+/// The gist of abi_stable's layout report (which can run to a thousand
+/// lines): its last error and the expected and found values after it, as
+/// `incompatible type size: expected 56, found 72`.
+fn layout_summary(detail: &str) -> String {
+    let lines: Vec<&str> = detail
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let Some(at) = lines.iter().rposition(|l| l.starts_with("Error:")) else {
+        return "layouts differ".to_string();
+    };
+    let mut summary = lines[at].trim_start_matches("Error:").trim().to_string();
+    // abi_stable writes `Expected:` and `Found:` alone, the value on the
+    // next line; values of a line or two (a size, a name) are worth showing.
+    for (label, word) in [("Expected:", "expected"), ("Found:", "found")] {
+        let value = lines[at + 1..]
+            .iter()
+            .position(|l| *l == label)
+            .and_then(|i| lines.get(at + 2 + i));
+        if let Some(value) = value.filter(|v| v.len() <= 60 && !v.ends_with(':')) {
+            summary.push_str(&format!(", {word} {value}"));
+        }
+    }
+    summary
 }
 
 /// An in-memory file holding `bytes`, sealed so that nothing can change
@@ -632,6 +651,17 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_layout_report_is_summed_up_by_its_last_error() {
+        let report = "Layout mismatch\n   field: data\n\nError:incompatible type size\n\
+                      Expected:\n56\nFound:\n72\n";
+        assert_eq!(
+            layout_summary(report),
+            "incompatible type size, expected 56, found 72"
+        );
+        assert_eq!(layout_summary("nothing useful"), "layouts differ");
     }
 
     #[test]

@@ -252,15 +252,21 @@ fn run_layer(
     // Optional inputs after the first are left out in a chain.
     let absent = plan.inputs.len() - 1;
     let call = |in_shape: &[usize], x: &[u8], out_shape: &[usize], y: &mut [u8]| {
-        let mut inputs = Vec::with_capacity(1 + absent);
-        inputs.push(TensorRef {
+        let first = TensorRef {
             dtype: in_dtype,
             shape: abi_stable::std_types::RSlice::from_slice(in_shape),
             data: abi_stable::std_types::RSlice::from_slice(x),
-        });
-        inputs.extend((0..absent).map(|_| tensor_ref(None)));
+        };
         let mut outputs = [tensor_mut(out_shape, out_dtype, y)];
-        layer.call_forward(prepared, &inputs, params, &mut outputs)
+        if absent == 0 {
+            // The common case, without an allocation per call.
+            layer.call_forward(prepared, &[first], params, &mut outputs)
+        } else {
+            let mut inputs = Vec::with_capacity(1 + absent);
+            inputs.push(first);
+            inputs.extend((0..absent).map(|_| tensor_ref(None)));
+            layer.call_forward(prepared, &inputs, params, &mut outputs)
+        }
     };
     let x_all = input.bytes;
     let y_all = output.bytes_mut();

@@ -280,8 +280,9 @@ unsafe impl Send for LayerHandle {}
 unsafe impl Sync for LayerHandle {}
 
 /// Read-only data a layer prepared from one parameter set (1.1's
-/// `prepare`), shared by every later `forward` on any thread. Null when the
-/// layer prepared nothing or the plugin predates `prepare`.
+/// `prepare`), shared by every later `forward` on any thread. Opaque to the
+/// host, which passes `forward` exactly what `prepare` returned, or null when
+/// it did not call `prepare` (the host or the plugin predates it).
 #[repr(transparent)]
 #[derive(StableAbi, Debug, Clone, Copy)]
 pub struct PreparedHandle(pub *const c_void);

@@ -141,14 +141,28 @@ extern "C" fn probes<L: MultiLayer>(handle: &LayerHandle) -> RResult<RVec<ProbeC
     })
 }
 
-fn prepared_ref<'a>(handle: PreparedHandle) -> Option<&'a (dyn Any + Send + Sync)> {
+/// What `prepare` returns when the layer prepared nothing: not null, so
+/// that `forward` can tell a host that called `prepare` from one that
+/// predates it. Never dereferenced; `drop_prepared` ignores it.
+static NOTHING_PREPARED: u8 = 0;
+
+fn nothing_prepared() -> PreparedHandle {
+    PreparedHandle(std::ptr::addr_of!(NOTHING_PREPARED).cast::<c_void>())
+}
+
+/// What the host's `prepared` handle holds: `Err(())` when the host never
+/// called `prepare`, `Ok(None)` when the layer prepared nothing.
+fn prepared_ref<'a>(handle: PreparedHandle) -> Result<Option<&'a (dyn Any + Send + Sync)>, ()> {
     if handle.0.is_null() {
-        return None;
+        return Err(());
+    }
+    if handle.0 == nothing_prepared().0 {
+        return Ok(None);
     }
     // SAFETY: non-null handles come from `prepare` below (a leaked
     // `Box<Prepared>`) and stay alive until `drop_prepared`, which the host
     // calls only after the last `forward` that was given the handle.
-    Some(unsafe { &**handle.0.cast::<Prepared>() })
+    Ok(Some(unsafe { &**handle.0.cast::<Prepared>() }))
 }
 
 extern "C" fn forward<L: MultiLayer>(
@@ -166,8 +180,8 @@ extern "C" fn forward<L: MultiLayer>(
         // this call only, so the layer sees the same thing either way.
         let local;
         let prepared = match prepared_ref(prepared) {
-            Some(p) => Some(p),
-            None => {
+            Ok(p) => p,
+            Err(()) => {
                 let descs: Vec<Option<TensorInfo>> = inputs
                     .iter()
                     .map(|t| {
@@ -180,17 +194,17 @@ extern "C" fn forward<L: MultiLayer>(
             }
         };
         let params = Params::with_prepared(params, prepared);
-        let outputs: Vec<Option<TensorMut<'_>>> = outputs
-            .into_mut_slice()
-            .iter_mut()
-            .map(|t| {
-                Some(TensorMut {
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    data: std::mem::take(&mut t.data),
-                })
-            })
-            .collect();
+        let outputs = outputs.into_mut_slice();
+        // SAFETY: shortens the tensors' lifetime to the slice's. The only
+        // values written into the slice are empty `RSliceMut`s, which live
+        // for 'static, so nothing shorter-lived than the host's buffers
+        // is ever stored where the host will read it.
+        let outputs: &mut [TensorMut<'_>] = unsafe {
+            std::slice::from_raw_parts_mut(
+                outputs.as_mut_ptr().cast::<TensorMut<'_>>(),
+                outputs.len(),
+            )
+        };
         let inputs = Inputs::new(&inst.input_names, inputs);
         let mut outputs = Outputs::new(&inst.output_names, outputs);
         inst.layer.forward(&inputs, &params, &mut outputs)
@@ -216,7 +230,7 @@ extern "C" fn prepare<L: MultiLayer>(
             .prepare(&infos(inputs), &Params::new(params.as_slice()))?;
         Ok(match prepared {
             Some(p) => PreparedHandle(Box::into_raw(Box::new(p)).cast_const().cast::<c_void>()),
-            None => PreparedHandle::NONE,
+            None => nothing_prepared(),
         })
     })
 }
@@ -226,7 +240,7 @@ extern "C" fn drop_prepared(
     prepared: PreparedHandle,
 ) -> RResult<(), LayerError> {
     guard(|| {
-        if !prepared.0.is_null() {
+        if !prepared.0.is_null() && prepared.0 != nothing_prepared().0 {
             // SAFETY: made by `prepare` above; the host frees each once, after
             // its last use.
             drop(unsafe { Box::from_raw(prepared.0.cast_mut().cast::<Prepared>()) });

@@ -13,6 +13,8 @@ use ndarray::{ArrayView, ArrayViewD, ArrayViewMutD, Dimension, IxDyn};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use abi_stable::std_types::RSlice;
+
 use crate::abi::{DType, ParamDecl, ParamRef, TensorMut, TensorRef};
 use crate::init::Init;
 
@@ -558,12 +560,18 @@ impl<'a> Inputs<'a> {
 /// The outputs of one `forward` call, each taken once by name.
 pub struct Outputs<'a> {
     names: &'a [String],
-    items: Vec<Option<TensorMut<'a>>>,
+    items: &'a mut [TensorMut<'a>],
+    /// Bit `i` set: output `i` was taken.
+    taken: u128,
 }
 
 impl<'a> Outputs<'a> {
-    pub(crate) fn new(names: &'a [String], items: Vec<Option<TensorMut<'a>>>) -> Outputs<'a> {
-        Outputs { names, items }
+    pub(crate) fn new(names: &'a [String], items: &'a mut [TensorMut<'a>]) -> Outputs<'a> {
+        Outputs {
+            names,
+            items,
+            taken: 0,
+        }
     }
 
     /// Output `name` as a mutable view of `T`s (the type its plan gave).
@@ -574,19 +582,27 @@ impl<'a> Outputs<'a> {
             .iter()
             .position(|n| n == name)
             .ok_or_else(|| format!("the layer's signature has no output `{name}`"))?;
-        let t = self
+        let bit = 1u128
+            .checked_shl(index as u32)
+            .ok_or("a layer has at most 128 outputs")?;
+        if self.taken & bit != 0 {
+            return Err(format!("output `{name}` was already taken"));
+        }
+        let item = self
             .items
             .get_mut(index)
-            .and_then(Option::take)
-            .ok_or_else(|| format!("output `{name}` was already taken, or not lent"))?;
-        if t.dtype != T::DTYPE {
+            .ok_or_else(|| format!("the host lent no output `{name}`"))?;
+        if item.dtype != T::DTYPE {
             return Err(format!(
                 "output `{name}` is {}, not {} (as the plan said)",
-                t.dtype,
+                item.dtype,
                 T::DTYPE
             ));
         }
-        view_mut(t.shape.as_slice(), t.data.into_mut_slice())
+        self.taken |= bit;
+        let shape: RSlice<'a, usize> = item.shape;
+        let data = std::mem::take(&mut item.data);
+        view_mut(shape.as_slice(), data.into_mut_slice())
             .map_err(|e| format!("output `{name}`: {e}"))
     }
 }
