@@ -1,0 +1,513 @@
+//! `multihead_attention`: `torch.nn.MultiheadAttention(embed_dim, num_heads,
+//! batch_first=True)` in eval mode (no dropout), in float32.
+//!
+//! Inputs, batch first:
+//!
+//! | input | type | shape |
+//! | --- | --- | --- |
+//! | `query` | float32 | `(b, L, E)` |
+//! | `key` | float32 | `(b, S, E)` |
+//! | `value` | float32 | `(b, S, E)` |
+//! | `key_padding_mask` (optional) | bool | `(b, S)`; `true` means "ignore this key", torch's bool convention |
+//!
+//! Outputs: `output`, float32 `(b, L, E)`; with `"need_weights": true` also
+//! `weights`, float32 `(b, L, S)`: the attention weights averaged over the
+//! heads, as torch's `average_attn_weights=True` returns them.
+//!
+//! Config: `embed_dim` (E) and `num_heads` (H), both at least 1, E divisible
+//! by H (each head gets `d = E / H` features); `bias` (default true, as in
+//! torch); `need_weights` (default false: an encoder layer does not ask for
+//! them, and leaving them out saves the averaging). Unknown fields are
+//! refused. torch's `kdim`, `vdim`, `add_bias_kv`, `add_zero_attn` and
+//! `dropout` are not supported: `key` and `value` must have E features too.
+//!
+//! What it computes, for each batch row: `q = query · Wqᵀ + bq`, `k`, `v`
+//! likewise (`Wq`, `Wk`, `Wv` the three row blocks of `in_proj_weight`,
+//! `bq`, `bk`, `bv` those of `in_proj_bias`); per head `h`, on features
+//! `h·d .. (h+1)·d`: `scores = (q_h / √d) · k_hᵀ`, masked keys set to `-inf`,
+//! a softmax over the keys (the row maximum subtracted first), then
+//! `attn · v_h`; the heads' results concatenated, then
+//! `output = context · Woutᵀ + bout`. The projections are matrix products
+//! ([`layer_kernels::matmul`]).
+//!
+//! Parameters, named and laid out as torch's `state_dict`, so a saved
+//! `nn.MultiheadAttention` loads as it is; defaults as torch's
+//! `_reset_parameters` (a model file may override them with `"init"`):
+//!
+//! | parameter | shape | default | fans (Xavier, Kaiming) |
+//! | --- | --- | --- | --- |
+//! | `in_proj_weight` | `(3E, E)` | `xavier_uniform` (gain 1): uniform on `±√(6 / 4E)` | in E, out 3E (torch's, for a `(3E, E)` matrix) |
+//! | `in_proj_bias` (unless `"bias": false`) | `(3E,)` | `zeros` | in and out 3E |
+//! | `out_proj.weight` | `(E, E)` | `kaiming_uniform` (fan in, gain `√(1/3)`): uniform on `±1/√E`, as `nn.Linear`'s `kaiming_uniform_(a = √5)` | in E, out E |
+//! | `out_proj.bias` (unless `"bias": false`) | `(E,)` | `zeros` | in and out E |
+//!
+//! Decisions where torch is no guide or no good one:
+//!
+//! * Unbatched inputs (`query` of rank 2, `(L, E)`), which torch accepts,
+//!   are refused with a message saying to add a batch axis of 1. The layer
+//!   is batch-independent along axis 0, so the host may split axis 0 across
+//!   threads; for an unbatched input that axis would be the sequence, whose
+//!   rows are not independent.
+//! * A batch row whose `key_padding_mask` masks every key is an error naming
+//!   the row (`key_padding_mask masks every key of batch row 3; at least one
+//!   key must be visible`). torch's math path returns NaN for every query of
+//!   that row (a softmax over nothing but `-inf`): no answer a caller can
+//!   use, and a NaN is found far from its cause.
+//! * `key` and `value` with no positions (S = 0) are refused for the same
+//!   reason: there is no key to attend to. `b = 0` and `L = 0` are fine and
+//!   give empty outputs.
+//! * Only a bool `key_padding_mask` is accepted, not torch's additive float
+//!   mask; `attn_mask` and `is_causal` are not supported.
+//!
+//! Batch-independent: each batch row is computed on its own (its own
+//! projections, heads and mask), so a batch split into pieces gives the same
+//! bits as the whole.
+//!
+//! Floating-point operations (`flops`), per batch row, multiply-add as two:
+//! the four projections `2·(2L + 2S)·E²` (plus `(2L + 2S)·E` bias additions
+//! when `bias`), scaling q `L·E`, scores and `attn · v` `2·L·S·E` each, the
+//! softmax `5·H·L·S` (maximum, subtraction, exponential, sum, division: an
+//! exponential counts as one), and with `need_weights` the head average
+//! `H·L·S`.
+
+use layer_api::{
+    export_layer, DType, FanMode, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params, Plan,
+    Probe, ProbeInput, Signature, TensorInfo,
+};
+use layer_kernels::matmul;
+use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Ix1, Ix2, Ix3};
+use serde::Deserialize;
+
+/// Input and output names.
+pub const QUERY: &str = "query";
+pub const KEY: &str = "key";
+pub const VALUE: &str = "value";
+pub const KEY_PADDING_MASK: &str = "key_padding_mask";
+pub const OUTPUT: &str = "output";
+pub const WEIGHTS: &str = "weights";
+
+/// Parameter names, as torch's `state_dict` spells them.
+pub const IN_PROJ_WEIGHT: &str = "in_proj_weight";
+pub const IN_PROJ_BIAS: &str = "in_proj_bias";
+pub const OUT_PROJ_WEIGHT: &str = "out_proj.weight";
+pub const OUT_PROJ_BIAS: &str = "out_proj.bias";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiheadAttentionConfig {
+    /// E: features of query, key, value and output.
+    pub embed_dim: usize,
+    /// H: number of heads; must divide `embed_dim`.
+    pub num_heads: usize,
+    /// Whether the projections add biases (default true, as in torch).
+    #[serde(default = "yes")]
+    pub bias: bool,
+    /// Whether to output `weights`, the attention averaged over heads.
+    #[serde(default)]
+    pub need_weights: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub struct MultiheadAttention {
+    embed_dim: usize,
+    num_heads: usize,
+    bias: bool,
+    need_weights: bool,
+}
+
+/// The sizes a set of inputs gives: batch rows b, queries L, keys S.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sizes {
+    batch: usize,
+    target: usize,
+    source: usize,
+}
+
+impl MultiheadAttention {
+    fn head_dim(&self) -> usize {
+        self.embed_dim / self.num_heads
+    }
+
+    /// `(b, n)` of a `(b, n, E)` input, or why its shape is wrong.
+    fn sequence(&self, name: &str, shape: &[usize]) -> Result<(usize, usize), String> {
+        let e = self.embed_dim;
+        match *shape {
+            [b, n, features] if features == e => Ok((b, n)),
+            [_, _, features] => Err(format!(
+                "`{name}` has {features} features on its last axis (shape {shape:?}), but \
+                 `embed_dim` is {e}; query, key and value must all have embed_dim features"
+            )),
+            [n, features] => Err(format!(
+                "`{name}` has shape {shape:?}: unbatched (L, E) inputs are not supported; add a \
+                 batch axis of 1, ({}) (axis 0 must be the batch: the host may split it \
+                 across threads)",
+                [1, n, features].map(|d| d.to_string()).join(", ")
+            )),
+            _ => Err(format!(
+                "`{name}` must have shape (b, n, {e}), batch first; got {shape:?}"
+            )),
+        }
+    }
+
+    /// Checks the inputs agree with each other and the config.
+    fn sizes(&self, inputs: &[Option<TensorInfo>]) -> Result<Sizes, String> {
+        let [Some(query), Some(key), Some(value), mask] = inputs else {
+            return Err(format!(
+                "takes `{QUERY}`, `{KEY}` and `{VALUE}`, and optionally \
+                 `{KEY_PADDING_MASK}`; the host passed {} inputs",
+                inputs.len()
+            ));
+        };
+        let (batch, target) = self.sequence(QUERY, &query.shape)?;
+        let (key_batch, source) = self.sequence(KEY, &key.shape)?;
+        let (value_batch, value_source) = self.sequence(VALUE, &value.shape)?;
+        for (name, rows, shape) in [
+            (KEY, key_batch, &key.shape),
+            (VALUE, value_batch, &value.shape),
+        ] {
+            if rows != batch {
+                return Err(format!(
+                    "`{name}` has {rows} batch rows (shape {shape:?}), but `{QUERY}` has {batch} \
+                     (shape {:?}); query, key and value must have the same batch size",
+                    query.shape
+                ));
+            }
+        }
+        if value_source != source {
+            return Err(format!(
+                "`{VALUE}` has {value_source} positions (shape {:?}), but `{KEY}` has {source} \
+                 (shape {:?}); key and value must have the same length S",
+                value.shape, key.shape
+            ));
+        }
+        if source == 0 {
+            return Err(format!(
+                "`{KEY}` and `{VALUE}` have no positions (S = 0, shape {:?}): every query \
+                 needs at least one key to attend to",
+                key.shape
+            ));
+        }
+        if let Some(mask) = mask {
+            if mask.shape != [batch, source] {
+                return Err(format!(
+                    "`{KEY_PADDING_MASK}` has shape {:?}, but must be (b, S) = ({batch}, \
+                     {source}), one flag per key of each batch row",
+                    mask.shape
+                ));
+            }
+        }
+        Ok(Sizes {
+            batch,
+            target,
+            source,
+        })
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        let e = self.embed_dim;
+        let mut specs = vec![ParamSpec::new(
+            IN_PROJ_WEIGHT,
+            [3 * e, e],
+            Init::XavierUniform { gain: 1.0 },
+        )
+        .fans(e, 3 * e)];
+        if self.bias {
+            specs.push(ParamSpec::new(IN_PROJ_BIAS, [3 * e], Init::Zeros));
+        }
+        specs.push(
+            ParamSpec::new(
+                OUT_PROJ_WEIGHT,
+                [e, e],
+                Init::KaimingUniform {
+                    mode: FanMode::FanIn,
+                    gain: (1.0f32 / 3.0).sqrt(),
+                },
+            )
+            .fans(e, e),
+        );
+        if self.bias {
+            specs.push(ParamSpec::new(OUT_PROJ_BIAS, [e], Init::Zeros));
+        }
+        specs
+    }
+
+    /// A bias parameter when the config has biases.
+    fn bias<'a>(
+        &self,
+        params: &Params<'a>,
+        name: &str,
+    ) -> Result<Option<ArrayView1<'a, f32>>, String> {
+        self.bias.then(|| params.get::<Ix1>(name)).transpose()
+    }
+}
+
+/// `y = x · wᵀ + b`, `w` laid out `(out, in)` as torch's.
+fn project(
+    x: ArrayView2<'_, f32>,
+    w: ArrayView2<'_, f32>,
+    b: Option<ArrayView1<'_, f32>>,
+    mut y: ArrayViewMut2<'_, f32>,
+) -> Result<(), String> {
+    matmul(x, w.t(), y.view_mut())?;
+    if let Some(b) = b {
+        for mut row in y.rows_mut() {
+            row += &b;
+        }
+    }
+    Ok(())
+}
+
+/// Each row of `scores` becomes its softmax over the keys, masked keys
+/// (`true` in `mask`) getting weight 0. At least one key is visible.
+fn softmax_rows(mut scores: ArrayViewMut2<'_, f32>, mask: Option<ArrayView1<'_, bool>>) {
+    for mut row in scores.rows_mut() {
+        if let Some(mask) = mask {
+            row.zip_mut_with(&mask, |x, &masked| {
+                if masked {
+                    *x = f32::NEG_INFINITY;
+                }
+            });
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0.0f32;
+        row.mapv_inplace(|x| {
+            let e = (x - max).exp();
+            sum += e;
+            e
+        });
+        row.mapv_inplace(|x| x / sum);
+    }
+}
+
+impl MultiLayer for MultiheadAttention {
+    const DESCRIPTION: &'static str =
+        "attention of query over key/value in num_heads heads, as torch.nn.MultiheadAttention \
+         (batch_first=True, eval)";
+    type Config = MultiheadAttentionConfig;
+
+    fn new(config: MultiheadAttentionConfig) -> Result<Self, String> {
+        let (e, h) = (config.embed_dim, config.num_heads);
+        if e == 0 {
+            return Err("`embed_dim` must be at least 1".into());
+        }
+        if h == 0 {
+            return Err("`num_heads` must be at least 1".into());
+        }
+        if e % h != 0 {
+            return Err(format!(
+                "`embed_dim` ({e}) must be divisible by `num_heads` ({h}): each head gets \
+                 embed_dim / num_heads features"
+            ));
+        }
+        Ok(MultiheadAttention {
+            embed_dim: e,
+            num_heads: h,
+            bias: config.bias,
+            need_weights: config.need_weights,
+        })
+    }
+
+    fn signature(&self) -> Signature {
+        let signature = Signature::new()
+            .input(QUERY, [DType::F32])
+            .input(KEY, [DType::F32])
+            .input(VALUE, [DType::F32])
+            .optional_input(KEY_PADDING_MASK, [DType::BOOL])
+            .output(OUTPUT);
+        if self.need_weights {
+            signature.output(WEIGHTS)
+        } else {
+            signature
+        }
+    }
+
+    fn plan(&self, inputs: &[Option<TensorInfo>]) -> Result<Plan, String> {
+        let Sizes {
+            batch,
+            target,
+            source,
+        } = self.sizes(inputs)?;
+        let mut outputs = vec![TensorInfo::new(DType::F32, [batch, target, self.embed_dim])];
+        if self.need_weights {
+            outputs.push(TensorInfo::new(DType::F32, [batch, target, source]));
+        }
+        Ok(Plan::new(outputs).params(self.param_specs()))
+    }
+
+    fn batch_independent(&self) -> bool {
+        true
+    }
+
+    fn probes(&self) -> Vec<Probe> {
+        let e = self.embed_dim;
+        let sequence = |b: usize, n: usize| Some(ProbeInput::new([b, n, e]).dtype(DType::F32));
+        // A mask drawn from [0, 1) is all false: the checker's values could
+        // otherwise mask every key of a row, which this layer refuses.
+        // Masking itself is covered by the unit tests.
+        let unmasked =
+            |b: usize, s: usize| Some(ProbeInput::new([b, s]).dtype(DType::BOOL).range(0, 1));
+        // L ≠ S, so that a transposed score matrix would not fit; four batch
+        // rows, so that the checker also splits the batch in two pieces.
+        vec![
+            Probe::new([sequence(4, 3), sequence(4, 5), sequence(4, 5), None]),
+            Probe::new([
+                sequence(4, 3),
+                sequence(4, 5),
+                sequence(4, 5),
+                unmasked(4, 5),
+            ]),
+            Probe::new([sequence(2, 1), sequence(2, 1), sequence(2, 1), None]),
+            Probe::new([sequence(0, 3), sequence(0, 5), sequence(0, 5), None]),
+        ]
+    }
+
+    fn forward(
+        &self,
+        inputs: &Inputs<'_>,
+        params: &Params<'_>,
+        outputs: &mut Outputs<'_>,
+    ) -> Result<(), String> {
+        let input3 = |name: &str| {
+            inputs
+                .get::<f32>(name)?
+                .into_dimensionality::<Ix3>()
+                .map_err(|e| format!("`{name}`: {e}"))
+        };
+        let (query, key, value) = (input3(QUERY)?, input3(KEY)?, input3(VALUE)?);
+        let mask = inputs
+            .optional::<bool>(KEY_PADDING_MASK)?
+            .map(|m| m.into_dimensionality::<Ix2>())
+            .transpose()
+            .map_err(|e| format!("`{KEY_PADDING_MASK}`: {e}"))?;
+        let Sizes {
+            batch,
+            target,
+            source,
+        } = self.sizes(&[
+            Some(TensorInfo::new(DType::F32, query.shape())),
+            Some(TensorInfo::new(DType::F32, key.shape())),
+            Some(TensorInfo::new(DType::F32, value.shape())),
+            mask.as_ref()
+                .map(|m| TensorInfo::new(DType::BOOL, m.shape())),
+        ])?;
+        if let Some(mask) = &mask {
+            if let Some(row) = mask.outer_iter().position(|keys| keys.iter().all(|&m| m)) {
+                return Err(format!(
+                    "{KEY_PADDING_MASK} masks every key of batch row {row}; at least one key \
+                     must be visible"
+                ));
+            }
+        }
+
+        let (e, heads, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let w_in = params.get::<Ix2>(IN_PROJ_WEIGHT)?;
+        if w_in.dim() != (3 * e, e) {
+            return Err(format!(
+                "parameter `{IN_PROJ_WEIGHT}` has shape {:?}, not (3E, E) = ({}, {e})",
+                w_in.shape(),
+                3 * e
+            ));
+        }
+        let w_out = params.get::<Ix2>(OUT_PROJ_WEIGHT)?;
+        let b_in = self.bias(params, IN_PROJ_BIAS)?;
+        let b_out = self.bias(params, OUT_PROJ_BIAS)?;
+        let block = |i: usize| i * e..(i + 1) * e;
+        let (wq, wk, wv) = (
+            w_in.slice(s![block(0), ..]),
+            w_in.slice(s![block(1), ..]),
+            w_in.slice(s![block(2), ..]),
+        );
+        let b_block = |i: usize| b_in.map(|b| b.slice_move(s![block(i)]));
+
+        let mut output = outputs
+            .take::<f32>(OUTPUT)?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| format!("`{OUTPUT}`: {e}"))?;
+        let mut weights = if self.need_weights {
+            Some(
+                outputs
+                    .take::<f32>(WEIGHTS)?
+                    .into_dimensionality::<Ix3>()
+                    .map_err(|e| format!("`{WEIGHTS}`: {e}"))?,
+            )
+        } else {
+            None
+        };
+
+        // torch scales q by √(1/d), computed in double, before q · kᵀ.
+        let scale = (1.0 / d as f64).sqrt() as f32;
+        let mut q = Array2::<f32>::zeros((target, e));
+        let mut k = Array2::<f32>::zeros((source, e));
+        let mut v = Array2::<f32>::zeros((source, e));
+        let mut context = Array2::<f32>::zeros((target, e));
+        let mut scores = Array2::<f32>::zeros((target, source));
+        let mut summed = Array2::<f32>::zeros(if self.need_weights {
+            (target, source)
+        } else {
+            (0, 0)
+        });
+        for row in 0..batch {
+            let keys_masked = mask.as_ref().map(|m| m.row(row));
+            project(query.index_axis(Axis(0), row), wq, b_block(0), q.view_mut())?;
+            q.mapv_inplace(|x| x * scale);
+            project(key.index_axis(Axis(0), row), wk, b_block(1), k.view_mut())?;
+            project(value.index_axis(Axis(0), row), wv, b_block(2), v.view_mut())?;
+            summed.fill(0.0);
+            for head in 0..heads {
+                let features = s![.., head * d..(head + 1) * d];
+                matmul(q.slice(features), k.slice(features).t(), scores.view_mut())?;
+                softmax_rows(scores.view_mut(), keys_masked);
+                matmul(
+                    scores.view(),
+                    v.slice(features),
+                    context.slice_mut(features),
+                )?;
+                if self.need_weights {
+                    summed += &scores;
+                }
+            }
+            project(
+                context.view(),
+                w_out,
+                b_out,
+                output.index_axis_mut(Axis(0), row),
+            )?;
+            if let Some(weights) = weights.as_mut() {
+                let h = heads as f32;
+                weights
+                    .index_axis_mut(Axis(0), row)
+                    .zip_mut_with(&summed, |w, &total| *w = total / h);
+            }
+        }
+        Ok(())
+    }
+
+    fn flops(&self, inputs: &[Option<TensorInfo>]) -> u64 {
+        let Ok(sizes) = self.sizes(inputs) else {
+            return 0;
+        };
+        let [b, l, s, e, h] = [
+            sizes.batch,
+            sizes.target,
+            sizes.source,
+            self.embed_dim,
+            self.num_heads,
+        ]
+        .map(|n| n as u64);
+        let projected_rows = 2 * l + 2 * s; // q and output (L each), k and v (S each)
+        let projections = 2 * projected_rows * e * e + u64::from(self.bias) * projected_rows * e;
+        let scaling = l * e;
+        let attention = 2 * (2 * l * s * e); // q · kᵀ and attn · v, over all heads
+        let softmax = 5 * h * l * s;
+        let average = u64::from(self.need_weights) * h * l * s;
+        b * (projections + scaling + attention + softmax + average)
+    }
+}
+
+export_layer!(MultiheadAttention);
+
+#[cfg(test)]
+mod tests;
