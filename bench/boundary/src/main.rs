@@ -21,8 +21,9 @@ use host::params::ParamStore;
 use host::registry::PluginRegistry;
 use host::runner::Runner;
 use host::runtime::{LayerPlan, Model};
+use host::tensor::Tensor;
 use layer_api::abi::{ParamRef, TensorRef};
-use layer_api::{Layer, Params};
+use layer_api::{DType, Layer, Params};
 use ndarray::{ArrayD, IxDyn};
 
 /// One layer at one input shape.
@@ -115,6 +116,7 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
     let plans: Vec<LayerPlan> = model.plan(&case.input_shape).expect("the shapes agree");
     let store = ParamStore::initialize(&Model::param_infos(&plans), 0);
     let input = host::bench::random_input(&case.input_shape);
+    let input_tensor = Tensor::F32(input.clone());
 
     let mut runner = Runner::new(&model, &plans, &store, 1).expect("the runner prepares");
     let linked = L::new(serde_json::from_value(case.config.clone()).expect("config"))
@@ -127,8 +129,9 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
             ParamRef {
                 name: RStr::from_str(&p.local_name),
                 tensor: TensorRef {
+                    dtype: DType::F32,
                     shape: RSlice::from_slice(tensor.shape()),
-                    data: RSlice::from_slice(tensor.as_slice().expect("contiguous")),
+                    data: RSlice::from_slice(f32_bytes(tensor.as_slice().expect("contiguous"))),
                 },
             }
         })
@@ -148,7 +151,8 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
 
     // Both paths compute the same thing: check it once, bit for bit.
     forward_linked(&mut output);
-    let got = runner.run(input.view()).expect("forward");
+    let got = runner.run(input_tensor.view()).expect("forward");
+    let got = got.as_f32().expect("a float32 output");
     assert!(
         got.iter()
             .zip(output.iter())
@@ -163,7 +167,7 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
     let mut call_loaded = || {
         black_box(
             runner
-                .run(black_box(input.view()))
+                .run(black_box(input_tensor.view()))
                 .expect("forward succeeds"),
         );
     };
@@ -179,6 +183,12 @@ fn measure<L: Layer>(case: &Case, plugin_dir: &std::path::Path) -> (f64, f64) {
         linked.push(per_call(calls, &mut call_linked));
     }
     (median(&mut loaded), median(&mut linked))
+}
+
+/// An f32 slice as the bytes the boundary lends.
+fn f32_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: any f32 is four initialized bytes, and u8 has no alignment.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
 fn per_call(calls: usize, call: &mut impl FnMut()) -> f64 {
