@@ -1,0 +1,250 @@
+//! `mean`: the mean over some axes, as `torch.mean(x, dim=dims,
+//! keepdim=keepdim)`. The sums are computed in `f64`. The reduced axes are
+//! removed from the shape, or kept with size 1 when `keepdim` is true: a
+//! `(2, 3, 4)` input with `dims = [1]` gives `(2, 4)`, or `(2, 1, 4)`. The
+//! mean over an empty axis is NaN, as in PyTorch.
+//!
+//! Config:
+//!
+//! * `dims` (required): the axes to average over, a non-empty list without
+//!   repeats; negative counts from the end (`-1` the last).
+//! * `keepdim` (default false).
+//!
+//! Parameters: none.
+//!
+//! Batch independence (row `i` of the output depends only on row `i` of the
+//! input) is claimed unless an axis in `dims` can be axis 0 of a batched
+//! input: `0`, or `≤ -2` (`-2` is axis 0 of a rank-2 input). Averaging over
+//! axis 0 mixes the rows of a batch, so the host must not split it; write
+//! axes as positive numbers (`1` rather than `-2` for a `(b, n, d)` input)
+//! to keep the claim. `-1` keeps it: it names axis 0 only of a rank-1
+//! input, which has no batch axis.
+
+use layer_api::ndarray::{Axis, IxDyn};
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, Params};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeanConfig {
+    /// The axes to reduce; negative counts from the end.
+    pub dims: Vec<i64>,
+    /// Keep the reduced axes with size 1.
+    #[serde(default)]
+    pub keepdim: bool,
+}
+
+pub struct Mean {
+    dims: Vec<i64>,
+    keepdim: bool,
+}
+
+impl Mean {
+    /// Whether each axis of an input of rank `rank` is reduced.
+    fn reduced(&self, rank: usize) -> Result<Vec<bool>, String> {
+        let mut reduced = vec![false; rank];
+        for &dim in &self.dims {
+            let axis = usize::try_from(if dim < 0 { dim + rank as i64 } else { dim })
+                .ok()
+                .filter(|&a| a < rank)
+                .ok_or_else(|| {
+                    format!(
+                        "`dims` has {dim}, out of range for an input of rank {rank} (valid: {} \
+                         to {})",
+                        -(rank as i64),
+                        rank as i64 - 1
+                    )
+                })?;
+            if std::mem::replace(&mut reduced[axis], true) {
+                return Err(format!(
+                    "`dims` {:?} names axis {axis} twice for an input of rank {rank}",
+                    self.dims
+                ));
+            }
+        }
+        Ok(reduced)
+    }
+}
+
+impl Layer for Mean {
+    const DESCRIPTION: &'static str =
+        "the mean over axes `dims` (kept as size 1 if `keepdim`), as torch.mean";
+    type Config = MeanConfig;
+
+    fn new(config: MeanConfig) -> Result<Self, String> {
+        if config.dims.is_empty() {
+            return Err("`dims` must name at least one axis".into());
+        }
+        for (i, d) in config.dims.iter().enumerate() {
+            if config.dims[..i].contains(d) {
+                return Err(format!("`dims` {:?} has {d} twice", config.dims));
+            }
+        }
+        Ok(Mean {
+            dims: config.dims,
+            keepdim: config.keepdim,
+        })
+    }
+
+    fn output_shape(&self, input_shape: &[usize]) -> Result<Vec<usize>, String> {
+        let reduced = self.reduced(input_shape.len())?;
+        Ok(input_shape
+            .iter()
+            .zip(&reduced)
+            .filter_map(|(&size, &r)| match (r, self.keepdim) {
+                (false, _) => Some(size),
+                (true, true) => Some(1),
+                (true, false) => None,
+            })
+            .collect())
+    }
+
+    fn batch_independent(&self) -> bool {
+        self.dims.iter().all(|&d| d >= 1 || d == -1)
+    }
+
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        input_shape.iter().product::<usize>() as u64
+    }
+
+    fn forward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        mut output: ArrayViewMutD<'_, f32>,
+    ) -> Result<(), String> {
+        let reduced = self.reduced(input.ndim())?;
+        // Kept axes first, then the reduced ones: in C order, each output
+        // element's inputs are then one contiguous run of `count`.
+        let (kept, gone): (Vec<usize>, Vec<usize>) = (0..input.ndim()).partition(|&a| !reduced[a]);
+        let count: usize = gone.iter().map(|&a| input.len_of(Axis(a))).product();
+        let order: Vec<usize> = kept.into_iter().chain(gone).collect();
+        let x = input.permuted_axes(IxDyn(&order));
+        let x = x.as_standard_layout();
+        let x = x.as_slice().ok_or("the permuted input is not contiguous")?;
+        if count == 0 {
+            output.fill(f32::NAN);
+            return Ok(());
+        }
+        for (y, run) in output.iter_mut().zip(x.chunks_exact(count)) {
+            let sum: f64 = run.iter().map(|&v| f64::from(v)).sum();
+            *y = (sum / count as f64) as f32;
+        }
+        Ok(())
+    }
+}
+
+export_layer!(Mean);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::{array, ArrayD};
+    use layer_api::testing;
+
+    fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 4.0)
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+    }
+
+    fn run(config: &str, x: ArrayD<f32>) -> Result<ArrayD<f32>, String> {
+        testing::forward::<Mean>(config, x, &[])
+    }
+
+    #[test]
+    fn means_by_hand_with_and_without_keepdim() {
+        let x = array![[1.0f32, 2.0, 6.0], [4.0, 5.0, 6.0]].into_dyn();
+        let y = run(r#"{"dims": [1]}"#, x.clone()).unwrap();
+        assert_eq!(y, array![3.0f32, 5.0].into_dyn());
+        let y = run(r#"{"dims": [-1], "keepdim": true}"#, x.clone()).unwrap();
+        assert_eq!(y, array![[3.0f32], [5.0]].into_dyn());
+        let y = run(r#"{"dims": [0]}"#, x.clone()).unwrap();
+        assert_eq!(y, array![2.5f32, 3.5, 6.0].into_dyn());
+        let y = run(r#"{"dims": [-2, 1], "keepdim": true}"#, x.clone()).unwrap();
+        assert_eq!(y, array![[4.0f32]].into_dyn());
+        let y = run(r#"{"dims": [0, 1]}"#, x).unwrap();
+        assert_eq!(y.shape(), &[] as &[usize]);
+        assert_eq!(y[[]], 4.0);
+    }
+
+    /// Axes 0 and 2 of a (3, 2, 4, 5) input, given as [-4, 2] and as
+    /// [2, 0], against explicit loops.
+    #[test]
+    fn non_adjacent_and_negative_axes_match_loops() {
+        let x = filled(&[3, 2, 4, 5], 1);
+        let mut want = ArrayD::<f64>::zeros(IxDyn(&[2, 5]));
+        for j in 0..2 {
+            for l in 0..5 {
+                let mut sum = 0.0f64;
+                for i in 0..3 {
+                    for k in 0..4 {
+                        sum += f64::from(x[[i, j, k, l]]);
+                    }
+                }
+                want[[j, l]] = sum / 12.0;
+            }
+        }
+        for config in [r#"{"dims": [-4, 2]}"#, r#"{"dims": [2, 0]}"#] {
+            let y = run(config, x.clone()).unwrap();
+            assert_eq!(y.shape(), &[2, 5], "{config}");
+            for (g, w) in y.iter().zip(&want) {
+                assert!((f64::from(*g) - w).abs() < 1e-6, "{config}: {g} != {w}");
+            }
+        }
+        let kept = run(r#"{"dims": [-4, 2], "keepdim": true}"#, x).unwrap();
+        assert_eq!(kept.shape(), &[1, 2, 1, 5]);
+        assert_eq!(
+            kept.into_shape_with_order(vec![2, 5]).unwrap(),
+            want.mapv(|v| v as f32)
+        );
+    }
+
+    #[test]
+    fn an_empty_axis_gives_nan_and_an_empty_batch_gives_nothing() {
+        let y = run(r#"{"dims": [1]}"#, ArrayD::zeros(IxDyn(&[2, 0]))).unwrap();
+        assert!(y.shape() == [2] && y.iter().all(|v| v.is_nan()), "{y}");
+        let y = run(r#"{"dims": [1]}"#, ArrayD::zeros(IxDyn(&[0, 3]))).unwrap();
+        assert_eq!(y.shape(), &[0]);
+    }
+
+    #[test]
+    fn batch_independence_is_claimed_unless_an_axis_can_be_axis_zero() {
+        let claims = |dims: &[i64]| {
+            Mean {
+                dims: dims.to_vec(),
+                keepdim: false,
+            }
+            .batch_independent()
+        };
+        assert!(claims(&[1]) && claims(&[-1]) && claims(&[1, 2, -1]));
+        assert!(!claims(&[0]) && !claims(&[1, -2]) && !claims(&[-3]));
+    }
+
+    #[test]
+    fn refuses_bad_dims() {
+        let x = || filled(&[2, 3], 0);
+        let err = run(r#"{"dims": []}"#, x()).unwrap_err();
+        assert_eq!(err, "`dims` must name at least one axis");
+        let err = run(r#"{"dims": [1, 1]}"#, x()).unwrap_err();
+        assert_eq!(err, "`dims` [1, 1] has 1 twice");
+        let err = run(r#"{"dims": [1, -1]}"#, x()).unwrap_err();
+        assert_eq!(
+            err,
+            "`dims` [1, -1] names axis 1 twice for an input of rank 2"
+        );
+        let err = run(r#"{"dims": [2]}"#, x()).unwrap_err();
+        assert_eq!(
+            err,
+            "`dims` has 2, out of range for an input of rank 2 (valid: -2 to 1)"
+        );
+        let err = run(r#"{"dims": [-3]}"#, x()).unwrap_err();
+        assert!(err.starts_with("`dims` has -3, out of range"), "{err}");
+        let err = run(r#"{"dim": [1]}"#, x()).unwrap_err();
+        assert!(err.contains("unknown field `dim`"), "{err}");
+        let err = run(r#"{"dims": 1}"#, x()).unwrap_err();
+        assert!(err.contains("expected a sequence"), "{err}");
+    }
+}

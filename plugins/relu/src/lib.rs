@@ -1,0 +1,87 @@
+//! `relu`: `y = max(x, 0)` element by element, as `torch.nn.ReLU()` (and
+//! `torch.relu`). A NaN stays NaN, as in PyTorch, rather than becoming 0.
+//! Any input shape, the output has the same.
+//!
+//! Config: none (`{}`). Parameters: none.
+
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params};
+
+pub struct Relu;
+
+/// `max(x, 0)`, NaN propagated: `NaN <= 0` is false, so a NaN is returned
+/// as it is.
+fn relu(x: f32) -> f32 {
+    if x <= 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
+impl Layer for Relu {
+    const DESCRIPTION: &'static str = "y = max(x, 0), NaN kept, as torch.nn.ReLU";
+    type Config = NoConfig;
+
+    fn new(_config: NoConfig) -> Result<Self, String> {
+        Ok(Relu)
+    }
+
+    fn output_shape(&self, input_shape: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(input_shape.to_vec())
+    }
+
+    fn batch_independent(&self) -> bool {
+        true
+    }
+
+    fn flops(&self, input_shape: &[usize]) -> u64 {
+        input_shape.iter().product::<usize>() as u64
+    }
+
+    fn forward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        mut output: ArrayViewMutD<'_, f32>,
+    ) -> Result<(), String> {
+        output.zip_mut_with(&input, |y, &x| *y = relu(x));
+        Ok(())
+    }
+}
+
+export_layer!(Relu);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_api::ndarray::array;
+    use layer_api::testing;
+
+    #[test]
+    fn zeroes_negatives_and_keeps_the_rest() {
+        let x = array![[-2.0f32, -0.5, 0.0], [0.25, 3.0, f32::INFINITY]].into_dyn();
+        let y = testing::forward::<Relu>("{}", x, &[]).unwrap();
+        assert_eq!(
+            y,
+            array![[0.0f32, 0.0, 0.0], [0.25, 3.0, f32::INFINITY]].into_dyn()
+        );
+    }
+
+    #[test]
+    fn nan_stays_nan_and_minus_infinity_becomes_zero() {
+        let x = array![f32::NAN, f32::NEG_INFINITY, -1e-30].into_dyn();
+        let y = testing::forward::<Relu>("{}", x, &[]).unwrap();
+        assert!(y[0].is_nan(), "relu(NaN) = {}", y[0]);
+        assert_eq!((y[1], y[2]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn any_shape_is_kept_and_options_are_refused() {
+        let x = layer_api::ndarray::ArrayD::<f32>::zeros(vec![2, 0, 3]);
+        let y = testing::forward::<Relu>("{}", x, &[]).unwrap();
+        assert_eq!(y.shape(), &[2, 0, 3]);
+        let err = testing::forward::<Relu>(r#"{"inplace": true}"#, array![1.0f32].into_dyn(), &[])
+            .unwrap_err();
+        assert!(err.contains("unknown field `inplace`"), "{err}");
+    }
+}
