@@ -228,7 +228,7 @@ fn reference_line(stdout: &str) -> &str {
 /// with the host's reader.
 fn reference_value(file: &str, name: &str, index: [usize; 2]) -> f32 {
     let bytes = std::fs::read(file).unwrap();
-    let arrays = host::conformance::read_npz(bytes).unwrap();
+    let arrays = host::npz::read(bytes).unwrap();
     let (_, tensor) = arrays.into_iter().find(|(n, _)| n == name).unwrap();
     tensor.as_f32().expect("float32")[[index[0], index[1]]]
 }

@@ -56,7 +56,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 
@@ -64,11 +63,10 @@ use abi_stable::std_types::ROption;
 use half::{bf16, f16};
 use layer_api::abi::ProbeCase;
 use layer_api::DType;
-use ndarray::{ArrayD, Axis, IxDyn, ShapeBuilder, Slice};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use serde_json::Value;
 
 use crate::error::Error;
-use crate::npy;
 use crate::param_file::{FileTensor, ParamFile, ParamFormat};
 use crate::params::ParamStore;
 use crate::registry::{self, library_file_name, LoadedPlugin, PluginRegistry};
@@ -1443,7 +1441,7 @@ impl Reference {
             params: BTreeMap::new(),
             outputs: BTreeMap::new(),
         };
-        for (key, tensor) in read_npz(bytes).map_err(error)? {
+        for (key, tensor) in crate::npz::read(bytes).map_err(error)? {
             let misnamed = || {
                 error(format!(
                     "array '{key}' is not named input.<name>, param.<name> or output.<name>"
@@ -1468,144 +1466,6 @@ impl Reference {
         }
         Ok(reference)
     }
-}
-
-/// The arrays of an `.npz` file (a zip archive of `<name>.npy` members), by
-/// name, in the archive's order, each in its own element type.
-pub fn read_npz(bytes: Vec<u8>) -> Result<Vec<(String, Tensor)>, String> {
-    let mut archive = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| format!("not a valid .npz file (truncated or corrupt zip archive?): {e}"))?;
-    let mut arrays = Vec::with_capacity(archive.len());
-    for index in 0..archive.len() {
-        let mut member = archive
-            .by_index(index)
-            .map_err(|e| format!("member {index} of the archive is unreadable: {e}"))?;
-        let member_name = member.name().to_string();
-        let Some(name) = member_name.strip_suffix(".npy") else {
-            return Err(format!(
-                "member '{member_name}' is not an .npy array; an .npz written by np.savez \
-                 holds only '<name>.npy' members"
-            ));
-        };
-        // Reading to the end makes the zip reader check the member's CRC.
-        let mut data = Vec::new();
-        member.read_to_end(&mut data).map_err(|e| {
-            format!("array '{name}' (member '{member_name}'): the archive is corrupt: {e}")
-        })?;
-        let tensor =
-            read_npy(&data).map_err(|e| format!("array '{name}' (member '{member_name}'): {e}"))?;
-        arrays.push((name.to_string(), tensor));
-    }
-    Ok(arrays)
-}
-
-/// An `.npy` file held in memory, in its own element type: float32,
-/// float64, float16, int64, int32, uint8 or bool, in either byte order and
-/// C or Fortran order.
-pub fn read_npy(bytes: &[u8]) -> Result<Tensor, String> {
-    // The host's reader checks the header and the data's length (and
-    // converts to float32, which is not kept): the values are then read
-    // again here, exactly, from the bytes it checked.
-    let (checked, dtype) =
-        npy::read_f32_from(bytes, bytes.len() as u64).map_err(|e| e.to_string())?;
-    let shape = checked.shape().to_vec();
-    drop(checked);
-    let descr = dtype.descr();
-    let (order, code) = descr.split_at(1);
-    let big_endian = order == ">" || (order == "=" && cfg!(target_endian = "big"));
-    let size = match code {
-        "f2" => 2,
-        "f4" | "i4" => 4,
-        "f8" | "i8" => 8,
-        "u1" | "b1" => 1,
-        _ => {
-            return Err(format!(
-                "dtype '{descr}' is no element type of the layer interface: use float32, \
-                 float64, float16, int64, int32, uint8 or bool"
-            ))
-        }
-    };
-    let elements: usize = shape.iter().product();
-    let data = &bytes[bytes.len() - elements * size..];
-    let fortran = fortran_order(bytes);
-    fn values<T, const N: usize>(
-        data: &[u8],
-        big_endian: bool,
-        from_le: fn([u8; N]) -> T,
-    ) -> Vec<T> {
-        data.chunks_exact(N)
-            .map(|chunk| {
-                let mut b: [u8; N] = chunk.try_into().expect("chunks of N bytes");
-                if big_endian {
-                    b.reverse();
-                }
-                from_le(b)
-            })
-            .collect()
-    }
-    Ok(match code {
-        "f2" => Tensor::F16(in_c_order(
-            &shape,
-            fortran,
-            values(data, big_endian, f16::from_le_bytes),
-        )),
-        "f4" => Tensor::F32(in_c_order(
-            &shape,
-            fortran,
-            values(data, big_endian, f32::from_le_bytes),
-        )),
-        "f8" => Tensor::F64(in_c_order(
-            &shape,
-            fortran,
-            values(data, big_endian, f64::from_le_bytes),
-        )),
-        "i4" => Tensor::I32(in_c_order(
-            &shape,
-            fortran,
-            values(data, big_endian, i32::from_le_bytes),
-        )),
-        "i8" => Tensor::I64(in_c_order(
-            &shape,
-            fortran,
-            values(data, big_endian, i64::from_le_bytes),
-        )),
-        "u1" => Tensor::U8(in_c_order(
-            &shape,
-            fortran,
-            values(data, false, u8::from_le_bytes),
-        )),
-        _ => Tensor::Bool(in_c_order(
-            &shape,
-            fortran,
-            values(data, false, |[b]: [u8; 1]| u8::from(b != 0)),
-        )),
-    })
-}
-
-/// Whether the header of a checked `.npy` file says `'fortran_order': True`.
-fn fortran_order(bytes: &[u8]) -> bool {
-    let (len, start) = match bytes[6] {
-        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
-        _ => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-    };
-    let header = String::from_utf8_lossy(&bytes[start..start + len]);
-    header
-        .split_once("fortran_order")
-        .and_then(|(_, rest)| rest.split_once(':'))
-        .is_some_and(|(_, value)| value.trim_start().starts_with("True"))
-}
-
-fn in_c_order<T: Clone>(shape: &[usize], fortran: bool, values: Vec<T>) -> ArrayD<T> {
-    let array = if fortran {
-        ArrayD::from_shape_vec(IxDyn(shape).f(), values)
-            .map(|a| a.as_standard_layout().into_owned())
-    } else {
-        ArrayD::from_shape_vec(IxDyn(shape), values)
-    };
-    array.expect("the element count was checked against the shape")
 }
 
 /// The `reference` check: the layer, planned for the reference's inputs,
@@ -2077,67 +1937,6 @@ mod tests {
         );
         assert_eq!(unravel(5, &[2, 3]), vec![1, 2]);
         assert_eq!(unravel(0, &[]), Vec::<usize>::new());
-    }
-
-    /// An `.npy` file of `descr` and `shape` holding `data`, as numpy lays
-    /// it out (format 1.0, header padded to 64 bytes).
-    fn npy_bytes(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
-        let fortran = if fortran { "True" } else { "False" };
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend_from_slice(data);
-        bytes
-    }
-
-    #[test]
-    fn npy_arrays_keep_their_element_type_and_exact_values() {
-        let big: i64 = (1 << 53) + 1; // not a float32, nor a float64
-        let data: Vec<u8> = [big, -3].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(
-            read_npy(&npy_bytes("<i8", false, "(2,)", &data)).unwrap(),
-            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![big, -3]).unwrap())
-        );
-        let data: Vec<u8> = [7i32, -8].iter().flat_map(|v| v.to_be_bytes()).collect();
-        assert_eq!(
-            read_npy(&npy_bytes(">i4", false, "(2,)", &data)).unwrap(),
-            Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![7, -8]).unwrap())
-        );
-        // Fortran order: the columns of [[1, 2, 3], [4, 5, 6]] one after the other.
-        let data: Vec<u8> = [1.0f64, 4.0, 2.0, 5.0, 3.0, 6.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(
-            read_npy(&npy_bytes("<f8", true, "(2, 3)", &data)).unwrap(),
-            Tensor::F64(
-                ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap()
-            )
-        );
-        assert_eq!(
-            read_npy(&npy_bytes("|u1", false, "(3,)", &[0, 171, 255])).unwrap(),
-            Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[3]), vec![0, 171, 255]).unwrap())
-        );
-        assert_eq!(
-            read_npy(&npy_bytes("|b1", false, "(2,)", &[1, 0])).unwrap(),
-            Tensor::Bool(ArrayD::from_shape_vec(IxDyn(&[2]), vec![1, 0]).unwrap())
-        );
-        assert_eq!(
-            read_npy(&npy_bytes("<f4", false, "()", &1.5f32.to_le_bytes())).unwrap(),
-            Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 1.5))
-        );
-        assert!(read_npy(&npy_bytes("<i2", false, "(1,)", &[0, 0]))
-            .unwrap_err()
-            .contains("dtype '<i2' is no element type of the layer interface"));
-        assert!(read_npy(&npy_bytes("<f4", false, "(2,)", &[0; 4]))
-            .unwrap_err()
-            .starts_with("truncated"));
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub enum Error {
     /// A plugin asked for by name, outside any model.
     #[error(transparent)]
     PluginLookup(Box<PluginError>),
+    /// A command line that names things the model does not have.
+    #[error("{0}")]
+    Usage(String),
     #[error("--config '{text}': {message}")]
     ConfigArgument { text: String, message: String },
     #[error("plugin '{plugin}' failed {failed} of {total} conformance checks")]

@@ -14,11 +14,14 @@
 pub mod atomic_file;
 pub mod bench;
 pub mod binding;
+pub mod commands;
 pub mod conformance;
 pub mod error;
+pub mod graph;
 pub mod inspect;
 pub mod model;
 pub mod npy;
+pub mod npz;
 pub mod param_file;
 pub mod params;
 pub mod pin;

@@ -5,17 +5,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use host::atomic_file::{write_atomically, write_atomically_or_fail, write_error};
+use host::commands::run::RunOptions;
 use host::inspect::{format_param_values, ModelSummary};
 use host::model::ModelSpec;
 use host::npy::NpyRowReader;
 use host::param_file::ParamFile;
 use host::params::ParamStore;
+use host::print::print_stdout;
 use host::registry::PluginRegistry;
-use host::runtime::{Model, TensorSpec};
+use host::runtime::Model;
 use host::tensor::Tensor;
-use host::trace::LayerTrace;
-use host::{conformance, npy, pin, print, stream, Error};
+use host::{conformance, pin, Error};
 
 #[derive(Parser)]
 #[command(
@@ -197,12 +197,18 @@ struct RunArgs {
     /// The model description (JSON).
     #[arg(value_name = "MODEL")]
     model: PathBuf,
-    /// The input, an .npy file of any numeric dtype; computation is in f32.
-    #[arg(long, value_name = "X.npy")]
-    input: PathBuf,
-    /// Where to write the output (f32 .npy). Without it the result is printed.
-    #[arg(long, value_name = "Y.npy")]
-    output: Option<PathBuf>,
+    /// The input: an .npy file (any numeric dtype, converted to what the
+    /// model takes) for a one-input model; NAME=FILE for each input of a
+    /// model with several (repeatable); or one .npz holding every input by
+    /// name.
+    #[arg(long, value_name = "X.npy|NAME=X.npy|X.npz", required = true)]
+    input: Vec<String>,
+    /// Where to write the outputs, each in its own dtype: an .npy for a
+    /// one-output model; NAME=FILE for each output wanted (repeatable); or
+    /// one .npz holding every output by name. Without it the outputs are
+    /// printed.
+    #[arg(long, value_name = "Y.npy|NAME=Y.npy|Y.npz")]
+    output: Vec<String>,
     /// A safetensors or .npz file of parameters, instead of the model file's "params".
     #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
@@ -293,177 +299,18 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<(), Error> {
-    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
-    let spec = ModelSpec::load(&args.model)?;
-    let npy_error = |source| Error::Npy {
-        path: args.input.clone(),
-        source,
-    };
-    let mut input = NpyRowReader::open(&args.input).map_err(npy_error)?;
-    let model = Model::load(spec, &registry)?;
-    // The input is read in its own element type and converted to one the
-    // first layer takes (float64 into a float32 layer, as numpy's astype).
-    let first_dtype = model.input_dtype(input.dtype().tensor_dtype());
-    let plans = model.plan_typed(TensorSpec::new(first_dtype, input.shape()))?;
-    let params = load_params(
-        &model,
-        &plans,
-        args.params.as_ref(),
-        args.allow_unused_params,
-    )?;
-    let threads = args.threads.max(1);
-    let trace = |layer: &host::runtime::ModelLayer, output: &Tensor, elapsed| {
-        if args.trace {
-            eprintln!(
-                "{}",
-                LayerTrace::of_tensor(&layer.name, &layer.plugin.name, output, elapsed)
-            );
-        }
-    };
-    if let Err(reason) = stream::check_chunkable(&model, &plans) {
-        if args.batch_size.is_some() {
-            eprintln!("note: --batch-size does not apply: {reason}, so the whole input is processed at once");
-        }
-        let input = input
-            .into_tensor()
-            .map_err(npy_error)?
-            .convert(first_dtype)
-            .map_err(|message| Error::Model {
-                path: args.model.clone(),
-                message: format!("the input {}: {message}", args.input.display()),
-            })?;
-        let output = model.forward_observed(&plans, &params, &input, threads, trace)?;
-        // Every layer object is dropped before anything is written: a panic
-        // in a layer's `Drop` fails the run with the output untouched.
-        model.close()?;
-        return match &args.output {
-            Some(path) => write_atomically(path, |w| npy::write_tensor(w, &output)),
-            None => print_stdout(&format!("{}\n", print::format_tensor(&output))),
-        };
-    }
-
-    let total_rows = input.shape()[0];
-    let batch_size = args
-        .batch_size
-        .unwrap_or_else(|| stream::default_batch_size(&plans));
-    let chunks = stream::chunk_ranges(total_rows, batch_size).len();
-    let output_shape = plans
-        .last()
-        .expect("a model has a layer")
-        .output_shape
-        .clone();
-    let progress = RowProgress::new(total_rows, !args.quiet && !args.trace);
-    let run_chunks = |input: &mut NpyRowReader,
-                      on_output: &mut dyn FnMut(&[f32]) -> Result<(), Error>| {
-        stream::run_in_chunks(
-            &model,
-            &plans,
-            &params,
-            input,
-            &args.input,
-            batch_size,
-            threads,
-            |rows, layer, output, elapsed| {
-                // With several chunks each layer's line is about one chunk:
-                // say which before its first layer.
-                if args.trace && chunks > 1 && std::ptr::eq(layer, &model.layers[0]) {
-                    eprintln!("trace: rows {}..{} of {total_rows}", rows.start, rows.end);
-                }
-                trace(layer, output, elapsed)
-            },
-            |rows, output| {
-                on_output(output.as_slice().expect("runner outputs are contiguous"))?;
-                progress.advance(rows.len());
-                Ok(())
-            },
-        )
-    };
-    let result = match &args.output {
-        Some(path) => write_atomically_or_fail(path, |w| {
-            let mut npy =
-                npy::NpyWriter::new(w, &output_shape).map_err(|e| write_error(path, e))?;
-            run_chunks(&mut input, &mut |values| {
-                npy.write(values).map_err(|e| write_error(path, e))
-            })?;
-            // Before the output is committed: see the whole-input case.
-            model.close()?;
-            npy.finish().map_err(|e| write_error(path, e)).map(|_| ())
-        }),
-        None => {
-            let mut values = Vec::with_capacity(output_shape.iter().product());
-            run_chunks(&mut input, &mut |chunk| {
-                values.extend_from_slice(chunk);
-                Ok(())
-            })
-            .and_then(|()| model.close())
-            .and_then(|()| {
-                let output = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&output_shape), values)
-                    .expect("the chunks hold every row of the output");
-                print_stdout(&format!("{}\n", print::format_array(&output)))
-            })
-        }
-    };
-    progress.finish();
-    result
-}
-
-/// A progress bar on stderr for a run of many rows: drawn only on a
-/// terminal, and only once the run has taken more than a second, so that
-/// short runs and pipelines never see it.
-struct RowProgress {
-    bar: indicatif::ProgressBar,
-    wanted: bool,
-    started: std::time::Instant,
-    shown: std::cell::Cell<bool>,
-}
-
-impl RowProgress {
-    fn new(rows: usize, wanted: bool) -> RowProgress {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(rows as u64),
-            indicatif::ProgressDrawTarget::hidden(),
-        );
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {human_pos}/{human_len} rows, {eta} left",
-            )
-            .expect("the template is valid"),
-        );
-        RowProgress {
-            bar,
-            wanted: wanted && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            started: std::time::Instant::now(),
-            shown: std::cell::Cell::new(false),
-        }
-    }
-
-    fn advance(&self, rows: usize) {
-        if self.wanted && !self.shown.get() && self.started.elapsed().as_secs_f64() > 1.0 {
-            self.bar
-                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            self.shown.set(true);
-        }
-        self.bar.inc(rows as u64);
-    }
-
-    fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
-}
-
-/// The parameters from `--params`, else the model file's "params", else
-/// initialized from the seed.
-fn load_params(
-    model: &Model,
-    plans: &[host::runtime::LayerPlan],
-    params_override: Option<&PathBuf>,
-    allow_unused: bool,
-) -> Result<ParamStore, Error> {
-    let infos = Model::param_infos(plans);
-    match params_override.or(model.spec.params.as_ref()) {
-        Some(path) => ParamStore::load(path, &infos, allow_unused),
-        None => Ok(ParamStore::initialize(&infos, model.spec.seed)),
-    }
+    host::commands::run::run(RunOptions {
+        model: args.model,
+        inputs: args.input,
+        outputs: args.output,
+        params: args.params,
+        allow_unused_params: args.allow_unused_params,
+        trace: args.trace,
+        threads: args.threads,
+        batch_size: args.batch_size,
+        quiet: args.quiet,
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
 }
 
 fn bench(args: BenchArgs) -> Result<(), Error> {
@@ -490,7 +337,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let model = Model::load(spec, &registry)?;
     let input = Tensor::F32(host::bench::random_input(&[args.batch, features]));
     let plans = model.plan(input.shape())?;
-    let params = load_params(&model, &plans, args.params.as_ref(), false)?;
+    let params = host::commands::run::load_params(&model, &plans, args.params.as_ref(), false)?;
     let report = host::bench::bench(
         &model,
         &plans,
@@ -506,20 +353,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         ))
     } else {
         print_stdout(&report.to_table())
-    }
-}
-
-/// Prints a command's result. A reader that stopped early (`| head`) is not
-/// an error: it has what it wanted.
-fn print_stdout(text: &str) -> Result<(), Error> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Write {
-            path: PathBuf::from("<stdout>"),
-            source: e,
-        }),
-        _ => Ok(()),
     }
 }
 

@@ -1,4 +1,7 @@
-//! The model description: a JSON file listing layers to run in order.
+//! The model description, parsed and validated into one graph type.
+//!
+//! Format 1 is a chain: a list of one-input layers run in order, fed the
+//! model's one input (called `input`).
 //!
 //! ```json
 //! {
@@ -14,6 +17,23 @@
 //! }
 //! ```
 //!
+//! Format 2 is a graph of named nodes, each naming where its inputs come
+//! from: a model input, a node (its only output) or `node:output`.
+//!
+//! ```json
+//! {"format": 2, "name": "residual",
+//!  "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 64]}],
+//!  "nodes": [
+//!    {"name": "dense", "type": "mydense", "config": {"units": 64}, "inputs": ["x"]},
+//!    {"name": "sum", "type": "add", "inputs": {"a": "x", "b": "dense"}}],
+//!  "outputs": ["sum"]}
+//! ```
+//!
+//! Both formats become a [`ModelSpec`]: inputs, nodes (each a [`LayerSpec`]
+//! with its input references) and outputs. Names are checked here; what the
+//! references mean is resolved against the plugins' signatures when the
+//! model is loaded.
+//!
 //! A layer may override the default initializer of its parameters (`init`)
 //! and tie a parameter to another layer's (`share`, e.g.
 //! `{"weight": "0.weight"}`); both are checked against the parameters the
@@ -24,19 +44,27 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use layer_api::Init;
+use layer_api::{DType, Init};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::Error;
 
-/// The model file format this host reads.
-pub const FORMAT: u32 = 1;
+/// The model file formats this host reads.
+pub const FORMATS: [u32; 2] = [1, 2];
 
-/// A model file as written, checked for structure.
+/// Only the `format` field, read first to choose the parser.
+#[derive(Debug, Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
+/// A format-1 model file as written, checked for structure.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelFile {
+    /// Read first, through `FormatOnly`; listed so that it is a known field.
+    #[allow(dead_code)]
     format: u32,
     #[serde(default)]
     name: Option<String>,
@@ -64,13 +92,95 @@ struct LayerFile {
     sha256: Option<String>,
 }
 
-/// A validated model description.
+/// A format-2 model file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GraphFile {
+    /// As in `ModelFile`.
+    #[allow(dead_code)]
+    format: u32,
+    #[serde(default)]
+    name: Option<String>,
+    inputs: Vec<InputFile>,
+    nodes: Vec<NodeFile>,
+    outputs: Vec<String>,
+    #[serde(default)]
+    params: Option<PathBuf>,
+    #[serde(default)]
+    seed: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputFile {
+    name: String,
+    dtype: String,
+    shape: Vec<Dim>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    name: String,
+    #[serde(rename = "type")]
+    plugin: String,
+    #[serde(default)]
+    config: Option<Map<String, Value>>,
+    inputs: NodeInputs,
+    #[serde(default)]
+    init: Option<Map<String, Value>>,
+    #[serde(default)]
+    share: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    sha256: Option<String>,
+}
+
+/// One axis of a declared input shape: a size, or a symbol (`"batch"`)
+/// that stands for the same size wherever it appears.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Size(usize),
+    Symbol(String),
+}
+
+/// Where a node's inputs come from: in the order of the layer's signature,
+/// or by the layer's input names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum NodeInputs {
+    Positional(Vec<String>),
+    Named(BTreeMap<String, String>),
+}
+
+/// A model input, as a format-2 file declares it (format 1 has one, called
+/// `input`, whose type and shape are the input file's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    /// `None` for format 1: the input file's own type, converted to what
+    /// the first layer takes.
+    pub dtype: Option<DType>,
+    /// `None` for format 1: any shape.
+    pub shape: Option<Vec<Dim>>,
+}
+
+/// The name format 1 gives its one input.
+pub const CHAIN_INPUT: &str = "input";
+
+/// A validated model description: a graph (a chain for format 1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     /// The file it was read from.
     pub path: PathBuf,
     pub name: String,
+    /// 1 (a chain) or 2 (a graph).
+    pub format: u32,
+    pub inputs: Vec<InputSpec>,
+    /// The nodes, in file order (format 1: the layers).
     pub layers: Vec<LayerSpec>,
+    /// References to the tensors the model returns.
+    pub outputs: Vec<String>,
     /// The parameter file, resolved against the model file's directory.
     pub params: Option<PathBuf>,
     /// The seed for initializing parameters that no file provides.
@@ -95,6 +205,9 @@ pub struct LayerSpec {
     pub share: BTreeMap<String, String>,
     /// The SHA-256 its plugin library must have (lowercase hex), if pinned.
     pub sha256: Option<String>,
+    /// Where its inputs come from (format 1: the previous layer, or the
+    /// model's input).
+    pub inputs: NodeInputs,
 }
 
 impl ModelSpec {
@@ -109,85 +222,225 @@ impl ModelSpec {
 
     /// Validates the text of a model file; `path` is where it came from.
     pub fn parse(text: &str, path: &Path) -> Result<ModelSpec, Error> {
-        let file: ModelFile = serde_json::from_str(text).map_err(|e| Error::ModelSyntax {
+        let syntax = |e: serde_json::Error| Error::ModelSyntax {
             path: path.to_path_buf(),
             line: e.line(),
             column: e.column(),
             message: message_without_position(&e),
-        })?;
+        };
         let invalid = |message: String| Error::Model {
             path: path.to_path_buf(),
             message,
         };
-        if file.format != FORMAT {
+        let format = serde_json::from_str::<FormatOnly>(text)
+            .map_err(syntax)?
+            .format;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let default_name = || {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        match format {
+            1 => {
+                let file: ModelFile = serde_json::from_str(text).map_err(syntax)?;
+                if file.layers.is_empty() {
+                    return Err(invalid(
+                        "\"layers\" is empty: a model needs at least one layer".to_string(),
+                    ));
+                }
+                let mut layers: Vec<LayerSpec> = Vec::with_capacity(file.layers.len());
+                for (index, layer) in file.layers.into_iter().enumerate() {
+                    let name = layer.name.unwrap_or_else(|| index.to_string());
+                    let source = match layers.last() {
+                        Some(previous) => previous.name.clone(),
+                        None => CHAIN_INPUT.to_string(),
+                    };
+                    let node = NodeFile {
+                        name,
+                        plugin: layer.plugin,
+                        config: layer.config,
+                        inputs: NodeInputs::Positional(vec![source]),
+                        init: layer.init,
+                        share: layer.share,
+                        sha256: layer.sha256,
+                    };
+                    layers.push(node_spec(node, index, &layers, &invalid)?);
+                }
+                let last = layers.last().expect("checked not empty").name.clone();
+                Ok(ModelSpec {
+                    path: path.to_path_buf(),
+                    name: file.name.unwrap_or_else(default_name),
+                    format,
+                    inputs: vec![InputSpec {
+                        name: CHAIN_INPUT.to_string(),
+                        dtype: None,
+                        shape: None,
+                    }],
+                    layers,
+                    outputs: vec![last],
+                    params: file.params.map(|p| dir.join(p)),
+                    seed: file.seed,
+                })
+            }
+            2 => {
+                let file: GraphFile = serde_json::from_str(text).map_err(syntax)?;
+                let inputs = graph_inputs(file.inputs, &invalid)?;
+                if file.nodes.is_empty() {
+                    return Err(invalid(
+                        "\"nodes\" is empty: a model needs at least one node".to_string(),
+                    ));
+                }
+                if file.outputs.is_empty() {
+                    return Err(invalid(
+                        "\"outputs\" is empty: name at least one node output to return".to_string(),
+                    ));
+                }
+                let mut layers: Vec<LayerSpec> = Vec::with_capacity(file.nodes.len());
+                for (index, node) in file.nodes.into_iter().enumerate() {
+                    if let Some(input) = inputs.iter().find(|i| i.name == node.name) {
+                        return Err(invalid(format!(
+                            "node '{}' has the name of a model input; names of inputs and \
+                             nodes must differ",
+                            input.name
+                        )));
+                    }
+                    let spec = node_spec(node, index, &layers, &invalid)?;
+                    layers.push(spec);
+                }
+                let mut seen = std::collections::HashSet::new();
+                for output in &file.outputs {
+                    if !seen.insert(output.as_str()) {
+                        return Err(invalid(format!("\"outputs\" names '{output}' twice")));
+                    }
+                }
+                Ok(ModelSpec {
+                    path: path.to_path_buf(),
+                    name: file.name.unwrap_or_else(default_name),
+                    format,
+                    inputs,
+                    layers,
+                    outputs: file.outputs,
+                    params: file.params.map(|p| dir.join(p)),
+                    seed: file.seed,
+                })
+            }
+            other => Err(invalid(format!(
+                "unsupported \"format\": {other}; this host reads format 1 (a chain of \
+                 layers) and format 2 (a graph of nodes)"
+            ))),
+        }
+    }
+}
+
+/// Checks a model's declared inputs: names unique and plain, dtypes spelled
+/// as numpy spells them, at least one.
+fn graph_inputs(
+    inputs: Vec<InputFile>,
+    invalid: &impl Fn(String) -> Error,
+) -> Result<Vec<InputSpec>, Error> {
+    if inputs.is_empty() {
+        return Err(invalid(
+            "\"inputs\" is empty: a model needs at least one input".to_string(),
+        ));
+    }
+    let mut specs: Vec<InputSpec> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        check_name(&input.name, "input").map_err(invalid)?;
+        if specs.iter().any(|s| s.name == input.name) {
             return Err(invalid(format!(
-                "unsupported \"format\": {}; this host reads format {FORMAT}",
-                file.format
+                "two inputs are named '{}'; input names must be unique",
+                input.name
             )));
         }
-        if file.layers.is_empty() {
-            return Err(invalid(
-                "\"layers\" is empty: a model needs at least one layer".to_string(),
-            ));
+        let dtype = DType::from_name(&input.dtype).ok_or_else(|| {
+            invalid(format!(
+                "input '{}': unknown dtype \"{}\"; use one of {}",
+                input.name,
+                input.dtype,
+                DType::ALL.map(|d| d.name()).join(", ")
+            ))
+        })?;
+        if let Some(Dim::Symbol(s)) = input.shape.iter().find(
+            |d| matches!(d, Dim::Symbol(s) if s.is_empty() || s.contains(char::is_whitespace)),
+        ) {
+            return Err(invalid(format!(
+                "input '{}': dimension \"{s}\" must be a size or a symbol without spaces",
+                input.name
+            )));
         }
-        let mut layers: Vec<LayerSpec> = Vec::with_capacity(file.layers.len());
-        for (index, layer) in file.layers.into_iter().enumerate() {
-            let name = layer.name.unwrap_or_else(|| index.to_string());
-            if name.is_empty() {
-                return Err(invalid(format!(
-                    "layer {index}: \"name\" must not be empty"
-                )));
-            }
-            if let Some(other) = layers.iter().position(|l| l.name == name) {
-                return Err(invalid(format!(
-                    "layers {other} and {index} are both named '{name}': layer names must be \
-                     unique, since parameters are named after them"
-                )));
-            }
-            let mut init = BTreeMap::new();
-            for (param, value) in layer.init.unwrap_or_default() {
-                let parsed = Init::from_json(&value).map_err(|e| {
-                    invalid(format!(
-                        "layer '{name}': \"init\" of parameter '{param}': {e}"
-                    ))
-                })?;
-                init.insert(param, parsed);
-            }
-            let share = layer.share.unwrap_or_default();
-            if let Some(param) = share.keys().find(|p| init.contains_key(*p)) {
-                return Err(invalid(format!(
-                    "layer '{name}': parameter '{param}' is both in \"init\" and in \"share\"; \
-                     a shared parameter is initialized by its owner '{}', so set \"init\" there",
-                    share[param]
-                )));
-            }
-            let sha256 = layer
-                .sha256
-                .map(|pin| crate::pin::parse_pin(&name, &pin))
-                .transpose()
-                .map_err(|e| invalid(e.to_string()))?;
-            layers.push(LayerSpec {
-                name,
-                plugin: layer.plugin,
-                config: Value::Object(layer.config.unwrap_or_default()),
-                init,
-                share,
-                sha256,
-            });
-        }
-        let dir = path.parent().unwrap_or(Path::new(""));
-        Ok(ModelSpec {
-            path: path.to_path_buf(),
-            name: file.name.unwrap_or_else(|| {
-                path.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            }),
-            layers,
-            params: file.params.map(|p| dir.join(p)),
-            seed: file.seed,
-        })
+        specs.push(InputSpec {
+            name: input.name,
+            dtype: Some(dtype),
+            shape: Some(input.shape),
+        });
     }
+    Ok(specs)
+}
+
+/// Names of inputs and nodes: not empty, no `:` (it separates a node from
+/// one of its outputs in references), no control characters.
+fn check_name(name: &str, what: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+        return Err(format!(
+            "{what} name {name:?} is not valid: names are not empty and hold no ':' or \
+             control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// Validates one node (or format-1 layer) against the ones before it.
+fn node_spec(
+    node: NodeFile,
+    index: usize,
+    before: &[LayerSpec],
+    invalid: &impl Fn(String) -> Error,
+) -> Result<LayerSpec, Error> {
+    let name = node.name;
+    if name.is_empty() {
+        return Err(invalid(format!(
+            "layer {index}: \"name\" must not be empty"
+        )));
+    }
+    check_name(&name, "node").map_err(invalid)?;
+    if let Some(other) = before.iter().position(|l| l.name == name) {
+        return Err(invalid(format!(
+            "layers {other} and {index} are both named '{name}': layer names must be \
+             unique, since parameters are named after them"
+        )));
+    }
+    let mut init = BTreeMap::new();
+    for (param, value) in node.init.unwrap_or_default() {
+        let parsed = Init::from_json(&value).map_err(|e| {
+            invalid(format!(
+                "layer '{name}': \"init\" of parameter '{param}': {e}"
+            ))
+        })?;
+        init.insert(param, parsed);
+    }
+    let share = node.share.unwrap_or_default();
+    if let Some(param) = share.keys().find(|p| init.contains_key(*p)) {
+        return Err(invalid(format!(
+            "layer '{name}': parameter '{param}' is both in \"init\" and in \"share\"; \
+             a shared parameter is initialized by its owner '{}', so set \"init\" there",
+            share[param]
+        )));
+    }
+    let sha256 = node
+        .sha256
+        .map(|pin| crate::pin::parse_pin(&name, &pin))
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(LayerSpec {
+        name,
+        plugin: node.plugin,
+        config: Value::Object(node.config.unwrap_or_default()),
+        init,
+        share,
+        sha256,
+        inputs: node.inputs,
+    })
 }
 
 /// serde_json's message without its "at line L column C" suffix, which the
@@ -274,8 +527,8 @@ mod tests {
                 "layer '1': parameter 'weight' is both in \"init\" and in \"share\"",
             ),
             (
-                r#"{"format": 2, "layers": [{"type": "x"}]}"#,
-                "models/m.json: unsupported \"format\": 2; this host reads format 1",
+                r#"{"format": 3, "layers": [{"type": "x"}]}"#,
+                "models/m.json: unsupported \"format\": 3; this host reads format 1",
             ),
             (r#"{"format": 1, "layers": []}"#, "\"layers\" is empty"),
             (

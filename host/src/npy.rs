@@ -473,7 +473,12 @@ pub fn read_tensor(path: &Path) -> Result<Tensor, NpyError> {
         .metadata()
         .map_err(|e| NpyError::Io(e.to_string()))?
         .len();
-    let mut reader = BufReader::new(file);
+    read_tensor_from(BufReader::new(file), len)
+}
+
+/// Reads `.npy` data of `len` bytes in all from `reader` (a file, or a
+/// member of an `.npz` archive) as [`read_tensor`] reads a file.
+pub fn read_tensor_from(mut reader: impl Read, len: u64) -> Result<Tensor, NpyError> {
     let header = read_header(&mut reader)?;
     let elements = data_elements(&header, len)?;
     let dtype = &header.dtype;
@@ -868,6 +873,85 @@ impl NpyRowReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read(bytes: &[u8]) -> Result<Tensor, String> {
+        read_tensor_from(bytes, bytes.len() as u64).map_err(|e| e.to_string())
+    }
+
+    /// An `.npy` file of `descr` and `shape` holding `data`, as numpy lays
+    /// it out (format 1.0, header padded to 64 bytes).
+    fn npy_bytes_ordered(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
+        let fortran = if fortran { "True" } else { "False" };
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn npy_arrays_keep_their_element_type_and_exact_values() {
+        let big: i64 = (1 << 53) + 1; // not a float32, nor a float64
+        let data: Vec<u8> = [big, -3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            read(&npy_bytes_ordered("<i8", false, "(2,)", &data)).unwrap(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![big, -3]).unwrap())
+        );
+        let data: Vec<u8> = [7i32, -8].iter().flat_map(|v| v.to_be_bytes()).collect();
+        assert_eq!(
+            read(&npy_bytes_ordered(">i4", false, "(2,)", &data)).unwrap(),
+            Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![7, -8]).unwrap())
+        );
+        // Fortran order: the columns of [[1, 2, 3], [4, 5, 6]] one after the other.
+        let data: Vec<u8> = [1.0f64, 4.0, 2.0, 5.0, 3.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            read(&npy_bytes_ordered("<f8", true, "(2, 3)", &data)).unwrap(),
+            Tensor::F64(
+                ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap()
+            )
+        );
+        assert_eq!(
+            read(&npy_bytes_ordered("|u1", false, "(3,)", &[0, 171, 255])).unwrap(),
+            Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[3]), vec![0, 171, 255]).unwrap())
+        );
+        assert_eq!(
+            read(&npy_bytes_ordered("|b1", false, "(2,)", &[1, 0])).unwrap(),
+            Tensor::Bool(ArrayD::from_shape_vec(IxDyn(&[2]), vec![1, 0]).unwrap())
+        );
+        assert_eq!(
+            read(&npy_bytes_ordered(
+                "<f4",
+                false,
+                "()",
+                &1.5f32.to_le_bytes()
+            ))
+            .unwrap(),
+            Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 1.5))
+        );
+        // Integer types the interface lacks widen to one that holds them.
+        assert_eq!(
+            read(&npy_bytes_ordered(
+                "<i2",
+                false,
+                "(1,)",
+                &(-300i16).to_le_bytes()
+            ))
+            .unwrap(),
+            Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[1]), vec![-300]).unwrap())
+        );
+        assert!(read(&npy_bytes_ordered("<f4", false, "(2,)", &[0; 4]))
+            .unwrap_err()
+            .starts_with("truncated"));
+    }
 
     #[test]
     fn header_dicts_as_numpy_writes_them() {

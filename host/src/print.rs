@@ -28,6 +28,20 @@ pub fn format_array(array: &ArrayD<f32>) -> String {
     out
 }
 
+/// Prints a command's result. A reader that stopped early (`| head`) is not
+/// an error: it has what it wanted.
+pub fn print_stdout(text: &str) -> Result<(), crate::Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(crate::Error::Write {
+            path: std::path::PathBuf::from("<stdout>"),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Formats a tensor of any element type: floats as numpy prints them
 /// (through float32 for float16, bfloat16 and float64 alike, at float32's
 /// shortest digits), integers as integers, booleans as `True`/`False`, with

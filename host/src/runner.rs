@@ -1,64 +1,95 @@
 //! The forward pass, set up once per input shape and run as often as needed.
 //!
-//! Everything a pass needs is prepared when the [`Runner`] is built: each
-//! layer's output buffer, the parameter views it is lent, and how its batch
-//! is split across threads. Running then allocates nothing.
+//! Everything a pass needs is prepared when the [`Runner`] is built: the
+//! order nodes run in, a buffer for each tensor they make, the parameter
+//! views and prepared data each node is lent, and how each node's batch is
+//! split across threads. Running then allocates nothing.
 //!
-//! Threads: a batch-independent layer whose work is large enough has its
+//! Memory: a tensor's buffer is reused by a later tensor of the same type
+//! and shape once the first tensor's last reader has run, so a chain or a
+//! graph holds about as much as its widest point, not every intermediate.
+//! [`Runner::planned_peak_bytes`] says how much the live tensors take at
+//! most.
+//!
+//! Threads: a batch-independent node whose work is large enough has its
 //! batch (axis 0) cut into one piece per thread, and each piece runs through
-//! the same layer object at once. Kernels inside plugins stay on the calling
-//! thread, so there is never more than one level of parallelism. Layers that
-//! are not batch-independent (`centered`) run whole, on one thread.
+//! the same layer object at once. A one-input node is split along its
+//! input's axis 0 (as a chain always was); a node of several inputs is split
+//! only along inputs that carry the model's batch (model inputs whose shape
+//! starts with the symbol `batch`, and what batch-independent nodes make of
+//! them), the others being lent whole. Kernels inside plugins stay on the
+//! calling thread, so there is never more than one level of parallelism.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::RStr;
+use abi_stable::std_types::{RSlice, RStr};
 use layer_api::abi::{LayerError, ParamRef, PreparedHandle, TensorRef};
 use layer_api::DType;
 
 use crate::error::Error;
+use crate::graph::Source;
+use crate::model::Dim;
 use crate::params::ParamStore;
-use crate::runtime::{tensor_mut, tensor_ref, LayerPlan, Model, ModelLayer, PreparedData};
+use crate::runtime::{tensor_mut, LayerPlan, Model, ModelLayer, PreparedData, TensorSpec};
 use crate::tensor::{Tensor, TensorView};
 
 /// Below this many floating-point operations per piece, splitting a layer
 /// costs more in hand-offs than it gains.
 const MIN_FLOPS_PER_THREAD: u64 = 1_000_000;
 
-/// One piece of a split layer: rows `[start, end)` of axis 0, as byte
-/// ranges of the input and output.
+/// One piece of a split node: rows `[start, end)` of axis 0.
 #[derive(Debug, Clone)]
 struct Piece {
-    input_shape: Vec<usize>,
-    output_shape: Vec<usize>,
-    input_range: std::ops::Range<usize>,
-    output_range: std::ops::Range<usize>,
+    /// Per input: its shape and byte range in this piece (the whole tensor
+    /// for an input lent whole).
+    inputs: Vec<Option<(Vec<usize>, Range<usize>)>>,
+    outputs: Vec<(Vec<usize>, Range<usize>)>,
 }
 
-/// What sees each layer's index, output and time taken in an observed run.
+/// What sees each node's index, first output and time taken in an
+/// observed run.
 type LayerObserver<'a> = dyn FnMut(usize, &Tensor, Duration) + 'a;
 
-/// A prepared forward pass of one model for one input shape.
+/// A prepared forward pass of one model for one set of input shapes.
 pub struct Runner<'m> {
-    layers: &'m [ModelLayer],
+    model: &'m Model,
     plans: &'m [LayerPlan],
+    inputs: Vec<TensorSpec>,
     params: Vec<Vec<ParamRef<'m>>>,
     prepared: Vec<PreparedData<'m>>,
-    outputs: Vec<Tensor>,
-    /// Per layer: the pieces its batch is split into (empty: run whole).
+    /// The buffers; each tensor's is `slot_of[source]`.
+    slots: Vec<Option<Tensor>>,
+    slot_of: BTreeMap<Source, usize>,
+    /// Per node: the pieces its batch is split into (empty: run whole).
     pieces: Vec<Vec<Piece>>,
     pool: Option<rayon::ThreadPool>,
+    peak_bytes: usize,
 }
 
 impl<'m> Runner<'m> {
-    /// Prepares `model` for inputs of the shape `plans` was made for, with
-    /// up to `threads` threads: each layer's output buffer, parameter views
-    /// and prepared data (from `prepare`, once per parameter set).
+    /// Prepares `model` for one input of the shape `plans` was made for.
     pub fn new(
         model: &'m Model,
         plans: &'m [LayerPlan],
         params: &'m ParamStore,
+        threads: usize,
+    ) -> Result<Runner<'m>, Error> {
+        let input = plans_input(model, plans);
+        Runner::with_inputs(model, plans, params, &[input], threads)
+    }
+
+    /// Prepares `model` for inputs described by `inputs` (as `plans` was
+    /// made for), with up to `threads` threads: each node's output buffers,
+    /// parameter views and prepared data (from `prepare`, once per
+    /// parameter set).
+    pub fn with_inputs(
+        model: &'m Model,
+        plans: &'m [LayerPlan],
+        params: &'m ParamStore,
+        inputs: &[TensorSpec],
         threads: usize,
     ) -> Result<Runner<'m>, Error> {
         let threads = threads.max(1);
@@ -73,21 +104,10 @@ impl<'m> Runner<'m> {
             .zip(&layer_params)
             .map(|((layer, plan), refs)| layer.prepare(plan, refs))
             .collect::<Result<Vec<_>, Error>>()?;
-        let outputs = plans
-            .iter()
-            .map(|p| {
-                let spec = &p.outputs[0];
-                Tensor::zeros(spec.dtype, &spec.shape).map_err(|message| Error::Model {
-                    path: model.spec.path.clone(),
-                    message,
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let pieces = model
-            .layers
-            .iter()
-            .zip(plans)
-            .map(|(layer, plan)| split(layer, plan, threads))
+        let (slots, slot_of, peak_bytes) = assign_buffers(model, plans, inputs)?;
+        let batched = batched_tensors(model, plans, inputs);
+        let pieces = (0..model.layers.len())
+            .map(|node| split(model, plans, inputs, &batched, node, threads))
             .collect::<Vec<_>>();
         let pool = if pieces.iter().any(|p| !p.is_empty()) {
             Some(
@@ -101,31 +121,63 @@ impl<'m> Runner<'m> {
             None
         };
         Ok(Runner {
-            layers: &model.layers,
+            model,
             plans,
+            inputs: inputs.to_vec(),
             params: layer_params,
             prepared,
-            outputs,
+            slots,
+            slot_of,
             pieces,
             pool,
+            peak_bytes,
         })
     }
 
-    /// Runs every layer on `input` and returns the last layer's output.
-    pub fn run(&mut self, input: TensorView<'_>) -> Result<&Tensor, Error> {
-        self.run_layers(input, None)
+    /// The most bytes the model's inputs and live tensors take at once
+    /// during a pass, tensors freed after their last reader (as planned).
+    pub fn planned_peak_bytes(&self) -> usize {
+        self.peak_bytes
     }
 
-    /// Like [`run`](Self::run); `after_layer` sees each layer's index,
-    /// output and time taken. Only observed runs read the clock: two reads
-    /// per layer cost tens of nanoseconds, a sizeable part of a batch-1
-    /// layer call.
+    /// Runs every node on `input` (a one-input model) and returns the
+    /// first model output.
+    pub fn run(&mut self, input: TensorView<'_>) -> Result<&Tensor, Error> {
+        self.run_nodes(&[input], None)?;
+        Ok(self.output(0))
+    }
+
+    /// Like [`run`](Self::run); `after_layer` sees each node's index,
+    /// first output and time taken. Only observed runs read the clock: two
+    /// reads per node cost tens of nanoseconds, a sizeable part of a
+    /// batch-1 layer call.
     pub fn run_observed(
         &mut self,
         input: TensorView<'_>,
         mut after_layer: impl FnMut(usize, &Tensor, Duration),
     ) -> Result<&Tensor, Error> {
-        self.run_layers(input, Some(&mut after_layer))
+        self.run_nodes(&[input], Some(&mut after_layer))?;
+        Ok(self.output(0))
+    }
+
+    /// Runs every node on `inputs` (one per model input, in declared
+    /// order) and returns every model output, in the model's order.
+    pub fn run_all(
+        &mut self,
+        inputs: &[TensorView<'_>],
+        after_layer: Option<&mut LayerObserver<'_>>,
+    ) -> Result<Vec<&Tensor>, Error> {
+        self.run_nodes(inputs, after_layer)?;
+        Ok((0..self.model.graph.outputs.len())
+            .map(|i| self.output(i))
+            .collect())
+    }
+
+    fn output(&self, index: usize) -> &Tensor {
+        let source = self.model.graph.outputs[index].1;
+        self.slots[self.slot_of[&source]]
+            .as_ref()
+            .expect("outputs stay in their buffers")
     }
 
     /// Frees what the layers prepared, reporting a panic in its `Drop`.
@@ -140,73 +192,255 @@ impl<'m> Runner<'m> {
         first
     }
 
-    fn run_layers(
+    fn run_nodes(
         &mut self,
-        input: TensorView<'_>,
+        inputs: &[TensorView<'_>],
         mut after_layer: Option<&mut LayerObserver<'_>>,
-    ) -> Result<&Tensor, Error> {
-        let expected = &self.plans[0].input_shape;
-        if expected.as_slice() != input.shape {
-            return Err(Error::InputShape {
-                expected: expected.clone(),
-                found: input.shape.to_vec(),
+    ) -> Result<(), Error> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::Model {
+                path: self.model.spec.path.clone(),
+                message: format!(
+                    "the forward pass was prepared for {} input(s), not {}",
+                    self.inputs.len(),
+                    inputs.len()
+                ),
             });
         }
-        let expected_dtype = self.plans[0].inputs[0]
-            .as_ref()
-            .map_or(DType::F32, |s| s.dtype);
-        if input.dtype != expected_dtype {
-            return Err(Error::InputDtype {
-                expected: expected_dtype,
-                found: input.dtype,
-            });
-        }
-        for i in 0..self.layers.len() {
-            let started = after_layer.is_some().then(Instant::now);
-            let (done, rest) = self.outputs.split_at_mut(i);
-            let x = match i {
-                0 => input,
-                _ => done[i - 1].view(),
-            };
-            let out = &mut rest[0];
-            out.bytes_mut().fill(0);
-            run_layer(
-                &self.layers[i],
-                &self.plans[i],
-                x,
-                &self.params[i],
-                self.prepared[i].handle,
-                out,
-                &self.pieces[i],
-                self.pool.as_ref(),
-            )?;
-            self.layers[i].check_outputs(std::slice::from_ref(&self.outputs[i]))?;
-            if let (Some(observe), Some(started)) = (after_layer.as_mut(), started) {
-                observe(i, &self.outputs[i], started.elapsed());
+        for (given, expected) in inputs.iter().zip(&self.inputs) {
+            if given.shape != expected.shape.as_slice() {
+                return Err(Error::InputShape {
+                    expected: expected.shape.clone(),
+                    found: given.shape.to_vec(),
+                });
+            }
+            if given.dtype != expected.dtype {
+                return Err(Error::InputDtype {
+                    expected: expected.dtype,
+                    found: given.dtype,
+                });
             }
         }
-        Ok(self.outputs.last().expect("a model has at least one layer"))
+        let model = self.model;
+        for &node in &model.graph.order {
+            let started = after_layer.is_some().then(Instant::now);
+            let layer = &model.layers[node];
+            let plan = &self.plans[node];
+            // Take this node's output buffers out, so that the inputs can
+            // be borrowed from the others meanwhile.
+            let mut outputs: Vec<Tensor> = (0..plan.outputs.len())
+                .map(|o| {
+                    let slot = self.slot_of[&Source::Node { node, output: o }];
+                    self.slots[slot]
+                        .take()
+                        .expect("a buffer is free when its tensor is made")
+                })
+                .collect();
+            let result = {
+                let views: Vec<Option<TensorView<'_>>> = model.graph.sources[node]
+                    .iter()
+                    .map(|source| {
+                        source.map(|s| match s {
+                            Source::Input(i) => inputs[i],
+                            other => self.slots[self.slot_of[&other]]
+                                .as_ref()
+                                .expect("an input is in its buffer until read")
+                                .view(),
+                        })
+                    })
+                    .collect();
+                for out in outputs.iter_mut() {
+                    out.bytes_mut().fill(0);
+                }
+                run_node(
+                    layer,
+                    plan,
+                    &views,
+                    &self.params[node],
+                    self.prepared[node].handle,
+                    &mut outputs,
+                    &self.pieces[node],
+                    self.pool.as_ref(),
+                )
+                .and_then(|()| layer.check_outputs(&outputs))
+            };
+            for (o, tensor) in outputs.into_iter().enumerate() {
+                let slot = self.slot_of[&Source::Node { node, output: o }];
+                self.slots[slot] = Some(tensor);
+            }
+            result?;
+            if let (Some(observe), Some(started)) = (after_layer.as_mut(), started) {
+                let first = self.slots[self.slot_of[&Source::Node { node, output: 0 }]]
+                    .as_ref()
+                    .expect("just made");
+                observe(node, first, started.elapsed());
+            }
+        }
+        Ok(())
     }
 }
 
-/// Decides how a layer's batch is split: only batch-independent layers
-/// whose output keeps the batch axis, with enough work per piece.
-fn split(layer: &ModelLayer, plan: &LayerPlan, threads: usize) -> Vec<Piece> {
-    let (Some(&rows), Some(&out_rows)) = (plan.input_shape.first(), plan.output_shape.first())
+/// The model input `plans` was made for, in a model of one input: as the
+/// first node that reads it was planned.
+pub(crate) fn plans_input(model: &Model, plans: &[LayerPlan]) -> TensorSpec {
+    model
+        .graph
+        .sources
+        .iter()
+        .zip(plans)
+        .find_map(|(sources, plan)| {
+            sources
+                .iter()
+                .position(|s| *s == Some(Source::Input(0)))
+                .and_then(|port| plan.inputs[port].clone())
+        })
+        .unwrap_or_else(|| TensorSpec::new(DType::F32, &plans[0].input_shape))
+}
+
+/// One buffer per tensor, reused by a later tensor of the same type and
+/// shape once the earlier one's last reader has run. Returns the buffers,
+/// each tensor's buffer, and the planned peak of live bytes (model inputs
+/// included).
+#[allow(clippy::type_complexity)]
+fn assign_buffers(
+    model: &Model,
+    plans: &[LayerPlan],
+    inputs: &[TensorSpec],
+) -> Result<(Vec<Option<Tensor>>, BTreeMap<Source, usize>, usize), Error> {
+    let last_use = model.graph.last_use();
+    let bytes = |spec: &TensorSpec| spec.shape.iter().product::<usize>() * spec.dtype.size();
+    let mut slots: Vec<(TensorSpec, Option<Tensor>)> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut slot_of = BTreeMap::new();
+    let mut live: usize = inputs.iter().map(bytes).sum();
+    let mut peak = live;
+    for (step, &node) in model.graph.order.iter().enumerate() {
+        for (o, spec) in plans[node].outputs.iter().enumerate() {
+            let source = Source::Node { node, output: o };
+            let slot = match free.iter().position(|&s| slots[s].0 == *spec) {
+                Some(at) => free.swap_remove(at),
+                None => {
+                    let tensor =
+                        Tensor::zeros(spec.dtype, &spec.shape).map_err(|message| Error::Model {
+                            path: model.spec.path.clone(),
+                            message,
+                        })?;
+                    slots.push((spec.clone(), Some(tensor)));
+                    slots.len() - 1
+                }
+            };
+            slot_of.insert(source, slot);
+            live += bytes(spec);
+        }
+        peak = peak.max(live);
+        // Free what this step read last, and outputs nobody reads.
+        for (source, &last) in &last_use {
+            if last == step {
+                if let Source::Node { .. } = source {
+                    free.push(slot_of[source]);
+                    live -= bytes(model.source_spec(plans, inputs, *source));
+                }
+            }
+        }
+        for o in 0..plans[node].outputs.len() {
+            let source = Source::Node { node, output: o };
+            if !last_use.contains_key(&source) {
+                free.push(slot_of[&source]);
+                live -= bytes(&plans[node].outputs[o]);
+            }
+        }
+    }
+    Ok((slots.into_iter().map(|(_, t)| t).collect(), slot_of, peak))
+}
+
+/// Which tensors carry the model's batch along axis 0: format-1 input (of
+/// rank 2 or more), format-2 inputs whose shape starts with the symbol
+/// `batch`, and the outputs of batch-independent nodes that read one and
+/// keep its rows.
+pub(crate) fn batched_tensors(
+    model: &Model,
+    plans: &[LayerPlan],
+    inputs: &[TensorSpec],
+) -> BTreeMap<Source, bool> {
+    let mut batched = BTreeMap::new();
+    let mut rows = None;
+    for (i, declared) in model.spec.inputs.iter().enumerate() {
+        let is = match &declared.shape {
+            None => inputs[i].shape.len() >= 2,
+            Some(dims) => matches!(dims.first(), Some(Dim::Symbol(s)) if s == "batch"),
+        };
+        if is {
+            rows = inputs[i].shape.first().copied();
+        }
+        batched.insert(Source::Input(i), is);
+    }
+    for &node in &model.graph.order {
+        let reads_batch = model.graph.sources[node]
+            .iter()
+            .flatten()
+            .any(|s| batched.get(s).copied().unwrap_or(false));
+        let independent = reads_batch && model.layers[node].batch_independent();
+        for (o, spec) in plans[node].outputs.iter().enumerate() {
+            let keeps_rows = spec.shape.len() >= 2 && spec.shape.first().copied() == rows;
+            batched.insert(Source::Node { node, output: o }, independent && keeps_rows);
+        }
+    }
+    batched
+}
+
+/// Decides how a node's batch is split: only batch-independent nodes whose
+/// outputs keep the batch axis, with enough work per piece.
+fn split(
+    model: &Model,
+    plans: &[LayerPlan],
+    inputs: &[TensorSpec],
+    batched: &BTreeMap<Source, bool>,
+    node: usize,
+    threads: usize,
+) -> Vec<Piece> {
+    let layer = &model.layers[node];
+    let plan = &plans[node];
+    let sources = &model.graph.sources[node];
+    let specs: Vec<Option<&TensorSpec>> = sources
+        .iter()
+        .map(|s| s.map(|s| model.source_spec(plans, inputs, s)))
+        .collect();
+    // Which inputs are cut: a lone input along its axis 0, as chains always
+    // were; with several, those carrying the batch.
+    let cut: Vec<bool> = if sources.iter().flatten().count() == 1 {
+        specs.iter().map(Option::is_some).collect()
+    } else {
+        sources
+            .iter()
+            .map(|s| s.is_some_and(|s| batched.get(&s).copied().unwrap_or(false)))
+            .collect()
+    };
+    let Some(rows) = specs
+        .iter()
+        .zip(&cut)
+        .find(|(_, &c)| c)
+        .and_then(|(s, _)| s.and_then(|s| s.shape.first().copied()))
     else {
         return Vec::new();
     };
-    if threads < 2 || rows < 2 || rows != out_rows || !layer.batch_independent() {
+    let all_rows = specs
+        .iter()
+        .zip(&cut)
+        .all(|(s, &c)| !c || s.is_some_and(|s| s.shape.len() >= 2 && s.shape[0] == rows));
+    let outputs_keep_rows = plan
+        .outputs
+        .iter()
+        .all(|o| o.shape.len() >= 2 && o.shape[0] == rows);
+    if threads < 2 || rows < 2 || !all_rows || !outputs_keep_rows || !layer.batch_independent() {
         return Vec::new();
     }
     let pieces = piece_count(rows, threads, layer.flops(plan));
     if pieces < 2 {
         return Vec::new();
     }
-    let in_dtype = plan.inputs[0].as_ref().map_or(DType::F32, |s| s.dtype);
-    let in_row: usize = plan.input_shape[1..].iter().product::<usize>() * in_dtype.size();
-    let out_row: usize =
-        plan.output_shape[1..].iter().product::<usize>() * plan.outputs[0].dtype.size();
+    let row_bytes =
+        |spec: &TensorSpec| spec.shape[1..].iter().product::<usize>() * spec.dtype.size();
+    let all_bytes = |spec: &TensorSpec| spec.shape.iter().product::<usize>() * spec.dtype.size();
     (0..pieces)
         .map(|k| {
             let start = rows * k / pieces;
@@ -217,10 +451,28 @@ fn split(layer: &ModelLayer, plan: &LayerPlan, threads: usize) -> Vec<Piece> {
                 s
             };
             Piece {
-                input_shape: with_rows(&plan.input_shape),
-                output_shape: with_rows(&plan.output_shape),
-                input_range: start * in_row..end * in_row,
-                output_range: start * out_row..end * out_row,
+                inputs: specs
+                    .iter()
+                    .zip(&cut)
+                    .map(|(spec, &c)| {
+                        spec.map(|spec| {
+                            if c {
+                                let r = row_bytes(spec);
+                                (with_rows(&spec.shape), start * r..end * r)
+                            } else {
+                                (spec.shape.clone(), 0..all_bytes(spec))
+                            }
+                        })
+                    })
+                    .collect(),
+                outputs: plan
+                    .outputs
+                    .iter()
+                    .map(|spec| {
+                        let r = row_bytes(spec);
+                        (with_rows(&spec.shape), start * r..end * r)
+                    })
+                    .collect(),
             }
         })
         .collect()
@@ -237,54 +489,67 @@ fn piece_count(rows: usize, threads: usize, flops: u64) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_layer(
+fn run_node(
     layer: &ModelLayer,
     plan: &LayerPlan,
-    input: TensorView<'_>,
+    inputs: &[Option<TensorView<'_>>],
     params: &[ParamRef<'_>],
     prepared: PreparedHandle,
-    output: &mut Tensor,
+    outputs: &mut [Tensor],
     pieces: &[Piece],
     pool: Option<&rayon::ThreadPool>,
 ) -> Result<(), Error> {
-    let in_dtype = input.dtype;
-    let out_dtype = output.dtype();
-    // Optional inputs after the first are left out in a chain.
-    let absent = plan.inputs.len() - 1;
-    let call = |in_shape: &[usize], x: &[u8], out_shape: &[usize], y: &mut [u8]| {
-        let first = TensorRef {
-            dtype: in_dtype,
-            shape: abi_stable::std_types::RSlice::from_slice(in_shape),
-            data: abi_stable::std_types::RSlice::from_slice(x),
-        };
-        let mut outputs = [tensor_mut(out_shape, out_dtype, y)];
-        if absent == 0 {
-            // The common case, without an allocation per call.
-            layer.call_forward(prepared, &[first], params, &mut outputs)
-        } else {
-            let mut inputs = Vec::with_capacity(1 + absent);
-            inputs.push(first);
-            inputs.extend((0..absent).map(|_| tensor_ref(None)));
-            layer.call_forward(prepared, &inputs, params, &mut outputs)
+    fn input_ref<'a>(
+        view: &Option<TensorView<'a>>,
+        piece: Option<&'a (Vec<usize>, Range<usize>)>,
+    ) -> TensorRef<'a> {
+        match view {
+            Some(v) => {
+                let (shape, bytes) = match piece {
+                    Some((shape, range)) => (shape.as_slice(), &v.bytes[range.clone()]),
+                    None => (v.shape, v.bytes),
+                };
+                TensorRef {
+                    dtype: v.dtype,
+                    shape: RSlice::from_slice(shape),
+                    data: RSlice::from_slice(bytes),
+                }
+            }
+            None => crate::runtime::tensor_ref(None),
         }
-    };
-    let x_all = input.bytes;
-    let y_all = output.bytes_mut();
+    }
     let result = match pool {
         Some(pool) if !pieces.is_empty() => {
             let failure: Mutex<Option<LayerError>> = Mutex::new(None);
-            pool.scope(|scope| {
-                let mut rest = y_all;
+            // Each output cut into the pieces' row ranges, in order.
+            let mut per_piece: Vec<Vec<&mut [u8]>> = pieces.iter().map(|_| Vec::new()).collect();
+            for (o, out) in outputs.iter_mut().enumerate() {
+                let mut rest = out.bytes_mut();
                 let mut taken = 0;
-                for piece in pieces {
-                    let (y, tail) = rest.split_at_mut(piece.output_range.end - taken);
+                for (k, piece) in pieces.iter().enumerate() {
+                    let end = piece.outputs[o].1.end;
+                    let (y, tail) = rest.split_at_mut(end - taken);
                     rest = tail;
-                    taken = piece.output_range.end;
-                    let x = &x_all[piece.input_range.clone()];
+                    taken = end;
+                    per_piece[k].push(y);
+                }
+            }
+            pool.scope(|scope| {
+                for (piece, ys) in pieces.iter().zip(per_piece) {
                     let failure = &failure;
-                    let call = &call;
                     scope.spawn(move |_| {
-                        if let Err(e) = call(&piece.input_shape, x, &piece.output_shape, y) {
+                        let refs: Vec<TensorRef<'_>> = inputs
+                            .iter()
+                            .zip(&piece.inputs)
+                            .map(|(v, p)| input_ref(v, p.as_ref()))
+                            .collect();
+                        let mut muts: Vec<_> = ys
+                            .into_iter()
+                            .zip(&piece.outputs)
+                            .zip(plan.outputs.iter())
+                            .map(|((y, (shape, _)), spec)| tensor_mut(shape, spec.dtype, y))
+                            .collect();
+                        if let Err(e) = layer.call_forward(prepared, &refs, params, &mut muts) {
                             let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
                             slot.get_or_insert(e);
                         }
@@ -296,7 +561,22 @@ fn run_layer(
                 None => Ok(()),
             }
         }
-        _ => call(&plan.input_shape, x_all, &plan.output_shape, y_all),
+        _ if inputs.len() == 1 && outputs.len() == 1 => {
+            // The common case, without an allocation per call.
+            let refs = [input_ref(&inputs[0], None)];
+            let spec = &plan.outputs[0];
+            let mut muts = [tensor_mut(&spec.shape, spec.dtype, outputs[0].bytes_mut())];
+            layer.call_forward(prepared, &refs, params, &mut muts)
+        }
+        _ => {
+            let refs: Vec<TensorRef<'_>> = inputs.iter().map(|v| input_ref(v, None)).collect();
+            let mut muts: Vec<_> = outputs
+                .iter_mut()
+                .zip(&plan.outputs)
+                .map(|(t, spec)| tensor_mut(&spec.shape, spec.dtype, t.bytes_mut()))
+                .collect();
+            layer.call_forward(prepared, &refs, params, &mut muts)
+        }
     };
     result.map_err(|e| layer.error(e))
 }

@@ -12,7 +12,8 @@ use layer_api::abi::{
 use layer_api::{DType, Init};
 
 use crate::error::Error;
-use crate::model::ModelSpec;
+use crate::graph::{Graph, Source};
+use crate::model::{Dim, ModelSpec};
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{self, LoadedPlugin, PluginRegistry};
 use crate::runner::{param_refs, Runner};
@@ -117,10 +118,12 @@ impl Drop for PreparedData<'_> {
     }
 }
 
-/// A model ready to plan and run.
+/// A model ready to plan and run: its nodes' layers, and its wiring.
 pub struct Model {
     pub spec: ModelSpec,
+    /// One per node, in the model file's order.
     pub layers: Vec<ModelLayer>,
+    pub graph: Graph,
 }
 
 impl ModelLayer {
@@ -541,6 +544,59 @@ pub(crate) fn tensor_mut<'a>(
     }
 }
 
+/// Checks the given inputs' shapes against a format-2 model's declared
+/// ones: ranks and sizes equal, and each symbol one size throughout.
+fn check_declared_shapes(spec: &ModelSpec, inputs: &[TensorSpec]) -> Result<(), String> {
+    let mut symbols: std::collections::BTreeMap<&str, (usize, &str)> = Default::default();
+    for (declared, given) in spec.inputs.iter().zip(inputs) {
+        let Some(dims) = &declared.shape else {
+            continue;
+        };
+        let shown =
+            crate::print::format_shape(&given.shape.iter().map(|&d| Some(d)).collect::<Vec<_>>());
+        if dims.len() != given.shape.len() {
+            return Err(format!(
+                "input '{}' has shape {shown}, but the model declares {} axes ({})",
+                declared.name,
+                dims.len(),
+                dims.iter()
+                    .map(|d| match d {
+                        Dim::Size(n) => n.to_string(),
+                        Dim::Symbol(s) => s.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        for (axis, (dim, &size)) in dims.iter().zip(&given.shape).enumerate() {
+            match dim {
+                Dim::Size(n) if *n != size => {
+                    return Err(format!(
+                        "input '{}' has shape {shown}, but the model declares axis {axis} to be \
+                         {n}",
+                        declared.name
+                    ))
+                }
+                Dim::Symbol(s) => match symbols.get(s.as_str()) {
+                    Some(&(known, first)) if known != size => {
+                        return Err(format!(
+                            "input '{}' has {s} = {size} (axis {axis}), but input '{first}' has \
+                             {s} = {known}; \"{s}\" must be one size in every input",
+                            declared.name
+                        ))
+                    }
+                    None => {
+                        symbols.insert(s, (size, &declared.name));
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 fn dtype_list(dtypes: &[DType]) -> String {
     dtypes
         .iter()
@@ -550,7 +606,8 @@ fn dtype_list(dtypes: &[DType]) -> String {
 }
 
 impl Model {
-    /// Resolves every layer's plugin and creates its layer from its config.
+    /// Resolves every layer's plugin, creates its layer from its config,
+    /// and resolves the model's wiring against the layers' signatures.
     pub fn load(spec: ModelSpec, registry: &PluginRegistry) -> Result<Model, Error> {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for layer in &spec.layers {
@@ -561,81 +618,144 @@ impl Model {
             let path = registry.locate(&layer.plugin).map_err(plugin_error)?;
             let plugin = registry::load(&path, Some(&layer.plugin), layer.sha256.as_deref())
                 .map_err(plugin_error)?;
-            let created = ModelLayer::new(&layer.name, plugin, &layer.config)?;
-            if created.signature.inputs[1..].iter().any(|p| !p.optional) {
-                return Err(created.plain_error(format!(
-                    "takes several inputs ({}); a format-1 model is a chain of one-input layers",
-                    created
-                        .signature
-                        .inputs
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            layers.push(created);
+            layers.push(ModelLayer::new(&layer.name, plugin, &layer.config)?);
         }
-        Ok(Model { spec, layers })
+        let signatures: Vec<&Signature> = layers.iter().map(|l| &l.signature).collect();
+        let graph = Graph::resolve(&spec, &signatures)?;
+        Ok(Model {
+            spec,
+            layers,
+            graph,
+        })
     }
 
-    /// The element type the model's input is converted to, given the type
-    /// it comes in.
-    pub fn input_dtype(&self, offered: DType) -> DType {
+    /// The element type model input `index` is converted to, given the
+    /// type it comes in: the declared one (format 2), or, for a chain's
+    /// input, that type if the first layer takes it, else the first layer's
+    /// preferred one.
+    pub fn input_dtype_of(&self, index: usize, offered: DType) -> DType {
+        if let Some(dtype) = self.spec.inputs[index].dtype {
+            return dtype;
+        }
         self.layers[0].input_dtype_for(offered)
     }
 
-    /// Shapes and parameters of every layer for an input of `input_shape`
-    /// (of the first layer's preferred element type).
+    /// The element type a chain's input is converted to (format 1).
+    pub fn input_dtype(&self, offered: DType) -> DType {
+        self.input_dtype_of(0, offered)
+    }
+
+    /// Shapes and parameters of every layer for one input of `input_shape`,
+    /// of its declared type or the first layer's preferred one.
     pub fn plan(&self, input_shape: &[usize]) -> Result<Vec<LayerPlan>, Error> {
-        let dtype = self.layers[0].signature.inputs[0].dtypes[0];
+        let dtype = self.input_dtype_of(0, self.layers[0].signature.inputs[0].dtypes[0]);
         self.plan_typed(TensorSpec::new(dtype, input_shape))
     }
 
-    /// Element types, shapes and parameters of every layer for `input`,
-    /// with the model file's initializer overrides and sharing applied,
-    /// checked before anything is computed. A layer whose output type the
-    /// next layer does not accept is refused, naming both.
+    /// Plans a model of one input.
     pub fn plan_typed(&self, input: TensorSpec) -> Result<Vec<LayerPlan>, Error> {
-        let mut spec = input;
-        let mut plans: Vec<LayerPlan> = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            let accepted = &layer.signature.inputs[0].dtypes;
-            if i > 0 && !accepted.contains(&spec.dtype) {
-                let before = &self.layers[i - 1];
-                return Err(Error::Model {
-                    path: self.spec.path.clone(),
-                    message: format!(
-                        "layer '{}' (plugin '{}') outputs {}, but the next layer, '{}' (plugin \
-                         '{}'), accepts {}; put a layer between them that converts, or choose \
-                         layers whose types agree",
-                        before.name,
-                        before.plugin.name,
-                        spec.dtype,
-                        layer.name,
-                        layer.plugin.name,
-                        dtype_list(accepted)
-                    ),
-                });
-            }
-            let plan = layer.plan_chain(spec)?;
-            spec = plan.outputs[0].clone();
-            plans.push(plan);
+        self.plan_inputs(&[input])
+    }
+
+    /// Element types, shapes and parameters of every node (in the model
+    /// file's order) for the model inputs `inputs` (in declared order, of
+    /// the types [`Model::input_dtype_of`] gives), with the model file's
+    /// initializer overrides and sharing applied, checked before anything is
+    /// computed. A tensor whose type the reading node does not accept is
+    /// refused, naming both ends.
+    pub fn plan_inputs(&self, inputs: &[TensorSpec]) -> Result<Vec<LayerPlan>, Error> {
+        let invalid = |message: String| Error::Model {
+            path: self.spec.path.clone(),
+            message,
+        };
+        if inputs.len() != self.spec.inputs.len() {
+            return Err(invalid(format!(
+                "the model takes {} input(s) ({}), but {} were given",
+                self.spec.inputs.len(),
+                self.input_names().join(", "),
+                inputs.len()
+            )));
         }
+        check_declared_shapes(&self.spec, inputs).map_err(invalid)?;
+        let mut plans: Vec<Option<LayerPlan>> = vec![None; self.layers.len()];
+        for &node in &self.graph.order {
+            let layer = &self.layers[node];
+            let mut specs = Vec::with_capacity(layer.signature.inputs.len());
+            for (port, source) in layer.signature.inputs.iter().zip(&self.graph.sources[node]) {
+                let Some(source) = source else {
+                    specs.push(None);
+                    continue;
+                };
+                let (spec, producer) = match *source {
+                    Source::Input(i) => (
+                        inputs[i].clone(),
+                        format!("model input '{}'", self.spec.inputs[i].name),
+                    ),
+                    Source::Node { node: n, output } => {
+                        let p = plans[n].as_ref().expect("producers are planned first");
+                        let l = &self.layers[n];
+                        let what = if l.signature.outputs.len() == 1 {
+                            String::new()
+                        } else {
+                            format!(" output '{}'", l.signature.outputs[output])
+                        };
+                        (
+                            p.outputs[output].clone(),
+                            format!("layer '{}' (plugin '{}'){what}", l.name, l.plugin.name),
+                        )
+                    }
+                };
+                if !port.dtypes.contains(&spec.dtype) {
+                    let into = if self.spec.format == 1 {
+                        format!("the next layer, '{}'", layer.name)
+                    } else {
+                        format!("node '{}' input '{}'", layer.name, port.name)
+                    };
+                    return Err(invalid(format!(
+                        "{producer} outputs {}, but {into} (plugin '{}'), accepts {}; put a \
+                         layer between them that converts, or choose layers whose types agree",
+                        spec.dtype,
+                        layer.plugin.name,
+                        dtype_list(&port.dtypes)
+                    )));
+                }
+                specs.push(Some(spec));
+            }
+            plans[node] = Some(layer.plan_inputs(specs)?);
+        }
+        let mut plans: Vec<LayerPlan> = plans
+            .into_iter()
+            .map(|p| p.expect("every node is in the order"))
+            .collect();
         let mut seen = std::collections::HashSet::new();
         for p in plans.iter().flat_map(|p| &p.params) {
             if !seen.insert(p.name.as_str()) {
-                return Err(Error::Model {
-                    path: self.spec.path.clone(),
-                    message: format!(
-                        "two parameters are both called '{}': rename one of the layers",
-                        p.name
-                    ),
-                });
+                return Err(invalid(format!(
+                    "two parameters are both called '{}': rename one of the layers",
+                    p.name
+                )));
             }
         }
         crate::binding::bind_params(&self.spec, &mut plans)?;
         Ok(plans)
+    }
+
+    /// The model's input names, in declared order.
+    pub fn input_names(&self) -> Vec<&str> {
+        self.spec.inputs.iter().map(|i| i.name.as_str()).collect()
+    }
+
+    /// The spec of the tensor `source` for `plans` and model `inputs`.
+    pub fn source_spec<'a>(
+        &self,
+        plans: &'a [LayerPlan],
+        inputs: &'a [TensorSpec],
+        source: Source,
+    ) -> &'a TensorSpec {
+        match source {
+            Source::Input(i) => &inputs[i],
+            Source::Node { node, output } => &plans[node].outputs[output],
+        }
     }
 
     /// Every parameter of a plan, in layer order.

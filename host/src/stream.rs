@@ -38,18 +38,30 @@ pub enum Unchunkable<'m> {
     Layer(&'m ModelLayer),
     /// Rows are streamed as float32: the model must take and give float32.
     NotFloat32,
+    /// Streaming reads one input and writes one output.
+    SeveralTensors,
 }
 
 impl std::fmt::Display for Unchunkable<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Unchunkable::NoBatchAxis => {
-                write!(f, "the input has no batch axis (its rank is below 2)")
+                write!(
+                    f,
+                    "the input has no batch axis (its rank is below 2, or, in a graph, its \
+                     declared shape does not start with the symbol `batch`)"
+                )
             }
             Unchunkable::Layer(layer) => write!(
                 f,
-                "layer '{}' ({}) is not batch-independent",
+                "layer '{}' ({}) is not batch-independent (or its output does not keep the \
+                 batch's rows)",
                 layer.name, layer.plugin.name
+            ),
+            Unchunkable::SeveralTensors => write!(
+                f,
+                "streaming reads one input file and writes one output, and this model has \
+                 several inputs or outputs"
             ),
             Unchunkable::NotFloat32 => write!(
                 f,
@@ -63,17 +75,29 @@ impl std::fmt::Display for Unchunkable<'_> {
 /// Whether an input planned as `plans` may be processed in chunks of rows,
 /// and if not, what prevents it.
 pub fn check_chunkable<'m>(model: &'m Model, plans: &[LayerPlan]) -> Result<(), Unchunkable<'m>> {
-    if plans.first().is_none_or(|p| p.input_shape.len() < 2) {
+    if model.spec.inputs.len() != 1 || model.graph.outputs.len() != 1 {
+        return Err(Unchunkable::SeveralTensors);
+    }
+    let input = crate::runner::plans_input(model, plans);
+    if input.shape.len() < 2 {
         return Err(Unchunkable::NoBatchAxis);
     }
-    let first_dtype = plans[0].inputs[0].as_ref().map(|s| s.dtype);
-    let last_dtype = plans.last().map(|p| p.outputs[0].dtype);
-    if first_dtype != Some(DType::F32) || last_dtype != Some(DType::F32) {
+    let output = model.source_spec(
+        plans,
+        std::slice::from_ref(&input),
+        model.graph.outputs[0].1,
+    );
+    if input.dtype != DType::F32 || output.dtype != DType::F32 {
         return Err(Unchunkable::NotFloat32);
     }
-    for (layer, plan) in model.layers.iter().zip(plans) {
-        let keeps_rows =
-            plan.output_shape.len() >= 2 && plan.output_shape.first() == plan.input_shape.first();
+    let batched = crate::runner::batched_tensors(model, plans, std::slice::from_ref(&input));
+    if model.spec.format == 2 && !batched[&crate::graph::Source::Input(0)] {
+        return Err(Unchunkable::NoBatchAxis);
+    }
+    for &node in &model.graph.order {
+        let layer = &model.layers[node];
+        let keeps_rows = (0..plans[node].outputs.len())
+            .all(|output| batched[&crate::graph::Source::Node { node, output }]);
         if !keeps_rows || !layer.batch_independent() {
             return Err(Unchunkable::Layer(layer));
         }
