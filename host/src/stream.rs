@@ -40,6 +40,9 @@ pub enum Unchunkable<'m> {
     NotFloat32,
     /// Streaming reads one input and writes one output.
     SeveralTensors,
+    /// This node's outputs do not keep the batch's rows (or it reads no
+    /// tensor that carries the batch).
+    Rows(&'m ModelLayer),
 }
 
 impl std::fmt::Display for Unchunkable<'_> {
@@ -54,8 +57,12 @@ impl std::fmt::Display for Unchunkable<'_> {
             }
             Unchunkable::Layer(layer) => write!(
                 f,
-                "layer '{}' ({}) is not batch-independent (or its output does not keep the \
-                 batch's rows)",
+                "layer '{}' ({}) is not batch-independent",
+                layer.name, layer.plugin.name
+            ),
+            Unchunkable::Rows(layer) => write!(
+                f,
+                "layer '{}' ({}) does not keep the batch's rows",
                 layer.name, layer.plugin.name
             ),
             Unchunkable::SeveralTensors => write!(
@@ -98,8 +105,11 @@ pub fn check_chunkable<'m>(model: &'m Model, plans: &[LayerPlan]) -> Result<(), 
         let layer = &model.layers[node];
         let keeps_rows = (0..plans[node].outputs.len())
             .all(|output| batched[&crate::graph::Source::Node { node, output }]);
-        if !keeps_rows || !layer.batch_independent() {
+        if !layer.batch_independent() {
             return Err(Unchunkable::Layer(layer));
+        }
+        if !keeps_rows {
+            return Err(Unchunkable::Rows(layer));
         }
     }
     Ok(())
