@@ -63,6 +63,11 @@ pub struct Runner<'m> {
     /// The buffers; each tensor's is `slot_of[source]`.
     slots: Vec<Option<Tensor>>,
     slot_of: BTreeMap<Source, usize>,
+    /// Per node: its outputs' buffers, and where each of its inputs is read.
+    out_slots: Vec<Vec<usize>>,
+    in_feeds: Vec<Vec<Option<Feed>>>,
+    /// A node's outputs while it runs (kept for its capacity).
+    taken: Vec<Tensor>,
     /// Per node: the pieces its batch is split into (empty: run whole).
     pieces: Vec<Vec<Piece>>,
     pool: Option<rayon::ThreadPool>,
@@ -120,10 +125,36 @@ impl<'m> Runner<'m> {
         } else {
             None
         };
+        let out_slots = (0..model.layers.len())
+            .map(|node| {
+                (0..plans[node].outputs.len())
+                    .map(|output| slot_of[&Source::Node { node, output }])
+                    .collect()
+            })
+            .collect();
+        let in_feeds = model
+            .graph
+            .sources
+            .iter()
+            .map(|sources| {
+                sources
+                    .iter()
+                    .map(|s| {
+                        s.map(|s| match s {
+                            Source::Input(i) => Feed::Input(i),
+                            other => Feed::Slot(slot_of[&other]),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
         Ok(Runner {
             model,
             plans,
             inputs: inputs.to_vec(),
+            out_slots,
+            in_feeds,
+            taken: Vec::new(),
             params: layer_params,
             prepared,
             slots,
@@ -227,50 +258,61 @@ impl<'m> Runner<'m> {
             let layer = &model.layers[node];
             let plan = &self.plans[node];
             // Take this node's output buffers out, so that the inputs can
-            // be borrowed from the others meanwhile.
-            let mut outputs: Vec<Tensor> = (0..plan.outputs.len())
-                .map(|o| {
-                    let slot = self.slot_of[&Source::Node { node, output: o }];
+            // be borrowed from the others meanwhile. `taken` keeps its
+            // capacity from run to run: nothing is allocated here.
+            let mut taken = std::mem::take(&mut self.taken);
+            for &slot in &self.out_slots[node] {
+                taken.push(
                     self.slots[slot]
                         .take()
-                        .expect("a buffer is free when its tensor is made")
-                })
-                .collect();
+                        .expect("a buffer is free when its tensor is made"),
+                );
+            }
             let result = {
-                let views: Vec<Option<TensorView<'_>>> = model.graph.sources[node]
-                    .iter()
-                    .map(|source| {
-                        source.map(|s| match s {
-                            Source::Input(i) => inputs[i],
-                            other => self.slots[self.slot_of[&other]]
-                                .as_ref()
-                                .expect("an input is in its buffer until read")
-                                .view(),
-                        })
+                let slots = &self.slots;
+                let view = |feed: &Option<Feed>| {
+                    feed.map(|f| match f {
+                        Feed::Input(i) => inputs[i],
+                        Feed::Slot(s) => slots[s]
+                            .as_ref()
+                            .expect("an input is in its buffer until read")
+                            .view(),
                     })
-                    .collect();
-                for out in outputs.iter_mut() {
+                };
+                let feeds = &self.in_feeds[node];
+                let mut few = [None; 4];
+                let many: Vec<Option<TensorView<'_>>>;
+                let views: &[Option<TensorView<'_>>] = if feeds.len() <= few.len() {
+                    for (v, f) in few.iter_mut().zip(feeds) {
+                        *v = view(f);
+                    }
+                    &few[..feeds.len()]
+                } else {
+                    many = feeds.iter().map(view).collect();
+                    &many
+                };
+                for out in taken.iter_mut() {
                     out.bytes_mut().fill(0);
                 }
                 run_node(
                     layer,
                     plan,
-                    &views,
+                    views,
                     &self.params[node],
                     self.prepared[node].handle,
-                    &mut outputs,
+                    &mut taken,
                     &self.pieces[node],
                     self.pool.as_ref(),
                 )
-                .and_then(|()| layer.check_outputs(&outputs))
+                .and_then(|()| layer.check_outputs(&taken))
             };
-            for (o, tensor) in outputs.into_iter().enumerate() {
-                let slot = self.slot_of[&Source::Node { node, output: o }];
+            for (&slot, tensor) in self.out_slots[node].iter().zip(taken.drain(..)) {
                 self.slots[slot] = Some(tensor);
             }
+            self.taken = taken;
             result?;
             if let (Some(observe), Some(started)) = (after_layer.as_mut(), started) {
-                let first = self.slots[self.slot_of[&Source::Node { node, output: 0 }]]
+                let first = self.slots[self.out_slots[node][0]]
                     .as_ref()
                     .expect("just made");
                 observe(node, first, started.elapsed());
@@ -278,6 +320,15 @@ impl<'m> Runner<'m> {
         }
         Ok(())
     }
+}
+
+/// Where a node input is read from in a run.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    /// The model input of this index.
+    Input(usize),
+    /// The buffer of this index.
+    Slot(usize),
 }
 
 /// The model input `plans` was made for, in a model of one input: as the
