@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use crate::error::Error;
 use crate::model::{LayerSpec, ModelSpec};
 use crate::params::ParamInfo;
-use crate::runtime::LayerPlan;
+use crate::plan::LayerPlan;
 
 /// Applies every layer's `init` and `share` entries to `plans` (one per
 /// layer of `spec`, in order). A shared parameter takes its owner's shape

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Error;
 use crate::model::{ModelSpec, NodeInputs};
-use crate::runtime::Signature;
+use crate::plan::Signature;
 
 /// Where a tensor comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

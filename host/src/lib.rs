@@ -24,6 +24,7 @@ pub mod npy;
 pub mod npz;
 pub mod param_file;
 pub mod params;
+pub mod plan;
 pub mod pin;
 pub mod print;
 pub mod registry;

@@ -25,7 +25,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::{RSlice, RStr};
+use abi_stable::std_types::RSlice;
 use layer_api::abi::{LayerError, ParamRef, PreparedHandle, TensorRef};
 use layer_api::DType;
 
@@ -33,7 +33,9 @@ use crate::error::Error;
 use crate::graph::Source;
 use crate::model::Dim;
 use crate::params::ParamStore;
-use crate::runtime::{tensor_mut, LayerPlan, Model, ModelLayer, PreparedData, TensorSpec};
+use crate::runtime::{
+    param_refs, tensor_mut, LayerPlan, Model, ModelLayer, PreparedData, TensorSpec,
+};
 use crate::tensor::{Tensor, TensorView};
 
 /// Below this many floating-point operations per piece, splitting a layer
@@ -359,12 +361,9 @@ fn assign_buffers(
     inputs: &[TensorSpec],
 ) -> Result<(Vec<Option<Tensor>>, BTreeMap<Source, usize>, usize), Error> {
     let last_use = model.graph.last_use();
-    let bytes = |spec: &TensorSpec| spec.shape.iter().product::<usize>() * spec.dtype.size();
     let mut slots: Vec<(TensorSpec, Option<Tensor>)> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut slot_of = BTreeMap::new();
-    let mut live: usize = inputs.iter().map(bytes).sum();
-    let mut peak = live;
     for (step, &node) in model.graph.order.iter().enumerate() {
         for (o, spec) in plans[node].outputs.iter().enumerate() {
             let source = Source::Node { node, output: o };
@@ -381,27 +380,48 @@ fn assign_buffers(
                 }
             };
             slot_of.insert(source, slot);
-            live += bytes(spec);
         }
-        peak = peak.max(live);
         // Free what this step read last, and outputs nobody reads.
         for (source, &last) in &last_use {
-            if last == step {
-                if let Source::Node { .. } = source {
-                    free.push(slot_of[source]);
-                    live -= bytes(model.source_spec(plans, inputs, *source));
-                }
+            if last == step && matches!(source, Source::Node { .. }) {
+                free.push(slot_of[source]);
             }
         }
         for o in 0..plans[node].outputs.len() {
             let source = Source::Node { node, output: o };
             if !last_use.contains_key(&source) {
                 free.push(slot_of[&source]);
-                live -= bytes(&plans[node].outputs[o]);
             }
         }
     }
+    let peak = planned_peak_bytes(model, plans, inputs);
     Ok((slots.into_iter().map(|(_, t)| t).collect(), slot_of, peak))
+}
+
+/// The most bytes the model's inputs and live tensors take at once during
+/// a pass of `model` planned as `plans` for `inputs`, each tensor freed after
+/// its last reader: what [`Runner::planned_peak_bytes`] reports, computed
+/// without allocating anything.
+pub fn planned_peak_bytes(model: &Model, plans: &[LayerPlan], inputs: &[TensorSpec]) -> usize {
+    let last_use = model.graph.last_use();
+    let bytes = |spec: &TensorSpec| spec.shape.iter().product::<usize>() * spec.dtype.size();
+    let mut live: usize = inputs.iter().map(bytes).sum();
+    let mut peak = live;
+    for (step, &node) in model.graph.order.iter().enumerate() {
+        live += plans[node].outputs.iter().map(bytes).sum::<usize>();
+        peak = peak.max(live);
+        for (source, &last) in &last_use {
+            if last == step && matches!(source, Source::Node { .. }) {
+                live -= bytes(model.source_spec(plans, inputs, *source));
+            }
+        }
+        for (o, spec) in plans[node].outputs.iter().enumerate() {
+            if !last_use.contains_key(&Source::Node { node, output: o }) {
+                live -= bytes(spec);
+            }
+        }
+    }
+    peak
 }
 
 /// Which tensors carry the model's batch along axis 0: format-1 input (of
@@ -630,38 +650,6 @@ fn run_node(
         }
     };
     result.map_err(|e| layer.error(e))
-}
-
-/// The parameters a layer's plan names, as the views its forward call takes.
-pub(crate) fn param_refs<'a>(
-    plan: &'a LayerPlan,
-    params: &'a ParamStore,
-) -> Result<Vec<ParamRef<'a>>, Error> {
-    plan.params
-        .iter()
-        .map(|p| {
-            let tensor = params.get(&p.stored_as).ok_or_else(|| Error::Param {
-                name: p.name.clone(),
-                message: "no value was loaded or initialized for it".to_string(),
-            })?;
-            Ok(ParamRef {
-                name: RStr::from_str(&p.local_name),
-                tensor: param_tensor_ref(tensor),
-            })
-        })
-        .collect()
-}
-
-fn param_tensor_ref(array: &ndarray::ArrayD<f32>) -> TensorRef<'_> {
-    TensorRef {
-        dtype: DType::F32,
-        shape: abi_stable::std_types::RSlice::from_slice(array.shape()),
-        data: abi_stable::std_types::RSlice::from_slice(bytemuck::cast_slice(
-            array
-                .as_slice()
-                .expect("the host keeps every tensor in standard layout"),
-        )),
-    }
 }
 
 /// The number of threads to use when the user does not say: every core.

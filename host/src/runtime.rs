@@ -3,12 +3,9 @@
 //! before any computation, then the forward pass, layer by layer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use abi_stable::std_types::{RSlice, RSliceMut};
-use layer_api::abi::{
-    LayerError, LayerHandle, ParamRef, PreparedHandle, TensorDesc, TensorMut, TensorRef,
-};
+use layer_api::abi::{LayerError, LayerHandle, ParamRef, PreparedHandle, TensorMut, TensorRef};
 use layer_api::{DType, Init};
 
 use crate::error::Error;
@@ -16,47 +13,9 @@ use crate::graph::{Graph, Source};
 use crate::model::{Dim, ModelSpec};
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{self, LoadedPlugin, PluginRegistry};
-use crate::runner::{param_refs, Runner};
 use crate::tensor::Tensor;
 
-/// One input of a layer, as its signature declares it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InputPort {
-    pub name: String,
-    pub optional: bool,
-    /// Accepted element types, preferred first.
-    pub dtypes: Vec<DType>,
-}
-
-/// A layer's named inputs and outputs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Signature {
-    pub inputs: Vec<InputPort>,
-    pub outputs: Vec<String>,
-}
-
-/// A tensor's element type and shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-}
-
-impl TensorSpec {
-    pub fn new(dtype: DType, shape: &[usize]) -> TensorSpec {
-        TensorSpec {
-            dtype,
-            shape: shape.to_vec(),
-        }
-    }
-
-    fn desc(&self) -> TensorDesc<'_> {
-        TensorDesc {
-            dtype: self.dtype,
-            shape: RSlice::from_slice(&self.shape),
-        }
-    }
-}
+pub use crate::plan::{InputPort, LayerPlan, Signature, TensorSpec};
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
@@ -66,34 +25,6 @@ pub struct ModelLayer {
     handle: LayerHandle,
     /// Set once the layer object is destroyed ([`ModelLayer::close`]).
     closed: AtomicBool,
-}
-
-/// What one layer will do for given inputs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerPlan {
-    /// One per declared input; `None` for an optional input left out.
-    pub inputs: Vec<Option<TensorSpec>>,
-    /// One per declared output.
-    pub outputs: Vec<TensorSpec>,
-    /// The first input's and first output's shapes: a chain's.
-    pub input_shape: Vec<usize>,
-    pub output_shape: Vec<usize>,
-    pub params: Vec<ParamInfo>,
-}
-
-impl LayerPlan {
-    fn descs(&self) -> Vec<TensorDesc<'_>> {
-        self.inputs
-            .iter()
-            .map(|i| match i {
-                Some(spec) => spec.desc(),
-                None => TensorDesc {
-                    dtype: DType::ABSENT,
-                    shape: RSlice::from_slice(&[]),
-                },
-            })
-            .collect()
-    }
 }
 
 /// What a layer prepared from one parameter set; freed when dropped.
@@ -514,6 +445,38 @@ impl Drop for ModelLayer {
     }
 }
 
+/// The parameters a layer's plan names, as the views its forward call takes.
+pub fn param_refs<'a>(
+    plan: &'a LayerPlan,
+    params: &'a ParamStore,
+) -> Result<Vec<ParamRef<'a>>, Error> {
+    plan.params
+        .iter()
+        .map(|p| {
+            let tensor = params.get(&p.stored_as).ok_or_else(|| Error::Param {
+                name: p.name.clone(),
+                message: "no value was loaded or initialized for it".to_string(),
+            })?;
+            Ok(ParamRef {
+                name: RStr::from_str(&p.local_name),
+                tensor: param_tensor_ref(tensor),
+            })
+        })
+        .collect()
+}
+
+fn param_tensor_ref(array: &ndarray::ArrayD<f32>) -> TensorRef<'_> {
+    TensorRef {
+        dtype: DType::F32,
+        shape: abi_stable::std_types::RSlice::from_slice(array.shape()),
+        data: abi_stable::std_types::RSlice::from_slice(bytemuck::cast_slice(
+            array
+                .as_slice()
+                .expect("the host keeps every tensor in standard layout"),
+        )),
+    }
+}
+
 /// A tensor lent to a layer (`None`: an optional input left out).
 pub(crate) fn tensor_ref(t: Option<&Tensor>) -> TensorRef<'_> {
     match t {
@@ -764,38 +727,6 @@ impl Model {
             .iter()
             .flat_map(|p| p.params.iter().cloned())
             .collect()
-    }
-
-    /// Runs the layers in order on `input`, with up to `threads` threads.
-    pub fn forward(
-        &self,
-        plans: &[LayerPlan],
-        params: &ParamStore,
-        input: &Tensor,
-        threads: usize,
-    ) -> Result<Tensor, Error> {
-        self.forward_observed(plans, params, input, threads, |_, _, _| {})
-    }
-
-    /// Runs the layers in order on `input`, calling `observe` after each
-    /// with the layer, its output and the time its forward call took.
-    pub fn forward_observed(
-        &self,
-        plans: &[LayerPlan],
-        params: &ParamStore,
-        input: &Tensor,
-        threads: usize,
-        mut observe: impl FnMut(&ModelLayer, &Tensor, Duration),
-    ) -> Result<Tensor, Error> {
-        let mut runner = Runner::new(self, plans, params, threads)?;
-        let input = input.clone().into_standard();
-        let output = runner
-            .run_observed(input.view(), |i, output, elapsed| {
-                observe(&self.layers[i], output, elapsed)
-            })?
-            .clone();
-        runner.close()?;
-        Ok(output)
     }
 
     /// Destroys every layer object, reporting the first panic in a `Drop`.
