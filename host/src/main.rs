@@ -5,17 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use host::commands::bench::BenchOptions;
+use host::commands::init::InitOptions;
+use host::commands::inputs::{parse_shape_arg, InputArgs, ShapeArg};
+use host::commands::inspect::InspectOptions;
+use host::commands::lock::LockOptions;
+use host::commands::params::ParamsOptions;
 use host::commands::run::RunOptions;
-use host::inspect::{format_param_values, ModelSummary};
-use host::model::ModelSpec;
-use host::npy::NpyRowReader;
-use host::param_file::ParamFile;
-use host::params::ParamStore;
 use host::print::print_stdout;
 use host::registry::PluginRegistry;
-use host::runtime::Model;
-use host::tensor::Tensor;
-use host::{conformance, pin, Error};
+use host::{conformance, Error};
 
 #[derive(Parser)]
 #[command(
@@ -41,17 +40,17 @@ enum Command {
     Run(RunArgs),
     /// List the plugins found in the plugin directories.
     Plugins(PluginDirs),
-    /// Summarize a model: layers, output shapes, parameters and totals.
+    /// Summarize a model: layers (a graph's nodes), output shapes, parameters and totals.
     Inspect(InspectArgs),
     /// Print parameter values (all, or the named ones).
     Params(ParamsArgs),
     /// Write the initialized parameters to a safetensors file.
     Init(InitArgs),
-    /// Time a model's forward pass, whole and per layer, on a random input.
+    /// Time a model's forward pass, whole and per layer (node), on random inputs.
     Bench(BenchArgs),
     /// Run the conformance checks on one plugin; exits non-zero if any fails.
     CheckPlugin(CheckPluginArgs),
-    /// Pin each layer of a model to the SHA-256 of the plugin library it resolves to.
+    /// Pin each layer (node) of a model to the SHA-256 of the plugin library it resolves to.
     Lock(LockArgs),
 }
 
@@ -107,30 +106,27 @@ struct LockArgs {
     plugins: PluginDirs,
 }
 
-/// Where a command learns the input's shape; without either, sizes that
-/// depend on it are unknown.
+/// Where a command learns the inputs' shapes; without them, sizes that
+/// depend on them are unknown (a graph's declared shapes fill in what the
+/// given ones determine).
 #[derive(Args)]
 struct InputShapeArgs {
-    /// The input's shape, comma-separated (e.g. 2,64).
-    #[arg(long, value_name = "DIMS", value_parser = parse_shape, conflicts_with = "input")]
-    input_shape: Option<Shape>,
-    /// An .npy input whose shape to use.
-    #[arg(long, value_name = "X.npy")]
-    input: Option<PathBuf>,
+    /// An input's shape, comma-separated (e.g. 2,64); NAME=DIMS for a named input of a
+    /// model (e.g. tokens=2,16). Repeatable, once per input.
+    #[arg(long, value_name = "[NAME=]DIMS", value_parser = parse_shape_arg)]
+    input_shape: Vec<ShapeArg>,
+    /// An .npy input whose shape to use; NAME=X.npy for a named input. Repeatable.
+    #[arg(long, value_name = "[NAME=]X.npy")]
+    input: Vec<String>,
 }
 
-#[derive(Clone)]
-struct Shape(Vec<usize>);
-
-fn parse_shape(text: &str) -> Result<Shape, String> {
-    text.split(',')
-        .map(|d| {
-            d.trim().parse::<usize>().map_err(|_| {
-                format!("'{text}' is not a shape: give sizes separated by commas, e.g. 2,64")
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Shape)
+impl InputShapeArgs {
+    fn into_inputs(self) -> InputArgs {
+        InputArgs {
+            shapes: self.input_shape,
+            files: self.input,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -249,13 +245,24 @@ struct BenchArgs {
     /// The model description (JSON).
     #[arg(value_name = "MODEL")]
     model: PathBuf,
-    /// Rows in the input batch.
+    /// Rows in the input batch (a chain's input is then N×F); for a graph, the size of
+    /// the symbol `batch` in the declared input shapes.
     #[arg(long, value_name = "N")]
-    batch: usize,
-    /// Input features (the last axis); by default the first layer's
+    batch: Option<usize>,
+    /// Input features (the last axis) of a chain; by default the first layer's
     /// `in_units` or `in_features` config.
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", requires = "batch")]
     features: Option<usize>,
+    /// The shape of a made-up input, comma-separated; NAME=DIMS for a named input (e.g.
+    /// tokens=8,16). Repeatable. Inputs not given take their declared shapes, with the
+    /// sizes the given ones fix for their symbols. Floats are uniform on [0, 1), integers
+    /// drawn from the range the layers reading them declare valid, bools false.
+    #[arg(long, value_name = "[NAME=]DIMS", value_parser = parse_shape_arg)]
+    input_shape: Vec<ShapeArg>,
+    /// An .npy file to run on instead of made-up values; NAME=X.npy for a named input.
+    /// Repeatable.
+    #[arg(long, value_name = "[NAME=]X.npy")]
+    input: Vec<String>,
     /// Threads for batch-independent layers (default: every core).
     #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
     threads: usize,
@@ -314,122 +321,50 @@ fn run(args: RunArgs) -> Result<(), Error> {
 }
 
 fn bench(args: BenchArgs) -> Result<(), Error> {
-    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
-    let spec = ModelSpec::load(&args.model)?;
-    let features = match args.features {
-        Some(f) => f,
-        None => spec
-            .layers
-            .first()
-            .and_then(|l| {
-                ["in_units", "in_features"]
-                    .iter()
-                    .find_map(|key| l.config.get(key).and_then(|v| v.as_u64()))
-            })
-            .map(|f| f as usize)
-            .ok_or_else(|| Error::Model {
-                path: args.model.clone(),
-                message: "the first layer's config has no `in_units` or `in_features`: \
-                          give the input's feature count with --features"
-                    .to_string(),
-            })?,
-    };
-    let model = Model::load(spec, &registry)?;
-    let input = Tensor::F32(host::bench::random_input(&[args.batch, features]));
-    let plans = model.plan(input.shape())?;
-    let params = host::commands::run::load_params(&model, &plans, args.params.as_ref(), false)?;
-    let report = host::bench::bench(
-        &model,
-        &plans,
-        &params,
-        &input,
-        args.threads.max(1),
-        std::time::Duration::from_secs_f64(args.min_time.max(0.0)),
-    )?;
-    if args.json {
-        print_stdout(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&report).expect("a report serializes")
-        ))
-    } else {
-        print_stdout(&report.to_table())
-    }
-}
-
-/// The input shape a command was given, if any.
-fn given_input_shape(args: &InputShapeArgs) -> Result<Option<Vec<usize>>, Error> {
-    if let Some(Shape(dims)) = &args.input_shape {
-        return Ok(Some(dims.clone()));
-    }
-    match &args.input {
-        // Only the header is read: the input may be larger than memory.
-        Some(path) => NpyRowReader::open(path)
-            .map(|x| Some(x.shape().to_vec()))
-            .map_err(|source| Error::Npy {
-                path: path.clone(),
-                source,
-            }),
-        None => Ok(None),
-    }
-}
-
-/// Loads the model and summarizes it for the given input shape, or by
-/// probing when there is none.
-fn summarize(
-    model: &std::path::Path,
-    shape: &InputShapeArgs,
-    plugins: &PluginDirs,
-) -> Result<(Model, ModelSummary), Error> {
-    let registry = PluginRegistry::new(&plugins.plugin_dirs);
-    let model = Model::load(ModelSpec::load(model)?, &registry)?;
-    let summary = match given_input_shape(shape)? {
-        Some(dims) => ModelSummary::for_input(&model, &dims)?,
-        None => ModelSummary::probe(&model)?,
-    };
-    Ok((model, summary))
+    host::commands::bench::bench(BenchOptions {
+        model: args.model,
+        batch: args.batch,
+        features: args.features,
+        inputs: InputArgs {
+            shapes: args.input_shape,
+            files: args.input,
+        },
+        threads: args.threads,
+        min_time: args.min_time,
+        params: args.params,
+        json: args.json,
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
 }
 
 fn inspect(args: InspectArgs) -> Result<(), Error> {
-    let (_, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
-    if args.json {
-        let text = serde_json::to_string_pretty(&summary.to_json()).expect("JSON values serialize");
-        print_stdout(&format!("{text}\n"))
-    } else {
-        print_stdout(&summary.to_text())
-    }
+    host::commands::inspect::inspect(InspectOptions {
+        model: args.model,
+        inputs: args.shape.into_inputs(),
+        json: args.json,
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
 }
 
 fn params(args: ParamsArgs) -> Result<(), Error> {
-    let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
-    let (infos, store) = match args.params.as_ref().or(model.spec.params.as_ref()) {
-        Some(path) => {
-            let file = ParamFile::read(path)?;
-            let infos = summary.resolved_params(Some(&file))?;
-            let store = ParamStore::from_file(&file, &infos, args.allow_unused_params)?;
-            (infos, store)
-        }
-        None => {
-            let infos = summary.resolved_params(None)?;
-            let store = ParamStore::initialize(&infos, model.spec.seed);
-            (infos, store)
-        }
-    };
-    print_stdout(&format_param_values(&infos, &store, &args.names)?)
+    host::commands::params::params(ParamsOptions {
+        model: args.model,
+        names: args.names,
+        params: args.params,
+        allow_unused_params: args.allow_unused_params,
+        inputs: args.shape.into_inputs(),
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
 }
 
 fn init(args: InitArgs) -> Result<(), Error> {
-    let (model, summary) = summarize(&args.model, &args.shape, &args.plugins)?;
-    let infos = summary.resolved_params(None)?;
-    let store = ParamStore::initialize(&infos, args.seed.unwrap_or(model.spec.seed));
-    // As in `run`: a panic in a layer's `Drop` fails before anything is written.
-    model.close()?;
-    store.save_safetensors(&args.out)?;
-    let values: usize = store.iter().map(|(_, t)| t.len()).sum();
-    print_stdout(&format!(
-        "wrote {values} parameters in {} tensors to {}\n",
-        store.iter().count(),
-        args.out.display()
-    ))
+    host::commands::init::init(InitOptions {
+        model: args.model,
+        out: args.out,
+        seed: args.seed,
+        inputs: args.shape.into_inputs(),
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
 }
 
 fn plugins(args: PluginDirs) -> Result<(), Error> {
@@ -509,16 +444,8 @@ fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
 }
 
 fn lock(args: LockArgs) -> Result<(), Error> {
-    let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
-    let mut listing = String::new();
-    for pin in pin::lock_model(&args.model, &registry)? {
-        listing.push_str(&format!(
-            "layer '{}': {} {} ({})\n",
-            pin.layer,
-            if pin.changed { "pinned" } else { "unchanged" },
-            pin.sha256,
-            pin.path.display()
-        ));
-    }
-    print_stdout(&listing)
+    host::commands::lock::lock(LockOptions {
+        model: args.model,
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
 }

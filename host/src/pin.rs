@@ -3,7 +3,8 @@
 //! A layer in the model file may carry `"sha256"`, the hex SHA-256 of its
 //! plugin's library file. The registry hashes the bytes it read and compares
 //! before loading them (see `registry::load`), because loading a library
-//! already runs its code. `host lock` writes these pins into a model file.
+//! already runs its code. `host lock` writes these pins into a model file:
+//! under each of `"layers"` (format 1) or each of `"nodes"` (format 2).
 
 use std::path::{Path, PathBuf};
 
@@ -37,9 +38,10 @@ pub fn parse_pin(layer: &str, value: &str) -> Result<String, PinError> {
     }
 }
 
-/// One layer's pin as `host lock` wrote it.
+/// One layer's (node's) pin as `host lock` wrote it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerPin {
+    /// The layer's or node's name.
     pub layer: String,
     pub path: PathBuf,
     pub sha256: String,
@@ -47,12 +49,21 @@ pub struct LayerPin {
     pub changed: bool,
 }
 
-/// Resolves every layer's plugin (loading it, so that only real plugins of
+/// What `host lock` did to a model file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Locked {
+    /// The model file's format: 1 pins layers, 2 pins nodes.
+    pub format: u32,
+    /// One per layer or node, in file order.
+    pub pins: Vec<LayerPin>,
+}
+
+/// Resolves every layer's (node's) plugin (loading it, so that only real plugins of
 /// the right name are pinned) and writes the hash of each library into the
 /// model file as the layer's `"sha256"`. Everything else in the file keeps
 /// its keys, values and order; the file is re-indented with two spaces and
 /// replaced atomically.
-pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Vec<LayerPin>, crate::Error> {
+pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Locked, crate::Error> {
     let spec = ModelSpec::load(path)?;
     let mut pins = Vec::with_capacity(spec.layers.len());
     for layer in &spec.layers {
@@ -90,15 +101,23 @@ pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Vec<LayerPin
             w.write_all(b"\n")
         })?;
     }
-    Ok(pins)
+    Ok(Locked {
+        format: spec.format,
+        pins,
+    })
 }
 
-/// Sets `"sha256"` on each layer object of a parsed model file, in layer
-/// order, leaving every other key where it was (serde_json keeps insertion
-/// order in this workspace; a new key goes last). Returns how many pins
-/// changed.
+/// Sets `"sha256"` on each layer object (`"layers"`, format 1) or node
+/// object (`"nodes"`, format 2) of a parsed model file, in file order,
+/// leaving every other key where it was (serde_json keeps insertion order
+/// in this workspace; a new key goes last). Returns how many pins changed.
 pub fn write_pins(model: &mut Value, pins: &[String]) -> usize {
-    let Some(layers) = model.get_mut("layers").and_then(Value::as_array_mut) else {
+    let key = if model.get("nodes").is_some() {
+        "nodes"
+    } else {
+        "layers"
+    };
+    let Some(layers) = model.get_mut(key).and_then(Value::as_array_mut) else {
         return 0;
     };
     let mut changed = 0;
@@ -148,5 +167,35 @@ mod tests {
         );
         assert_eq!(text, expected);
         assert_eq!(write_pins(&mut model, &["1".repeat(64), "2".repeat(64)]), 0);
+    }
+
+    #[test]
+    fn a_graph_pins_its_nodes() {
+        let mut model: Value = serde_json::from_str(
+            r#"{"format": 2, "inputs": [{"name": "x", "dtype": "float32", "shape": [2]}],
+                "nodes": [{"name": "a", "type": "relu", "inputs": ["x"]},
+                          {"name": "b", "type": "relu", "inputs": ["a"], "sha256": "old"}],
+                "outputs": ["b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(write_pins(&mut model, &["1".repeat(64), "2".repeat(64)]), 2);
+        let nodes = model["nodes"].as_array().unwrap();
+        let keys: Vec<&str> = nodes[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["name", "type", "inputs", "sha256"]);
+        assert_eq!(nodes[0]["sha256"], "1".repeat(64));
+        assert_eq!(nodes[1]["sha256"], "2".repeat(64));
+        let keys: Vec<&str> = nodes[1]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["name", "type", "inputs", "sha256"]);
+        assert!(model.get("layers").is_none());
     }
 }

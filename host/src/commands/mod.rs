@@ -2,4 +2,10 @@
 //! of the library: model file → plugins → plan → parameters → execution →
 //! output.
 
+pub mod bench;
+pub mod init;
+pub mod inputs;
+pub mod inspect;
+pub mod lock;
+pub mod params;
 pub mod run;

@@ -1,0 +1,35 @@
+//! `host init`: the parameters initialized from the seed, written to a
+//! safetensors file.
+
+use std::path::PathBuf;
+
+use crate::commands::inputs::InputArgs;
+use crate::commands::inspect::summarize;
+use crate::error::Error;
+use crate::params::ParamStore;
+use crate::print::print_stdout;
+
+/// What `host init` was asked to do.
+pub struct InitOptions {
+    pub model: PathBuf,
+    pub out: PathBuf,
+    /// Instead of the model file's "seed".
+    pub seed: Option<u64>,
+    pub inputs: InputArgs,
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+pub fn init(opts: InitOptions) -> Result<(), Error> {
+    let (model, summary) = summarize(&opts.model, &opts.inputs, &opts.plugin_dirs)?;
+    let infos = summary.resolved_params(None)?;
+    let store = ParamStore::initialize(&infos, opts.seed.unwrap_or(model.spec.seed));
+    // As in `run`: a panic in a layer's `Drop` fails before anything is written.
+    model.close()?;
+    store.save_safetensors(&opts.out)?;
+    let values: usize = store.iter().map(|(_, t)| t.len()).sum();
+    print_stdout(&format!(
+        "wrote {values} parameters in {} tensors to {}\n",
+        store.iter().count(),
+        opts.out.display()
+    ))
+}
