@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use abi_stable::std_types::{RSlice, RSliceMut};
+use abi_stable::std_types::{RSlice, RSliceMut, RStr};
 use layer_api::abi::{LayerError, LayerHandle, ParamRef, PreparedHandle, TensorMut, TensorRef};
 use layer_api::{DType, Init};
 
