@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::npy::NpyError;
-use crate::pin::PinError;
 use crate::registry::PluginError;
 
 #[derive(Debug, Error)]
@@ -66,8 +65,6 @@ pub enum Error {
     },
     #[error("cannot start worker threads: {0}")]
     Threads(String),
-    #[error(transparent)]
-    Pin(#[from] PinError),
     /// A plugin asked for by name, outside any model.
     #[error(transparent)]
     PluginLookup(Box<PluginError>),

@@ -429,9 +429,9 @@ fn node_spec(
     }
     let sha256 = node
         .sha256
-        .map(|pin| crate::pin::parse_pin(&name, &pin))
+        .map(|pin| parse_pin(&name, &pin))
         .transpose()
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(invalid)?;
     Ok(LayerSpec {
         name,
         plugin: node.plugin,
@@ -441,6 +441,19 @@ fn node_spec(
         sha256,
         inputs: node.inputs,
     })
+}
+
+/// Checks a pin as written in a model file: 64 hex digits, either case.
+/// Returns it in lowercase, the form the registry computes.
+pub fn parse_pin(layer: &str, value: &str) -> Result<String, String> {
+    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "layer '{layer}': \"sha256\" must be 64 hex digits (the SHA-256 of the plugin \
+             library), got \"{value}\""
+        ))
+    }
 }
 
 /// serde_json's message without its "at line L column C" suffix, which the
@@ -459,6 +472,19 @@ mod tests {
 
     fn parse(text: &str) -> Result<ModelSpec, String> {
         ModelSpec::parse(text, Path::new("models/m.json")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn pins_must_be_64_hex_digits() {
+        let upper = "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD";
+        assert_eq!(parse_pin("0", upper).unwrap(), upper.to_ascii_lowercase());
+        for bad in ["", "abc", &"g".repeat(64), &"a".repeat(65)] {
+            let err = parse_pin("dense", bad).unwrap_err();
+            assert!(
+                err.starts_with("layer 'dense': \"sha256\" must be 64 hex"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Pinning a layer to the exact plugin library it was tested with.
 //!
 //! A layer in the model file may carry `"sha256"`, the hex SHA-256 of its
-//! plugin's library file. The registry hashes the bytes it read and compares
+//! plugin's library file (checked for form by the model parser). The
+//! registry hashes the bytes it read and compares
 //! before loading them (see `registry::load`), because loading a library
 //! already runs its code. `host lock` writes these pins into a model file:
 //! under each of `"layers"` (format 1) or each of `"nodes"` (format 2).
@@ -9,34 +10,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use thiserror::Error;
 
 use crate::atomic_file::write_atomically;
 use crate::model::ModelSpec;
 use crate::registry::{self, PluginRegistry};
-
-/// Why a pin written in a model file is not one.
-#[derive(Debug, Error)]
-pub enum PinError {
-    #[error(
-        "layer '{layer}': \"sha256\" must be 64 hex digits (the SHA-256 of the plugin library), \
-         got \"{value}\""
-    )]
-    Malformed { layer: String, value: String },
-}
-
-/// Checks a pin as written in a model file: 64 hex digits, either case.
-/// Returns it in lowercase, the form the registry computes.
-pub fn parse_pin(layer: &str, value: &str) -> Result<String, PinError> {
-    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(value.to_ascii_lowercase())
-    } else {
-        Err(PinError::Malformed {
-            layer: layer.to_string(),
-            value: value.to_string(),
-        })
-    }
-}
 
 /// One layer's (node's) pin as `host lock` wrote it.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,19 +113,6 @@ pub fn write_pins(model: &mut Value, pins: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pins_must_be_64_hex_digits() {
-        let upper = "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD";
-        assert_eq!(parse_pin("0", upper).unwrap(), upper.to_ascii_lowercase());
-        for bad in ["", "abc", &"g".repeat(64), &"a".repeat(65)] {
-            let err = parse_pin("dense", bad).unwrap_err().to_string();
-            assert!(
-                err.starts_with("layer 'dense': \"sha256\" must be 64 hex"),
-                "{err}"
-            );
-        }
-    }
 
     #[test]
     fn pins_go_last_in_each_layer_and_keep_the_other_keys_in_order() {
