@@ -20,6 +20,14 @@ const PLUGINS: &[&str] = &[
     "fourier",
     "faulty",
     "cast",
+    "embedding",
+    "layernorm",
+    "multihead_attention",
+    "add",
+    "relu",
+    "gelu",
+    "softmax",
+    "mean",
 ];
 
 pub fn repo_root() -> PathBuf {
@@ -190,5 +198,101 @@ pub fn assert_close(actual: &ArrayD<f32>, expected: &ArrayD<f64>, rtol: f64) {
             (f64::from(*a) - e).abs() <= rtol * scale,
             "element {i}: got {a}, expected {e}"
         );
+    }
+}
+
+/// An `.npz` archive written the way `np.savez` writes one: a zip of
+/// `<name>.npy` members, stored uncompressed, each array written by
+/// ndarray-npy. (ndarray-npy's own `NpzWriter` needs its `npz` feature, which
+/// would bring a second version of the zip crate into the build; this is
+/// the same few lines over the zip crate the host already depends on.)
+pub struct NpzOut {
+    zip: zip::ZipWriter<std::fs::File>,
+}
+
+impl NpzOut {
+    pub fn create(path: &Path) -> NpzOut {
+        let file =
+            std::fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        NpzOut {
+            zip: zip::ZipWriter::new(file),
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        self.zip
+            .start_file(format!("{name}.npy"), options)
+            .expect("start an npz member");
+    }
+
+    /// Adds `array` as `<name>.npy`, in its own element type.
+    pub fn add<A: ndarray_npy::WriteNpyExt>(&mut self, name: &str, array: &A) -> &mut NpzOut {
+        self.start(name);
+        array.write_npy(&mut self.zip).expect("write an npz member");
+        self
+    }
+
+    /// Adds the bytes of an `.npy` file as `<name>.npy`.
+    pub fn add_npy_bytes(&mut self, name: &str, bytes: &[u8]) -> &mut NpzOut {
+        self.start(name);
+        std::io::Write::write_all(&mut self.zip, bytes).expect("write an npz member");
+        self
+    }
+
+    pub fn finish(self) {
+        self.zip.finish().expect("finish the npz");
+    }
+}
+
+/// The arrays of an `.npz` file, by name (the member name without `.npy`),
+/// in the archive's order, each as the bytes of its `.npy` file; read with
+/// the zip crate, independently of the host's reader.
+pub fn npz_members(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut archive = zip::ZipArchive::new(file).expect("a zip archive");
+    (0..archive.len())
+        .map(|i| {
+            let mut member = archive.by_index(i).expect("a readable member");
+            let name = member
+                .name()
+                .strip_suffix(".npy")
+                .unwrap_or_else(|| panic!("member {} is not an .npy", member.name()))
+                .to_string();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut member, &mut bytes).expect("member bytes");
+            (name, bytes)
+        })
+        .collect()
+}
+
+/// Array `name` of an `.npz` file, read by ndarray-npy, which refuses any
+/// element type but `T`'s.
+pub fn read_npz<T: ndarray_npy::ReadableElement>(path: &Path, name: &str) -> ArrayD<T> {
+    let members = npz_members(path);
+    let (_, bytes) = members
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{} holds no array '{name}'", path.display()));
+    <ArrayD<T> as ndarray_npy::ReadNpyExt>::read_npy(bytes.as_slice())
+        .unwrap_or_else(|e| panic!("{}: array '{name}': {e}", path.display()))
+}
+
+/// Reads an `.npy` file of element type `T` with ndarray-npy.
+pub fn read_npy_as<T: ndarray_npy::ReadableElement>(path: &Path) -> ArrayD<T> {
+    ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts two float32 arrays are equal bit for bit.
+pub fn assert_same_bits_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, what: &str) {
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes differ");
+    if let Some((i, (x, y))) = a
+        .iter()
+        .zip(b.iter())
+        .enumerate()
+        .find(|(_, (x, y))| x.to_bits() != y.to_bits())
+    {
+        panic!("{what}: element {i} differs: {x} vs {y}");
     }
 }
