@@ -148,12 +148,7 @@ fn a_cycle_is_refused() {
 
 /// The cycle named as data flows through it, closed by its first node:
 /// `b → a → b` (a reads b, b reads a) and, for three nodes, `b → c → a → b`.
-/// The host currently prints `b → a → a` and `b → c → a → a`: it closes the
-/// cycle with its last node again (graph.rs, `topological_order`, pushes
-/// `spec.layers[next]`, which is the reversed path's last element, where the
-/// first, `path.last()`, closes it).
 #[test]
-#[ignore = "host bug: the cycle printed repeats its last node instead of closing on its first"]
 fn a_cycle_is_refused_naming_it_closed() {
     two_node_cycle().refused_on_x(&format!("nodes form a cycle: b → a → b; {CYCLE_REMEDY}"));
     Case::json(&json!({
@@ -296,8 +291,8 @@ fn a_float32_input_into_embedding_is_refused_naming_both_ends() {
         "outputs": ["embed"]
     }));
     case.refused_on_x(
-        "model input 'tokens' outputs float32, but node 'embed' input 'input' (plugin \
-         'embedding'), accepts int64 or int32; put a layer between them that converts, or \
+        "model input 'tokens' is float32, but node 'embed' input 'input' (plugin \
+         'embedding') accepts int64 or int32; put a layer between them that converts, or \
          choose layers whose types agree",
     );
 }

@@ -281,7 +281,7 @@ fn layers_whose_element_types_disagree_are_refused_naming_both() {
         err.failed(),
         format!(
             "error: {}: layer 'to_ids' (plugin 'cast') outputs int64, but the next layer, \
-             'dense' (plugin 'mydense'), accepts float32; put a layer between them that \
+             'dense' (plugin 'mydense') accepts float32; put a layer between them that \
              converts, or choose layers whose types agree\n",
             model.path().join("m.json").display()
         )

@@ -295,7 +295,8 @@ fn topological_order(
                 .rev()
                 .map(|&i| spec.layers[i].name.as_str())
                 .collect();
-            cycle.push(spec.layers[next].name.as_str());
+            // Close the loop where it started.
+            cycle.push(cycle[0]);
             return Err(Error::Model {
                 path: spec.path.clone(),
                 message: format!(

@@ -652,7 +652,7 @@ impl Model {
                 let (spec, producer) = match *source {
                     Source::Input(i) => (
                         inputs[i].clone(),
-                        format!("model input '{}'", self.spec.inputs[i].name),
+                        format!("model input '{}' is", self.spec.inputs[i].name),
                     ),
                     Source::Node { node: n, output } => {
                         let p = plans[n].as_ref().expect("producers are planned first");
@@ -664,7 +664,10 @@ impl Model {
                         };
                         (
                             p.outputs[output].clone(),
-                            format!("layer '{}' (plugin '{}'){what}", l.name, l.plugin.name),
+                            format!(
+                                "layer '{}' (plugin '{}'){what} outputs",
+                                l.name, l.plugin.name
+                            ),
                         )
                     }
                 };
@@ -675,8 +678,8 @@ impl Model {
                         format!("node '{}' input '{}'", layer.name, port.name)
                     };
                     return Err(invalid(format!(
-                        "{producer} outputs {}, but {into} (plugin '{}'), accepts {}; put a \
-                         layer between them that converts, or choose layers whose types agree",
+                        "{producer} {}, but {into} (plugin '{}') accepts {}; put a layer \
+                         between them that converts, or choose layers whose types agree",
                         spec.dtype,
                         layer.plugin.name,
                         dtype_list(&port.dtypes)
