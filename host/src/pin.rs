@@ -39,7 +39,9 @@ pub struct Locked {
 /// the right name are pinned) and writes the hash of each library into the
 /// model file as the layer's `"sha256"`. Everything else in the file keeps
 /// its keys, values and order; the file is re-indented with two spaces and
-/// replaced atomically.
+/// replaced atomically, keeping its mode and owner; a symbolic link is
+/// followed, so the real file is pinned and the link stays (see
+/// [`crate::atomic_file`]).
 pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Locked, crate::Error> {
     let spec = ModelSpec::load(path)?;
     let mut pins = Vec::with_capacity(spec.layers.len());

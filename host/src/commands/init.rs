@@ -1,8 +1,9 @@
 //! `host init`: the parameters initialized from the seed, written to a
 //! safetensors file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use crate::atomic_file::{check_writable, refuse_overwriting};
 use crate::commands::inputs::InputArgs;
 use crate::commands::inspect::summarize;
 use crate::error::Error;
@@ -20,6 +21,21 @@ pub struct InitOptions {
 }
 
 pub fn init(opts: InitOptions) -> Result<(), Error> {
+    // Before anything is loaded: `--out` must not replace the model or an
+    // input, and must be writable.
+    let inputs: Vec<PathBuf> = opts
+        .inputs
+        .files
+        .iter()
+        .flat_map(|f| {
+            let named = f.split_once('=').map(|(_, file)| PathBuf::from(file));
+            std::iter::once(PathBuf::from(f)).chain(named)
+        })
+        .collect();
+    let mut others: Vec<(&Path, &str)> = vec![(&opts.model, "the model file")];
+    others.extend(inputs.iter().map(|p| (p.as_path(), "an input")));
+    refuse_overwriting("--out", &opts.out, &others)?;
+    check_writable(&opts.out)?;
     let (model, summary) = summarize(&opts.model, &opts.inputs, &opts.plugin_dirs)?;
     let infos = summary.resolved_params(None)?;
     let store = ParamStore::initialize(&infos, opts.seed.unwrap_or(model.spec.seed));

@@ -6,7 +6,9 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::atomic_file::{write_atomically, write_atomically_or_fail, write_error};
+use crate::atomic_file::{
+    check_writable, refuse_overwriting, write_atomically, write_atomically_or_fail, write_error,
+};
 use crate::error::Error;
 use crate::model::ModelSpec;
 use crate::npy::{self, NpyRowReader};
@@ -60,6 +62,8 @@ pub fn run(opts: RunOptions) -> Result<(), Error> {
     let output_names: Vec<String> = spec.outputs.clone();
     let input_files = input_files(&opts.inputs, &input_names)?;
     let output_files = output_files(&opts.outputs, &output_names)?;
+    let params_file = opts.params.as_ref().or(spec.params.as_ref());
+    check_outputs(&output_files, &input_files, &opts.model, params_file)?;
     let model = Model::load(spec, &registry)?;
     let threads = opts.threads.max(1);
 
@@ -223,6 +227,35 @@ fn output_files(args: &[String], names: &[String]) -> Result<OutputFiles, Error>
         }
     }
     Ok(OutputFiles::Npy(paths))
+}
+
+/// Refuses, before any plugin is loaded or anything computed, an output
+/// that is the model file, the params file or an input (it would be
+/// replaced by what was computed from it), or that cannot be written.
+fn check_outputs(
+    outputs: &OutputFiles,
+    inputs: &InputFiles,
+    model: &Path,
+    params: Option<&PathBuf>,
+) -> Result<(), Error> {
+    let outputs: Vec<&PathBuf> = match outputs {
+        OutputFiles::Print => Vec::new(),
+        OutputFiles::Npy(paths) => paths.iter().flatten().collect(),
+        OutputFiles::Npz(path) => vec![path],
+    };
+    let mut others: Vec<(&Path, &str)> = vec![(model, "the model file")];
+    if let Some(params) = params {
+        others.push((params, "the params file"));
+    }
+    match inputs {
+        InputFiles::Npy(paths) => others.extend(paths.iter().map(|p| (p.as_path(), "an input"))),
+        InputFiles::Npz(path) => others.push((path, "the input")),
+    }
+    for output in outputs {
+        refuse_overwriting("--output", output, &others)?;
+        check_writable(output)?;
+    }
+    Ok(())
 }
 
 /// `NAME=FILE`, when NAME is one of `names`.

@@ -32,6 +32,12 @@ pub enum Failure {
     InfiniteOutput,
     /// Works, but panics when the layer is dropped.
     PanicInDrop,
+    /// Works, but its second and later calls to `forward` first create the
+    /// file named by $LAYER_TEST_READY, then wait until the file named by
+    /// $LAYER_TEST_RELEASE exists (at most a minute, then fail): a test
+    /// signals the host at a known point of a streamed run, after a first
+    /// chunk was written.
+    BlockUntilSignalled,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +118,14 @@ impl Layer for Faulty {
                 output.zip_mut_with(&input, |y, &x| *y = x / 0.0);
                 Ok(())
             }
+            Failure::BlockUntilSignalled => {
+                static CALLS: AtomicU32 = AtomicU32::new(0);
+                if CALLS.fetch_add(1, Ordering::SeqCst) > 0 {
+                    block_until_released()?;
+                }
+                output.assign(&input);
+                Ok(())
+            }
             _ => {
                 output.assign(&input);
                 Ok(())
@@ -127,6 +141,22 @@ impl Drop for Faulty {
             panic!("faulty: told to panic in drop");
         }
     }
+}
+
+/// See [`Failure::BlockUntilSignalled`].
+fn block_until_released() -> Result<(), String> {
+    if let Some(ready) = std::env::var_os("LAYER_TEST_READY") {
+        std::fs::write(&ready, b"").map_err(|e| format!("faulty: LAYER_TEST_READY: {e}"))?;
+    }
+    let release = std::env::var_os("LAYER_TEST_RELEASE").map(std::path::PathBuf::from);
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        if release.as_ref().is_some_and(|r| r.exists()) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err("faulty: never released (LAYER_TEST_RELEASE)".into())
 }
 
 export_layer!(Faulty);
