@@ -2,7 +2,8 @@
 //! `b` of shape `(units,)` (the custom-layers chapter's `MyDense`/`MyLinear`).
 //! The last input axis holds the features; any leading axes are kept, so an
 //! input `(2, 3, 64)` gives `(2, 3, units)`. `in_units` may be left out of the
-//! config and is then taken from the input.
+//! config and is then taken from the input. A NaN stays NaN through the
+//! relu, as in PyTorch, rather than becoming 0.
 //!
 //! Parameters and their default initializers, as the chapter's `MyLinear`
 //! (`torch.randn`); a model file may override either with `"init"`:
@@ -26,6 +27,18 @@ pub struct MyDenseConfig {
     /// Number of input features; inferred from the input when absent.
     #[serde(default)]
     pub in_units: Option<usize>,
+}
+
+/// `max(x, 0)` with NaN kept, as torch's `relu(NaN)` is NaN (`f32::max`
+/// would return 0): `NaN <= 0` is false, so a NaN is returned as it is. One
+/// compare and a select, as cheap as `max`.
+#[inline]
+fn relu(x: f32) -> f32 {
+    if x <= 0.0 {
+        0.0
+    } else {
+        x
+    }
 }
 
 pub struct MyDense {
@@ -104,7 +117,7 @@ impl Layer for MyDense {
             .map_err(|e| format!("output as ({rows}, {}): {e}", self.units))?;
         layer_kernels::matmul(x, weight, y.view_mut())?;
         for mut row in y.axis_iter_mut(Axis(0)) {
-            row.zip_mut_with(&bias, |v, &b| *v = (*v + b).max(0.0));
+            row.zip_mut_with(&bias, |v, &b| *v = relu(*v + b));
         }
         Ok(())
     }
@@ -170,6 +183,31 @@ mod tests {
             }
         }
         assert!(zeros > 0 && zeros < 18, "the case exercises relu both ways");
+    }
+
+    #[test]
+    fn nan_stays_nan_as_in_torch() {
+        // Row 0: a NaN input; row 1: a NaN bias reaches the second unit only;
+        // -inf and +inf go through relu as torch's do.
+        let x = array![[f32::NAN, 1.0], [1.0, 0.0], [f32::NEG_INFINITY, 0.0]].into_dyn();
+        let w = array![[1.0f32, 0.0], [0.0, 1.0]].into_dyn();
+        let b = array![0.0f32, f32::NAN].into_dyn();
+        let y = testing::forward::<MyDense>(r#"{"units": 2}"#, x, &[("weight", w), ("bias", b)])
+            .unwrap();
+        assert!(y[[0, 0]].is_nan(), "relu(NaN) = {}", y[[0, 0]]);
+        assert!(y[[0, 1]].is_nan() && y[[1, 1]].is_nan(), "{y}");
+        assert_eq!(y[[1, 0]], 1.0);
+        assert_eq!(y[[2, 0]], 0.0, "relu(-inf) = 0");
+        let y = testing::forward::<MyDense>(
+            r#"{"units": 1}"#,
+            array![[f32::INFINITY]].into_dyn(),
+            &[
+                ("weight", array![[1.0f32]].into_dyn()),
+                ("bias", array![-1.0f32].into_dyn()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(y[[0, 0]], f32::INFINITY);
     }
 
     #[test]
