@@ -41,7 +41,8 @@
 //!
 //! Unknown fields are errors, so that a typo never passes silently.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use layer_api::{DType, Init};
@@ -213,7 +214,9 @@ pub struct LayerSpec {
 impl ModelSpec {
     /// Reads and validates a model file.
     pub fn load(path: &Path) -> Result<ModelSpec, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        // A regular file only (a FIFO or /dev/zero could block or never
+        // end), read within the memory budget.
+        let text = crate::budget::read_text(path).map_err(|source| Error::Read {
             path: path.to_path_buf(),
             source,
         })?;
@@ -249,7 +252,9 @@ impl ModelSpec {
                         "\"layers\" is empty: a model needs at least one layer".to_string(),
                     ));
                 }
+                check_model_fields(file.name.as_deref(), file.params.as_deref(), &invalid)?;
                 let mut layers: Vec<LayerSpec> = Vec::with_capacity(file.layers.len());
+                let mut names = HashMap::with_capacity(file.layers.len());
                 for (index, layer) in file.layers.into_iter().enumerate() {
                     let name = layer.name.unwrap_or_else(|| index.to_string());
                     let source = match layers.last() {
@@ -265,7 +270,7 @@ impl ModelSpec {
                         share: layer.share,
                         sha256: layer.sha256,
                     };
-                    layers.push(node_spec(node, index, &layers, &invalid)?);
+                    layers.push(node_spec(node, index, "layer", &mut names, &invalid)?);
                 }
                 let last = layers.last().expect("checked not empty").name.clone();
                 Ok(ModelSpec {
@@ -285,6 +290,7 @@ impl ModelSpec {
             }
             2 => {
                 let file: GraphFile = serde_json::from_str(text).map_err(syntax)?;
+                check_model_fields(file.name.as_deref(), file.params.as_deref(), &invalid)?;
                 let inputs = graph_inputs(file.inputs, &invalid)?;
                 if file.nodes.is_empty() {
                     return Err(invalid(
@@ -296,20 +302,23 @@ impl ModelSpec {
                         "\"outputs\" is empty: name at least one node output to return".to_string(),
                     ));
                 }
+                let input_names: HashSet<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
                 let mut layers: Vec<LayerSpec> = Vec::with_capacity(file.nodes.len());
+                let mut names = HashMap::with_capacity(file.nodes.len());
                 for (index, node) in file.nodes.into_iter().enumerate() {
-                    if let Some(input) = inputs.iter().find(|i| i.name == node.name) {
+                    if input_names.contains(node.name.as_str()) {
                         return Err(invalid(format!(
-                            "node '{}' has the name of a model input; names of inputs and \
+                            "node {} has the name of a model input; names of inputs and \
                              nodes must differ",
-                            input.name
+                            quoted(&node.name)
                         )));
                     }
-                    let spec = node_spec(node, index, &layers, &invalid)?;
+                    let spec = node_spec(node, index, "node", &mut names, &invalid)?;
                     layers.push(spec);
                 }
-                let mut seen = std::collections::HashSet::new();
+                let mut seen = HashSet::new();
                 for output in &file.outputs {
+                    check_reference(output, "\"outputs\"").map_err(&invalid)?;
                     if !seen.insert(output.as_str()) {
                         return Err(invalid(format!("\"outputs\" names '{output}' twice")));
                     }
@@ -345,9 +354,10 @@ fn graph_inputs(
         ));
     }
     let mut specs: Vec<InputSpec> = Vec::with_capacity(inputs.len());
+    let mut names = HashSet::with_capacity(inputs.len());
     for input in inputs {
         check_name(&input.name, "input").map_err(invalid)?;
-        if specs.iter().any(|s| s.name == input.name) {
+        if !names.insert(input.name.clone()) {
             return Err(invalid(format!(
                 "two inputs are named '{}'; input names must be unique",
                 input.name
@@ -355,17 +365,19 @@ fn graph_inputs(
         }
         let dtype = DType::from_name(&input.dtype).ok_or_else(|| {
             invalid(format!(
-                "input '{}': unknown dtype \"{}\"; use one of {}",
+                "input '{}': unknown dtype {:?}; use one of {}",
                 input.name,
                 input.dtype,
                 DType::ALL.map(|d| d.name()).join(", ")
             ))
         })?;
-        if let Some(Dim::Symbol(s)) = input.shape.iter().find(
-            |d| matches!(d, Dim::Symbol(s) if s.is_empty() || s.contains(char::is_whitespace)),
-        ) {
+        if let Some(Dim::Symbol(s)) = input.shape.iter().find(|d| {
+            matches!(d, Dim::Symbol(s) if s.is_empty()
+                || s.contains(|c: char| c.is_whitespace() || is_unsafe_char(c)))
+        }) {
             return Err(invalid(format!(
-                "input '{}': dimension \"{s}\" must be a size or a symbol without spaces",
+                "input '{}': dimension {s:?} must be a size or a symbol without spaces or \
+                 control characters",
                 input.name
             )));
         }
@@ -378,23 +390,101 @@ fn graph_inputs(
     Ok(specs)
 }
 
-/// Names of inputs and nodes: not empty, no `:` (it separates a node from
-/// one of its outputs in references), no control characters.
+/// Names of inputs, nodes and layers: not empty, no `:` (it separates a
+/// node from one of its outputs in references), nothing [`is_unsafe_char`].
 fn check_name(name: &str, what: &str) -> Result<(), String> {
-    if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+    if name.is_empty() || name.contains(':') || name.chars().any(is_unsafe_char) {
         return Err(format!(
-            "{what} name {name:?} is not valid: names are not empty and hold no ':' or \
-             control characters"
+            "{what} name {name:?} is not valid: names are not empty and hold no ':', \
+             control characters (such as ESC, newline or tab) or invisible formatting \
+             characters (such as bidi overrides)"
         ));
     }
     Ok(())
 }
 
-/// Validates one node (or format-1 layer) against the ones before it.
+/// A reference to a tensor (`node`, `node:output`, an input), or a
+/// parameter name: any text a terminal would show as it is.
+fn check_reference(text: &str, what: &str) -> Result<(), String> {
+    if text.chars().any(is_unsafe_char) {
+        return Err(format!(
+            "{what}: {text:?} holds a control character or an invisible formatting \
+             character; names never do"
+        ));
+    }
+    Ok(())
+}
+
+/// The model's own `name` and `params` path: free text, but nothing that
+/// would reach a terminal as an escape sequence when printed.
+fn check_model_fields(
+    name: Option<&str>,
+    params: Option<&Path>,
+    invalid: &impl Fn(String) -> Error,
+) -> Result<(), Error> {
+    if let Some(name) = name {
+        check_reference(name, "model \"name\"").map_err(invalid)?;
+    }
+    if let Some(params) = params {
+        check_reference(&params.to_string_lossy(), "\"params\"").map_err(invalid)?;
+    }
+    Ok(())
+}
+
+/// A character a name must not hold, because a terminal does not show it
+/// as itself: controls (C0 such as ESC, newline and tab; DEL; C1 U+0080 to
+/// U+009F) and invisible formatting characters that change how the text
+/// around them reads (bidi marks, embeddings, overrides and isolates such as
+/// U+202E; zero-width spaces and joiners; line and paragraph separators;
+/// the byte-order mark).
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+/// `text` with every [`is_unsafe_char`] written as Rust escapes it
+/// (`\u{1b}`, `\n`), for messages that quote text from a file.
+pub fn escape_unsafe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_unsafe_char(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A name as messages quote it: `'name'`, or `"…"` with escapes when it
+/// holds characters a terminal would not show as themselves.
+fn quoted(name: &str) -> String {
+    if name.chars().any(is_unsafe_char) {
+        format!("{name:?}")
+    } else {
+        format!("'{name}'")
+    }
+}
+
+/// Validates one node (or format-1 layer, `what` says which) against the
+/// ones before it, whose names `names` holds with their indices.
 fn node_spec(
     node: NodeFile,
     index: usize,
-    before: &[LayerSpec],
+    what: &str,
+    names: &mut HashMap<String, usize>,
     invalid: &impl Fn(String) -> Error,
 ) -> Result<LayerSpec, Error> {
     let name = node.name;
@@ -403,15 +493,30 @@ fn node_spec(
             "layer {index}: \"name\" must not be empty"
         )));
     }
-    check_name(&name, "node").map_err(invalid)?;
-    if let Some(other) = before.iter().position(|l| l.name == name) {
+    check_name(&name, what).map_err(invalid)?;
+    if let Some(other) = names.insert(name.clone(), index) {
         return Err(invalid(format!(
             "layers {other} and {index} are both named '{name}': layer names must be \
              unique, since parameters are named after them"
         )));
     }
+    match &node.inputs {
+        NodeInputs::Positional(sources) => {
+            for source in sources {
+                check_reference(source, &format!("layer '{name}': \"inputs\"")).map_err(invalid)?;
+            }
+        }
+        NodeInputs::Named(sources) => {
+            for (input, source) in sources {
+                check_reference(input, &format!("layer '{name}': \"inputs\""))
+                    .and_then(|()| check_reference(source, &format!("layer '{name}': \"inputs\"")))
+                    .map_err(invalid)?;
+            }
+        }
+    }
     let mut init = BTreeMap::new();
     for (param, value) in node.init.unwrap_or_default() {
+        check_reference(&param, &format!("layer '{name}': \"init\"")).map_err(invalid)?;
         let parsed = Init::from_json(&value).map_err(|e| {
             invalid(format!(
                 "layer '{name}': \"init\" of parameter '{param}': {e}"
@@ -420,6 +525,11 @@ fn node_spec(
         init.insert(param, parsed);
     }
     let share = node.share.unwrap_or_default();
+    for (param, owner) in &share {
+        check_reference(param, &format!("layer '{name}': \"share\""))
+            .and_then(|()| check_reference(owner, &format!("layer '{name}': \"share\"")))
+            .map_err(invalid)?;
+    }
     if let Some(param) = share.keys().find(|p| init.contains_key(*p)) {
         return Err(invalid(format!(
             "layer '{name}': parameter '{param}' is both in \"init\" and in \"share\"; \
@@ -451,7 +561,8 @@ pub fn parse_pin(layer: &str, value: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "layer '{layer}': \"sha256\" must be 64 hex digits (the SHA-256 of the plugin \
-             library), got \"{value}\""
+             library), got \"{}\"",
+            escape_unsafe(value)
         ))
     }
 }
@@ -460,10 +571,12 @@ pub fn parse_pin(layer: &str, value: &str) -> Result<String, String> {
 /// caller reports in its own form.
 fn message_without_position(e: &serde_json::Error) -> String {
     let text = e.to_string();
-    match text.rfind(" at line ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
+    let text = match text.rfind(" at line ") {
+        Some(at) => &text[..at],
+        None => &text,
+    };
+    // serde quotes unknown field names and values as they are in the file.
+    escape_unsafe(text).into_owned()
 }
 
 #[cfg(test)]
@@ -518,6 +631,89 @@ mod tests {
         assert_eq!(spec.layers[0].init["weight"], Init::normal(0.0, 0.05));
         assert_eq!(spec.layers[0].init["bias"], Init::Zeros);
         assert_eq!(spec.layers[1].share["weight"], "0.weight");
+    }
+
+    #[test]
+    fn names_with_controls_or_invisible_formatting_are_refused_escaped() {
+        let bad = [
+            "a\u{1b}[31mred",
+            "a\nb",
+            "a\rb",
+            "a\tb",
+            "a\u{7f}",
+            "a\u{85}",
+            "a\u{9f}",
+            "abc\u{202e}txt",
+            "a\u{2066}b",
+            "a\u{200b}b",
+        ];
+        for name in bad {
+            let escaped = format!("{name:?}");
+            let layer = serde_json::json!([{"type": "relu", "name": name}]);
+            let err = parse(&format!(r#"{{"format": 1, "layers": {layer}}}"#)).unwrap_err();
+            assert!(
+                err.contains(&format!("layer name {escaped} is not valid")),
+                "{err}"
+            );
+            assert!(!err.chars().any(is_unsafe_char), "raw in: {err:?}");
+            let graph = serde_json::json!({
+                "format": 2,
+                "inputs": [{"name": "x", "dtype": "float32", "shape": [2]}],
+                "nodes": [{"name": name, "type": "relu", "inputs": ["x"]}],
+                "outputs": [name]});
+            let err = parse(&graph.to_string()).unwrap_err();
+            assert!(
+                err.contains(&format!("node name {escaped} is not valid")),
+                "{err}"
+            );
+            assert!(!err.chars().any(is_unsafe_char), "raw in: {err:?}");
+        }
+        // Every other place a file names something is checked too, and
+        // serde's own messages quote field names escaped.
+        let e = "\u{1b}[2J";
+        let others = [
+            serde_json::json!({"format": 1, "name": e, "layers": [{"type": "relu"}]}),
+            serde_json::json!({"format": 1, "params": e, "layers": [{"type": "relu"}]}),
+            serde_json::json!({"format": 1, "layers": [{"type": "relu", "init": {e: "zeros"}}]}),
+            serde_json::json!({"format": 1, "layers": [{"type": "relu", "share": {"w": e}}]}),
+            serde_json::json!({"format": 1, "layers": [{"type": "relu", "sha256": e}]}),
+            serde_json::json!({"format": 1, "layers": [{"type": "relu", e: 1}]}),
+            serde_json::json!({"format": 2, "nodes": [{"name": "n", "type": "relu", "inputs": [e]}],
+                "inputs": [{"name": "x", "dtype": "float32", "shape": [2]}], "outputs": ["n"]}),
+            serde_json::json!({"format": 2, "nodes": [{"name": "n", "type": "relu", "inputs": ["x"]}],
+                "inputs": [{"name": "x", "dtype": "float32", "shape": [2]}], "outputs": [e]}),
+            serde_json::json!({"format": 2, "nodes": [{"name": "n", "type": "relu", "inputs": ["x"]}],
+                "inputs": [{"name": "x", "dtype": e, "shape": [2]}], "outputs": ["n"]}),
+            serde_json::json!({"format": 2, "nodes": [{"name": "n", "type": "relu", "inputs": ["x"]}],
+                "inputs": [{"name": "x", "dtype": "float32", "shape": [e]}], "outputs": ["n"]}),
+        ];
+        for model in others {
+            let err = parse(&model.to_string()).unwrap_err();
+            assert!(err.contains("\\u{1b}[2J"), "{model}: {err}");
+            assert!(!err.chars().any(is_unsafe_char), "{model}: raw in {err:?}");
+        }
+        // Names in other scripts, combining marks and spaces stay valid.
+        let ok = serde_json::json!([{"type": "relu", "name": "cafe\u{301} 層 x"}]);
+        parse(&format!(r#"{{"format": 1, "layers": {ok}}}"#)).unwrap();
+    }
+
+    #[test]
+    fn duplicate_names_among_many_layers_name_both_indices() {
+        let mut layers: Vec<_> = (0..2000)
+            .map(|i| serde_json::json!({"type": "relu", "name": format!("l{i}")}))
+            .collect();
+        layers.push(serde_json::json!({"type": "relu", "name": "l1234"}));
+        let model = serde_json::json!({"format": 1, "layers": layers});
+        let err = parse(&model.to_string()).unwrap_err();
+        assert!(
+            err.contains("layers 1234 and 2000 are both named 'l1234'"),
+            "{err}"
+        );
+        // A given name may not take an index another layer is named by.
+        let err =
+            parse(r#"{"format": 1, "layers": [{"type": "relu"}, {"type": "relu", "name": "0"}]}"#)
+                .unwrap_err();
+        assert!(err.contains("layers 0 and 1 are both named '0'"), "{err}");
     }
 
     #[test]
