@@ -30,6 +30,11 @@ struct Cli {
     #[arg(long, short, global = true)]
     verbose: bool,
 
+    /// Refuse, instead of warning about, a plugin library or the directory holding it
+    /// being writable by others (anyone could replace the code that runs).
+    #[arg(long, global = true)]
+    strict: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -281,6 +286,7 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    host::registry::set_strict(cli.strict);
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugins(args) => plugins(args),

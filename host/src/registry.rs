@@ -2,8 +2,9 @@
 //! running their code, and loading each once, from the very bytes that were
 //! checked (and hashed, for a pinned layer).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use std::io::{Read, Write};
@@ -22,8 +23,9 @@ pub const PLUGIN_PATH_VAR: &str = "LAYER_PLUGIN_PATH";
 #[derive(Debug, Clone, Error)]
 pub enum PluginError {
     #[error(
-        "invalid plugin name '{0}': names are letters, digits, '_' and '-', with no path \
-         separators or '..'"
+        "invalid plugin name {}: names are letters, digits, '_' and '-', with no path \
+         separators or '..'",
+        quoted(.0)
     )]
     BadName(String),
     #[error(
@@ -39,6 +41,11 @@ pub enum PluginError {
     },
     #[error("cannot read {}: {reason}", .path.display())]
     Read { path: PathBuf, reason: String },
+    #[error(
+        "{}; refused under --strict (chmod o-w {})",
+        writable_text(.what, .path), .path.display()
+    )]
+    WritableByOthers { what: Writable, path: PathBuf },
     #[error("{}: not a loadable shared library: {reason}", .path.display())]
     NotALibrary { path: PathBuf, reason: String },
     #[error(
@@ -109,6 +116,104 @@ impl PluginError {
             _ => None,
         }
     }
+}
+
+/// A plugin name as messages quote it: `'name'`, or Rust's escaped `"…"`
+/// when it holds anything but printable ASCII (an escape sequence must not
+/// reach the terminal raw).
+fn quoted(name: &str) -> String {
+    if name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        format!("'{name}'")
+    } else {
+        format!("{name:?}")
+    }
+}
+
+/// What a plugin path writable by others is: the library itself, or the
+/// directory holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writable {
+    Library,
+    Directory,
+}
+
+fn writable_text(what: &Writable, path: &Path) -> String {
+    match what {
+        Writable::Library => format!(
+            "plugin library {} is writable by others: anyone could replace its code",
+            path.display()
+        ),
+        Writable::Directory => format!(
+            "plugin directory {} is writable by others: anyone could replace a plugin in it",
+            path.display()
+        ),
+    }
+}
+
+/// Whether a plugin library or directory writable by others is refused
+/// (`--strict`) rather than warned about.
+static STRICT: AtomicBool = AtomicBool::new(false);
+
+/// Makes a plugin library, or the directory holding it, that others may
+/// write an error instead of a warning (the command line's `--strict`).
+pub fn set_strict(strict: bool) {
+    STRICT.store(strict, Ordering::Relaxed);
+}
+
+/// Checks that others (users neither its owner nor in its group) cannot
+/// change the library at `path`: neither the file (where a link leads) nor
+/// the directory holding it, as named and where a link leads, may be
+/// writable by others. A group-writable file is not flagged: with the
+/// common umask 002 and per-user groups, every build would be. Only
+/// that directory: a world-writable `/tmp` above a private one is harmless.
+/// Each finding is a warning on stderr, once per path and process, or under
+/// `--strict` an error.
+fn check_not_writable_by_others(path: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::PermissionsExt;
+    static WARNED: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    let writable_by_others =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
+    let mut findings = Vec::new();
+    if writable_by_others(path) {
+        findings.push((Writable::Library, path.to_path_buf()));
+    }
+    let named_dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = vec![named_dir];
+    if let Some(real_dir) = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        let same = dirs[0].canonicalize().is_ok_and(|d| d == real_dir);
+        if !same {
+            dirs.push(real_dir);
+        }
+    }
+    for dir in dirs {
+        if writable_by_others(&dir) {
+            findings.push((Writable::Directory, dir));
+        }
+    }
+    for (what, path) in findings {
+        if STRICT.load(Ordering::Relaxed) {
+            return Err(PluginError::WritableByOthers { what, path });
+        }
+        let mut warned = WARNED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if warned.insert(path.clone()) {
+            eprintln!(
+                "warning: {} (chmod o-w {}; --strict refuses it)",
+                writable_text(&what, &path),
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn list_or_none(items: impl Iterator<Item = String>) -> String {
@@ -496,6 +601,7 @@ pub fn load(
 /// bytes that were checked into a sealed in-memory file and opens that: a
 /// file swapped or rewritten at `path` after the read is never what runs.
 fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
+    check_not_writable_by_others(path)?;
     let bytes = read_library(path)?;
     let sha256 = sha256_hex(&bytes);
     // The pin first: a file that is not the one pinned is not even parsed.
@@ -651,6 +757,22 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_refused_name_is_quoted_with_its_escapes_shown() {
+        let err = library_file_name("x\u{1b}[2J\u{202e}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(r#"invalid plugin name "x\u{1b}[2J\u{202e}": names are"#),
+            "{err}"
+        );
+        let err = library_file_name("../a").unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid plugin name '../a': names are"),
+            "{err}"
+        );
     }
 
     #[test]
