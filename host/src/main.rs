@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use host::commands::bench::BenchOptions;
+use host::commands::bench::{BenchOptions, MAX_MIN_TIME};
 use host::commands::init::InitOptions;
 use host::commands::inputs::{parse_shape_arg, InputArgs, ShapeArg};
 use host::commands::inspect::InspectOptions;
@@ -221,7 +221,8 @@ struct RunArgs {
     #[arg(long)]
     trace: bool,
     /// Threads for batch-independent layers (default: every core).
-    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads(),
+          value_parser = parse_threads)]
     threads: usize,
     /// Rows per chunk: when every layer is batch-independent, the input is read,
     /// run and written a chunk at a time, so memory does not grow with it
@@ -235,12 +236,57 @@ struct RunArgs {
     plugins: PluginDirs,
 }
 
+/// The most rows `--batch-size` and `bench --batch` take: far more than
+/// any input's rows (a chunk larger than the input is the whole input), and
+/// far from the sizes whose products overflow.
+const MAX_ROWS: usize = 1 << 32;
+
 fn parse_batch_size(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
-        Ok(n) if n >= 2 => Ok(n),
+        Ok(n) if (2..=MAX_ROWS).contains(&n) => Ok(n),
         _ => Err(format!(
             "'{text}' is not a batch size: give a number of rows of at least 2 (a chunk of \
-             one row would take the kernels' single-row path, whose rounding differs)"
+             one row would take the kernels' single-row path, whose rounding differs) and at \
+             most {MAX_ROWS}"
+        )),
+    }
+}
+
+fn parse_rows(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n <= MAX_ROWS => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a number of rows: give one from 0 to {MAX_ROWS}"
+        )),
+    }
+}
+
+/// The most threads `--threads` takes: 1024, or 4 per core on a machine
+/// with more than 256. More only adds switching, and tens of thousands
+/// exhaust the system's limit on threads.
+fn max_threads() -> usize {
+    host::runner::default_threads().saturating_mul(4).max(1024)
+}
+
+fn parse_threads(text: &str) -> Result<usize, String> {
+    let max = max_threads();
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a thread count: give a number from 1 to {max} (this machine has \
+             {} cores)",
+            host::runner::default_threads()
+        )),
+    }
+}
+
+fn parse_min_time(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        // NaN is in no range.
+        Ok(t) if (0.0..=MAX_MIN_TIME).contains(&t) => Ok(t),
+        _ => Err(format!(
+            "'{text}' is not a time: give a number of seconds from 0 to {MAX_MIN_TIME} (an \
+             hour), e.g. 0.5"
         )),
     }
 }
@@ -252,7 +298,7 @@ struct BenchArgs {
     model: PathBuf,
     /// Rows in the input batch (a chain's input is then N×F); for a graph, the size of
     /// the symbol `batch` in the declared input shapes.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_rows)]
     batch: Option<usize>,
     /// Input features (the last axis) of a chain; by default the first layer's
     /// `in_units` or `in_features` config.
@@ -269,10 +315,11 @@ struct BenchArgs {
     #[arg(long, value_name = "[NAME=]X.npy")]
     input: Vec<String>,
     /// Threads for batch-independent layers (default: every core).
-    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads())]
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads(),
+          value_parser = parse_threads)]
     threads: usize,
-    /// Keep running for at least this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    /// Keep running for at least this many seconds (at most 3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_min_time)]
     min_time: f64,
     /// A safetensors or .npz file of parameters, instead of the model file's "params".
     #[arg(long, value_name = "FILE")]

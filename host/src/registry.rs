@@ -231,6 +231,8 @@ fn list_or_none(items: impl Iterator<Item = String>) -> String {
 pub struct Inspected {
     pub path: PathBuf,
     pub manifest: Manifest,
+    /// The size of the table's symbol in the file, if it has one.
+    pub table_symbol_size: Option<u64>,
 }
 
 /// A loaded, checked plugin library. Libraries are never unloaded, so this
@@ -431,7 +433,10 @@ fn read_library(path: &Path) -> Result<Vec<u8>, PluginError> {
 
 /// The manifest bytes inside a library file's bytes, found through its
 /// dynamic symbol table, without running anything.
-fn manifest_bytes<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], PluginError> {
+fn manifest_bytes<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+) -> Result<(&'a [u8], Option<u64>), PluginError> {
     use object::{Object, ObjectSection, ObjectSymbol};
     let not_a_library = |reason: String| PluginError::NotALibrary {
         path: path.to_path_buf(),
@@ -444,6 +449,12 @@ fn manifest_bytes<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], PluginEr
             file.kind()
         )));
     }
+    // The table's symbol size bounds how much of the table the host reads,
+    // whatever the table says of itself.
+    let table_size = file
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(abi::TABLE_SYMBOL) && s.is_definition())
+        .map(|s| s.size());
     let symbol = file
         .dynamic_symbols()
         .find(|s| s.name() == Ok(abi::MANIFEST_SYMBOL) && s.is_definition())
@@ -467,10 +478,11 @@ fn manifest_bytes<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], PluginEr
         .and_then(|o| usize::try_from(o).ok())
         .ok_or_else(|| bad("its manifest symbol lies outside its section"))?;
     let size = usize::try_from(symbol.size()).map_err(|_| bad("its manifest is too large"))?;
-    offset
+    let manifest = offset
         .checked_add(size)
         .and_then(|end| data.get(offset..end))
-        .ok_or_else(|| bad("its manifest symbol lies outside its section's data"))
+        .ok_or_else(|| bad("its manifest symbol lies outside its section's data"))?;
+    Ok((manifest, table_size))
 }
 
 /// Reads and checks the manifest of the library at `path` without opening
@@ -481,16 +493,16 @@ pub fn inspect(path: &Path) -> Result<Inspected, PluginError> {
 }
 
 fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<Inspected, PluginError> {
-    let manifest = Manifest::parse(manifest_bytes(path, bytes)?).map_err(|reason| {
-        PluginError::BadManifest {
-            path: path.to_path_buf(),
-            reason,
-        }
+    let (manifest_bytes, table_symbol_size) = manifest_bytes(path, bytes)?;
+    let manifest = Manifest::parse(manifest_bytes).map_err(|reason| PluginError::BadManifest {
+        path: path.to_path_buf(),
+        reason,
     })?;
     check_manifest(path, &manifest)?;
     Ok(Inspected {
         path: path.to_path_buf(),
         manifest,
+        table_symbol_size,
     })
 }
 
@@ -512,6 +524,18 @@ fn check_manifest(path: &Path, m: &Manifest) -> Result<(), PluginError> {
         return Err(PluginError::MissingCapability {
             path: path.to_path_buf(),
             missing,
+        });
+    }
+    if m.abi_stable != abi::ABI_STABLE_VERSION {
+        return Err(PluginError::BadManifest {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it was built with abi_stable {}, whose layout descriptions this host (built \
+                 with abi_stable {}) cannot read; rebuild it against layer-api {}.x",
+                m.abi_stable,
+                abi::ABI_STABLE_VERSION,
+                abi::ABI_MAJOR
+            ),
         });
     }
     match m.panic.as_str() {
@@ -615,6 +639,29 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
         }
     }
     let inspected = inspect_bytes(path, &bytes)?;
+    // The table must be in the file, and hold at least the 1.0 core, before
+    // the library is opened.
+    match inspected.table_symbol_size {
+        Some(n) if n >= abi::CORE_END as u64 => {}
+        found => {
+            return Err(PluginError::Init {
+                path: path.to_path_buf(),
+                message: match found {
+                    None => format!(
+                        "its manifest is there but its table (symbol {}) is not; it was not \
+                         opened",
+                        abi::TABLE_SYMBOL
+                    ),
+                    Some(n) => format!(
+                        "its table (symbol {}) is {n} bytes long, shorter than interface 1.0's \
+                         core ({} bytes); it was not opened",
+                        abi::TABLE_SYMBOL,
+                        abi::CORE_END
+                    ),
+                },
+            })
+        }
+    }
     let sealed = sealed_copy(&inspected.manifest.name, &bytes).map_err(|e| PluginError::Init {
         path: path.to_path_buf(),
         message: format!("cannot make a sealed in-memory copy to load: {e}"),
@@ -656,10 +703,15 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
 
     // SAFETY: the symbol of a library that stays loaded, whose manifest said
     // interface 1.x.
-    let table = unsafe { TableRef::new(table_ptr) }.map_err(|message| PluginError::Init {
-        path: path.to_path_buf(),
-        message,
-    })?;
+    let symbol_size = inspected
+        .table_symbol_size
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
+    let table =
+        unsafe { TableRef::new(table_ptr, symbol_size) }.map_err(|message| PluginError::Init {
+            path: path.to_path_buf(),
+            message,
+        })?;
     let manifest = inspected.manifest;
     if table.version() != manifest.abi {
         return Err(PluginError::Init {

@@ -43,6 +43,11 @@ pub const ABI_MAJOR: u32 = 1;
 /// 1.0: the core; 1.1: `flops`, `prepare` and `drop_prepared`.
 pub const ABI_MINOR: u32 = 1;
 
+/// The abi_stable release series whose layout descriptions
+/// (`core_layout`) the table carries. A host reads a plugin's description
+/// only when the plugin's manifest names the same series.
+pub const ABI_STABLE_VERSION: &str = "0.11";
+
 /// The exported symbol holding the manifest bytes.
 pub const MANIFEST_SYMBOL: &str = "layer_plugin_manifest_v1";
 /// The exported symbol holding the [`PluginTable`].
@@ -400,6 +405,14 @@ unsafe impl Sync for TableRef {}
 pub const CORE_END: usize =
     std::mem::offset_of!(PluginTable, core) + std::mem::size_of::<CoreTable>();
 
+// Every appended entry is an optional function pointer: one word, so a
+// table's length says exactly which entries it has (no entry can hide in
+// an older table's padding).
+const _: () = {
+    assert!(std::mem::size_of::<Option<extern "C" fn()>>() == std::mem::size_of::<usize>());
+    assert!((std::mem::size_of::<PluginTable>() - CORE_END) % std::mem::size_of::<usize>() == 0);
+};
+
 macro_rules! appended_entry {
     ($(#[$doc:meta])* $name:ident: $ty:ty) => {
         $(#[$doc])*
@@ -419,16 +432,26 @@ macro_rules! appended_entry {
 }
 
 impl TableRef {
-    /// Reads the table at `ptr`.
+    /// Reads the table at `ptr`, whose symbol is `symbol_size` bytes long
+    /// in the library file: the table is taken to be no longer than that,
+    /// whatever its `size` field claims.
     ///
     /// # Safety
     /// `ptr` must point to the [`TABLE_SYMBOL`] of a loaded library that is
-    /// never unloaded, and that library's manifest must have said interface
-    /// 1.x (so that the header and core have this layout, which the caller
-    /// then confirms with [`TableRef::core_layout`]).
-    pub unsafe fn new(ptr: *const PluginTable) -> Result<TableRef, String> {
-        // SAFETY: every 1.x table starts with its size (caller's promise).
-        let size = unsafe { std::ptr::addr_of!((*ptr).size).read() };
+    /// never unloaded, whose symbol is `symbol_size` bytes long, and that
+    /// library's manifest must have said interface 1.x (so that the header
+    /// and core have this layout, which the caller then confirms with
+    /// [`TableRef::core_layout`]).
+    pub unsafe fn new(ptr: *const PluginTable, symbol_size: usize) -> Result<TableRef, String> {
+        if symbol_size < CORE_END || !ptr.is_aligned() {
+            return Err(format!(
+                "its interface table symbol is {symbol_size} bytes long (or misaligned), \
+                 shorter than the {CORE_END} bytes of interface 1.0's core"
+            ));
+        }
+        // SAFETY: every 1.x table starts with its size (caller's promise),
+        // and the symbol holds at least the core.
+        let size = unsafe { std::ptr::addr_of!((*ptr).size).read() }.min(symbol_size);
         if size < CORE_END {
             return Err(format!(
                 "its interface table is {size} bytes long, shorter than the {CORE_END} bytes \

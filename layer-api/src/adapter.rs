@@ -342,6 +342,12 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, Laye
             let message = LAST_PANIC
                 .with(|p| p.borrow_mut().take())
                 .unwrap_or_else(|| format!("panicked: {}", payload_text(payload.as_ref())));
+            // A payload whose own `Drop` panics would unwind out of here and
+            // across the boundary: drop it under a guard too, and leak it if
+            // that panics.
+            if let Err(second) = panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(second);
+            }
             RErr(LayerError {
                 panicked: true,
                 message: RString::from(message),
@@ -396,6 +402,7 @@ macro_rules! export_layer {
                     abi: ($crate::abi::ABI_MAJOR, $crate::abi::ABI_MINOR),
                     offers: $crate::__private::OFFERS,
                     needs: &[],
+                    abi_stable: $crate::abi::ABI_STABLE_VERSION,
                     panic_abort: cfg!(panic = "abort"),
                 });
             #[cfg(not(feature = "static"))]

@@ -478,7 +478,7 @@ fn check_elements<T: Element>(shape: &[usize], bytes: &[u8]) -> Result<usize, St
                 T::DTYPE
             )
         })?;
-    if bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 && count > 0 {
+    if count > 0 && !bytes.as_ptr().cast::<T>().is_aligned() {
         return Err(format!("{} tensor data is not aligned", T::DTYPE));
     }
     if T::DTYPE == DType::BOOL && bytes.iter().any(|&b| b > 1) {
@@ -493,23 +493,36 @@ fn view<'a, T: Element>(t: &TensorRef<'a>) -> Result<ArrayViewD<'a, T>, String> 
     }
     let shape = t.shape.as_slice();
     let bytes: &'a [u8] = t.data.as_slice();
-    check_elements::<T>(shape, bytes)?;
+    let count = check_elements::<T>(shape, bytes)?;
+    // An empty tensor's bytes may sit anywhere; ndarray wants an aligned
+    // pointer even then.
+    let ptr = if count == 0 {
+        std::ptr::NonNull::<T>::dangling().as_ptr().cast_const()
+    } else {
+        bytes.as_ptr().cast::<T>()
+    };
     // SAFETY: `bytes` is live for 'a and holds exactly as many aligned,
     // valid `T` as the shape has (checked above), in C order as the
-    // boundary's contract says. (ndarray's checked constructor costs more
-    // than a batch-1 layer's whole boundary crossing should.)
-    Ok(unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), bytes.as_ptr().cast::<T>()) })
+    // boundary's contract says; an empty view reads nothing. (ndarray's
+    // checked constructor costs more than a batch-1 layer's whole boundary
+    // crossing should.)
+    Ok(unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), ptr) })
 }
 
 fn view_mut<'a, T: Element>(
     shape: &'a [usize],
     bytes: &'a mut [u8],
 ) -> Result<ArrayViewMutD<'a, T>, String> {
-    check_elements::<T>(shape, bytes)?;
+    let count = check_elements::<T>(shape, bytes)?;
+    let ptr = if count == 0 {
+        std::ptr::NonNull::<T>::dangling().as_ptr()
+    } else {
+        bytes.as_mut_ptr().cast::<T>()
+    };
     // SAFETY: as in `view`; the bytes are borrowed mutably, so the view is
     // the only access to them, and every byte pattern a `T` view can write
     // is one the host reads back as that dtype.
-    Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), bytes.as_mut_ptr().cast::<T>()) })
+    Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), ptr) })
 }
 
 /// The inputs lent to one `forward` call, found by the names the signature

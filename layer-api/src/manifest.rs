@@ -17,6 +17,7 @@
 //! | `offers` | capabilities its table provides beyond the 1.0 core (`flops`, `prepare`) |
 //! | `needs` | capabilities the host must have for the plugin to work at all |
 //! | `panic` | `unwind` or `abort`: the plugin's panic strategy |
+//! | `abi_stable` | `major.minor` of the abi_stable crate whose layout descriptions the table points to (absent: 0.11) |
 //!
 //! Later 1.x versions may add fields; readers ignore fields they do not know.
 
@@ -39,6 +40,14 @@ pub struct Manifest {
     #[serde(default)]
     pub needs: Vec<String>,
     pub panic: String,
+    /// The abi_stable version whose `TypeLayout` the plugin's table points
+    /// to; the host reads that description only if it is its own.
+    #[serde(default = "default_abi_stable")]
+    pub abi_stable: String,
+}
+
+fn default_abi_stable() -> String {
+    "0.11".to_string()
 }
 
 impl Manifest {
@@ -65,6 +74,7 @@ pub struct ManifestParts<'a> {
     pub abi: (u32, u32),
     pub offers: &'a [&'a str],
     pub needs: &'a [&'a str],
+    pub abi_stable: &'a str,
     pub panic_abort: bool,
 }
 
@@ -95,6 +105,8 @@ pub const fn build_manifest(parts: &ManifestParts<'_>) -> [u8; MANIFEST_CAPACITY
     w.list(parts.needs);
     w.raw(b",\"panic\":");
     w.string(if parts.panic_abort { "abort" } else { "unwind" });
+    w.raw(b",\"abi_stable\":");
+    w.string(parts.abi_stable);
     w.raw(b"}");
     w.buf
 }
@@ -190,6 +202,7 @@ mod tests {
             abi: (1, 12),
             offers: &["flops", "prepare"],
             needs: &[],
+            abi_stable: "0.11",
             panic_abort: false,
         });
         let m = Manifest::parse(&BYTES).unwrap();

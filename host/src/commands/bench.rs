@@ -33,7 +33,17 @@ pub struct BenchOptions {
     pub plugin_dirs: Vec<PathBuf>,
 }
 
+/// The longest `min_time`, in seconds: an hour.
+pub const MAX_MIN_TIME: f64 = 3600.0;
+
 pub fn bench(opts: BenchOptions) -> Result<(), Error> {
+    // `Duration` panics on NaN, infinity and anything past u64 seconds.
+    if !(0.0..=MAX_MIN_TIME).contains(&opts.min_time) {
+        return Err(Error::Usage(format!(
+            "--min-time {}: give a number of seconds from 0 to {MAX_MIN_TIME} (an hour)",
+            opts.min_time
+        )));
+    }
     let registry = PluginRegistry::new(&opts.plugin_dirs);
     let spec = ModelSpec::load(&opts.model)?;
     let given = opts.inputs.match_inputs(&spec)?;
@@ -129,7 +139,7 @@ pub fn bench(opts: BenchOptions) -> Result<(), Error> {
         &params,
         &inputs,
         opts.threads.max(1),
-        Duration::from_secs_f64(opts.min_time.max(0.0)),
+        Duration::from_secs_f64(opts.min_time),
     )?;
     model.close()?;
     if opts.json {
