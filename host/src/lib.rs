@@ -14,6 +14,7 @@
 pub mod atomic_file;
 pub mod bench;
 pub mod binding;
+pub mod budget;
 pub mod commands;
 pub mod conformance;
 pub mod error;

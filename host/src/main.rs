@@ -30,6 +30,14 @@ struct Cli {
     #[arg(long, short, global = true)]
     verbose: bool,
 
+    /// The most memory the host may allocate for tensors, parameters and buffers, in bytes
+    /// (suffixes K, M, G, T: powers of 1024, e.g. 512M, 4G). Sizes that files, configs and
+    /// plugins ask for are checked against it before anything is allocated. Default: 80% of
+    /// the smallest of physical memory, the address space RLIMIT_AS leaves and the cgroup's
+    /// memory.max.
+    #[arg(long, global = true, value_name = "BYTES", value_parser = host::budget::parse_size)]
+    max_memory: Option<u64>,
+
     /// Refuse, instead of warning about, a plugin library or the directory holding it
     /// being writable by others (anyone could replace the code that runs).
     #[arg(long, global = true)]
@@ -333,6 +341,9 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(bytes) = cli.max_memory {
+        host::budget::set_limit(bytes);
+    }
     host::registry::set_strict(cli.strict);
     let result = match cli.command {
         Command::Run(args) => run(args),

@@ -6,8 +6,10 @@
 //! ([`read_f32`]) or a block of rows at a time ([`NpyRowReader`]: f32 inputs
 //! are mapped, not copied). Outputs are always little-endian f32 in C order,
 //! written whole ([`write_f32`]) or as they come ([`NpyWriter`]). The header is checked against the file size
-//! before anything is allocated, so a header that claims a huge shape, or a
-//! truncated file, is refused with a message instead of an allocation failure.
+//! and the memory budget ([`crate::budget`]) before anything is allocated, so
+//! a header that claims a huge shape, or a truncated file, is refused with a
+//! message instead of an allocation failure. Only regular files are read: a
+//! FIFO or a device is refused when opened.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::budget::{self, OverBudget};
 use crate::tensor::Tensor;
 use layer_api::DType;
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
@@ -53,7 +56,21 @@ pub enum NpyError {
          the header and the data disagree"
     )]
     TrailingData { shape: Vec<usize>, extra: u64 },
+    #[error("the array of shape {} ('{descr}') {over}", budget::shape_text(shape))]
+    OverBudget {
+        shape: Vec<usize>,
+        descr: String,
+        over: Box<OverBudget>,
+    },
+    #[error(
+        "the file shrank while it was being read: it now holds {now} bytes, but rows \
+         {rows} end at byte {needed} (was it truncated or rewritten during the run?)"
+    )]
+    Shrunk { now: u64, needed: u64, rows: String },
 }
+
+/// Elements converted per read when a whole array is read.
+const CHUNK_ELEMENTS: usize = 16384;
 
 /// The element types an input may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -418,11 +435,7 @@ impl DictParser<'_> {
 
 /// Reads an `.npy` file of any numeric dtype into an f32 array in C order.
 pub fn read_f32(path: &Path) -> Result<ArrayD<f32>, NpyError> {
-    let file = File::open(path).map_err(|e| NpyError::Io(e.to_string()))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| NpyError::Io(e.to_string()))?
-        .len();
+    let (file, file_len) = budget::open_regular(path).map_err(|e| NpyError::Io(e.to_string()))?;
     read_f32_from(BufReader::new(file), file_len).map(|(array, _)| array)
 }
 
@@ -437,11 +450,13 @@ pub fn read_f32_bytes(bytes: &[u8]) -> Result<ArrayD<f32>, NpyError> {
 pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dtype), NpyError> {
     let header = read_header(&mut reader)?;
     let elements = data_elements(&header, len)?;
+    // A Fortran-order array is reordered into a second one.
+    check_budget(&header, 4 * (1 + usize::from(header.fortran_order)))?;
     let mut data = Vec::with_capacity(elements);
-    let mut chunk = vec![0u8; header.dtype.size * 16384];
+    let mut chunk = vec![0u8; header.dtype.size * CHUNK_ELEMENTS];
     let mut remaining = elements;
     while remaining > 0 {
-        let n = remaining.min(16384);
+        let n = remaining.min(CHUNK_ELEMENTS);
         let bytes = &mut chunk[..n * header.dtype.size];
         read_exact_or(&mut reader, bytes, || {
             NpyError::Io("the data ended before its declared length".into())
@@ -468,11 +483,7 @@ pub fn read_f32_from(mut reader: impl Read, len: u64) -> Result<(ArrayD<f32>, Dt
 /// Reads an `.npy` file into a tensor of the element type its dtype maps to
 /// ([`Dtype::tensor_dtype`]), values exact, in C order.
 pub fn read_tensor(path: &Path) -> Result<Tensor, NpyError> {
-    let file = File::open(path).map_err(|e| NpyError::Io(e.to_string()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| NpyError::Io(e.to_string()))?
-        .len();
+    let (file, len) = budget::open_regular(path).map_err(|e| NpyError::Io(e.to_string()))?;
     read_tensor_from(BufReader::new(file), len)
 }
 
@@ -482,52 +493,106 @@ pub fn read_tensor_from(mut reader: impl Read, len: u64) -> Result<Tensor, NpyEr
     let header = read_header(&mut reader)?;
     let elements = data_elements(&header, len)?;
     let dtype = &header.dtype;
-    let mut bytes = vec![0u8; elements * dtype.size];
-    read_exact_or(&mut reader, &mut bytes, || {
-        NpyError::Io("the data ended before its declared length".into())
-    })?;
-    let each = bytes.chunks_exact(dtype.size);
+    // Read and converted a chunk at a time, so that only the tensor itself
+    // (and, for Fortran order, its reordered copy) is allocated.
+    check_budget(
+        &header,
+        dtype.tensor_dtype().size() * (1 + usize::from(header.fortran_order)),
+    )?;
     let shape = if header.fortran_order {
         IxDyn(&header.shape).f()
     } else {
         IxDyn(&header.shape).into()
     };
     fn array<T: Clone>(shape: ndarray::Shape<IxDyn>, data: Vec<T>) -> ArrayD<T> {
-        ArrayD::from_shape_vec(shape, data)
-            .expect("element count checked against the shape")
-            .as_standard_layout()
-            .into_owned()
+        let array =
+            ArrayD::from_shape_vec(shape, data).expect("element count checked against the shape");
+        // Only Fortran order is copied, into C order.
+        if array.is_standard_layout() {
+            array
+        } else {
+            array.as_standard_layout().into_owned()
+        }
     }
     let too_large = || NpyError::Io(format!("a {} value exceeds int64's range", dtype.descr));
+    let n = elements;
     let tensor = match dtype.tensor_dtype() {
-        DType::F32 => Tensor::F32(array(shape, each.map(|b| dtype.to_f32(b)).collect())),
+        DType::F32 => Tensor::F32(array(
+            shape,
+            read_elements(&mut reader, dtype, n, |b| Ok(dtype.to_f32(b)))?,
+        )),
         DType::F64 => Tensor::F64(array(
             shape,
-            each.map(|b| f64::from_le_bytes(dtype.le_bytes(b)))
-                .collect(),
+            read_elements(&mut reader, dtype, n, |b| {
+                Ok(f64::from_le_bytes(dtype.le_bytes(b)))
+            })?,
         )),
         DType::F16 => Tensor::F16(array(
             shape,
-            each.map(|b| {
+            read_elements(&mut reader, dtype, n, |b| {
                 let b = dtype.le_bytes(b);
-                half::f16::from_le_bytes([b[0], b[1]])
-            })
-            .collect(),
+                Ok(half::f16::from_le_bytes([b[0], b[1]]))
+            })?,
         )),
-        DType::BOOL => Tensor::Bool(array(shape, each.map(|b| u8::from(b[0] != 0)).collect())),
-        DType::U8 => Tensor::U8(array(shape, each.map(|b| b[0]).collect())),
+        DType::BOOL => Tensor::Bool(array(
+            shape,
+            read_elements(&mut reader, dtype, n, |b| Ok(u8::from(b[0] != 0)))?,
+        )),
+        DType::U8 => Tensor::U8(array(
+            shape,
+            read_elements(&mut reader, dtype, n, |b| Ok(b[0]))?,
+        )),
         DType::I32 => Tensor::I32(array(
             shape,
-            each.map(|b| dtype.to_i64(b).map_or(0, |v| v as i32))
-                .collect(),
+            read_elements(&mut reader, dtype, n, |b| {
+                Ok(dtype.to_i64(b).map_or(0, |v| v as i32))
+            })?,
         )),
         _ => Tensor::I64(array(
             shape,
-            each.map(|b| dtype.to_i64(b).ok_or_else(too_large))
-                .collect::<Result<Vec<_>, _>>()?,
+            read_elements(&mut reader, dtype, n, |b| {
+                dtype.to_i64(b).ok_or_else(too_large)
+            })?,
         )),
     };
     Ok(tensor)
+}
+
+/// Reads `elements` elements of `dtype` from `reader`, a chunk of bytes at
+/// a time, each converted by `convert`: only the values are allocated.
+fn read_elements<T>(
+    reader: &mut impl Read,
+    dtype: &Dtype,
+    elements: usize,
+    convert: impl Fn(&[u8]) -> Result<T, NpyError>,
+) -> Result<Vec<T>, NpyError> {
+    let mut data = Vec::with_capacity(elements);
+    let mut chunk = vec![0u8; dtype.size * CHUNK_ELEMENTS.min(elements.max(1))];
+    let mut remaining = elements;
+    while remaining > 0 {
+        let n = remaining.min(CHUNK_ELEMENTS);
+        let bytes = &mut chunk[..n * dtype.size];
+        read_exact_or(reader, bytes, || {
+            NpyError::Io("the data ended before its declared length".into())
+        })?;
+        for b in bytes.chunks_exact(dtype.size) {
+            data.push(convert(b)?);
+        }
+        remaining -= n;
+    }
+    Ok(data)
+}
+
+/// Checks an array of the header's shape, of `element_bytes` bytes per
+/// element in memory, against the memory budget.
+fn check_budget(header: &Header, element_bytes: usize) -> Result<(), NpyError> {
+    budget::check_shape(&header.shape, element_bytes)
+        .map(drop)
+        .map_err(|over| NpyError::OverBudget {
+            shape: header.shape.clone(),
+            descr: header.dtype.descr.clone(),
+            over: Box::new(over),
+        })
 }
 
 /// The number of elements the header's shape describes, checked against the
@@ -731,9 +796,8 @@ enum RowSource {
 impl NpyRowReader {
     /// Opens `path` and checks its header against its size.
     pub fn open(path: &Path) -> Result<NpyRowReader, NpyError> {
-        let io = |e: std::io::Error| NpyError::Io(e.to_string());
-        let file = File::open(path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
+        let (file, file_len) =
+            budget::open_regular(path).map_err(|e| NpyError::Io(e.to_string()))?;
         let mut reader = BufReader::new(file);
         let header = read_header(&mut reader)?;
         data_elements(&header, file_len)?;
@@ -808,11 +872,33 @@ impl NpyRowReader {
                 }
                 // Unmap the previous block first, so that two are never held.
                 *block = None;
+                // A page of a map past the end of its file cannot be read:
+                // touching it ends the process with SIGBUS, and no message.
+                // So the file's length now (after the rows before were read:
+                // a file truncated during the run is seen here) must still
+                // cover the block. The file is opened only if it is a
+                // regular file (`budget::open_regular`), so a pipe or a
+                // device is never mapped.
+                let end = *data_offset + 4 * (start + count) as u64;
+                let now = file.metadata().map_err(io)?.len();
+                if now < end {
+                    return Err(NpyError::Shrunk {
+                        now,
+                        needed: end,
+                        rows: format!("{}..{}", rows.start, rows.end),
+                    });
+                }
                 // SAFETY: the map is read-only and lives in `self` no longer
-                // than the slice handed out. Another process truncating or
-                // writing the file while it is mapped would change what is
-                // read (or end the process with SIGBUS); like numpy's
-                // `mmap_mode`, inputs are taken not to change during a run.
+                // than the slice handed out. Residual risk: another process
+                // truncating the file between the length check above and the
+                // layer's reading of the block still ends the host with
+                // SIGBUS (catching it would need a signal handler that jumps
+                // out of the faulting read, which Rust cannot do soundly);
+                // one writing it changes what is read. Like numpy's
+                // `mmap_mode`, inputs are taken not to change during a run;
+                // the check turns the common case, a file truncated or
+                // rewritten before the block is reached, into an error
+                // naming the file.
                 let map = unsafe {
                     memmap2::MmapOptions::new()
                         .offset(*data_offset + 4 * start as u64)
@@ -835,6 +921,17 @@ impl NpyRowReader {
                 bytes,
                 values,
             } => {
+                budget::check(Some(count as u128 * (dtype.size as u128 + 4))).map_err(|over| {
+                    NpyError::OverBudget {
+                        shape: {
+                            let mut shape = self.shape.clone();
+                            shape[0] = rows.len();
+                            shape
+                        },
+                        descr: dtype.descr.clone(),
+                        over: Box::new(over),
+                    }
+                })?;
                 if *next_row != rows.start {
                     let at = *data_offset + (start * dtype.size) as u64;
                     reader.seek(SeekFrom::Start(at)).map_err(io)?;

@@ -4,13 +4,17 @@
 //! extension, so a misnamed file still loads. Every tensor is converted to f32
 //! up front; a tensor whose dtype cannot be is kept with the dtype's name, so
 //! that the error names the parameter only if a layer asks for it.
+//!
+//! The file is read whole, so it must be a regular file within the memory
+//! budget ([`crate::budget`]); the tensors converted to f32 must fit in what
+//! is left of it, checked before they are converted.
 
 use std::collections::BTreeMap;
-use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
+use crate::budget;
 use crate::error::Error;
 use crate::npy;
 
@@ -43,7 +47,7 @@ pub const SUPPORTED_DTYPES: &str = "float32, float64, float16 and bfloat16 (npz:
 impl ParamFile {
     /// Reads a safetensors or `.npz` file.
     pub fn read(path: &Path) -> Result<ParamFile, Error> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        let bytes = budget::read_regular(path).map_err(|source| Error::Read {
             path: path.to_path_buf(),
             source,
         })?;
@@ -82,6 +86,21 @@ impl ParamFile {
 fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, FileTensor>, String> {
     let file = SafeTensors::deserialize(bytes)
         .map_err(|e| format!("not a valid safetensors file (truncated or corrupt?): {e}"))?;
+    // Each tensor's bytes are in the file (the reader checked its offsets):
+    // the f32 copies are at most twice the file's size (from 16-bit types).
+    let converted = budget::sum(
+        file.tensors()
+            .iter()
+            .map(|(_, view)| budget::shape_bytes(view.shape(), 4)),
+    );
+    let total = converted.and_then(|c| c.checked_add(bytes.len() as u128));
+    budget::check(total).map_err(|over| {
+        format!(
+            "holding its {} tensors as float32 ({} bytes) beside the file {over}",
+            file.len(),
+            converted.map_or("overflow".to_string(), |c| c.to_string())
+        )
+    })?;
     Ok(file
         .tensors()
         .into_iter()
@@ -119,45 +138,25 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// An `.npz` is a zip archive with one `<key>.npy` member per array.
+/// An `.npz` is a zip archive with one `<key>.npy` member per array, read
+/// by the one `.npz` reader ([`crate::npz::read_members`]): member names,
+/// duplicates, sizes against the budget and CRCs are checked there.
 fn read_npz(bytes: Vec<u8>) -> Result<BTreeMap<String, FileTensor>, String> {
-    let mut archive = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| format!("not a valid .npz file (truncated or corrupt zip archive?): {e}"))?;
-    let mut tensors = BTreeMap::new();
-    for index in 0..archive.len() {
-        let mut member = archive
-            .by_index(index)
-            .map_err(|e| format!("member {index} of the archive is unreadable: {e}"))?;
-        let member_name = member.name().to_string();
-        let Some(name) = member_name.strip_suffix(".npy") else {
-            return Err(format!(
-                "member '{member_name}' is not an .npy array; an .npz written by np.savez \
-                 holds only '<name>.npy' members"
-            ));
-        };
-        let name = name.to_string();
-        // Reading to the end is what makes the zip reader check the member's
-        // CRC, so a corrupt member is refused rather than read as numbers.
-        let mut data = Vec::new();
-        member.read_to_end(&mut data).map_err(|e| {
-            format!("parameter '{name}' (member '{member_name}'): the archive is corrupt: {e}")
-        })?;
-        let (array, dtype) = npy::read_f32_from(data.as_slice(), data.len() as u64)
-            .map_err(|e| format!("parameter '{name}' (member '{member_name}'): {e}"))?;
-        let values = if dtype.is_float() {
-            Ok(array.iter().copied().collect())
-        } else {
-            Err(format!("'{}'", dtype.descr()))
-        };
-        tensors.insert(
-            name,
-            FileTensor {
-                shape: array.shape().to_vec(),
-                values,
-            },
-        );
-    }
-    Ok(tensors)
+    let members = crate::npz::read_members(bytes, "parameter", |reader, len| {
+        npy::read_f32_from(reader, len)
+    })?;
+    Ok(members
+        .into_iter()
+        .map(|(name, (array, dtype))| {
+            let shape = array.shape().to_vec();
+            let values = if dtype.is_float() {
+                Ok(array.into_raw_vec_and_offset().0)
+            } else {
+                Err(format!("'{}'", dtype.descr()))
+            };
+            (name, FileTensor { shape, values })
+        })
+        .collect())
 }
 
 #[cfg(test)]

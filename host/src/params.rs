@@ -80,12 +80,33 @@ impl ParamStore {
         params: &[ParamInfo],
         allow_unused: bool,
     ) -> Result<ParamStore, Error> {
-        ParamStore::from_file(&ParamFile::read(path)?, params, allow_unused)
+        let mut file = ParamFile::read(path)?;
+        let view = file_view(&file);
+        // The values move from the file to the store: they are never held
+        // twice.
+        let mut take = |name: &str| {
+            file.tensors
+                .get_mut(name)
+                .map(|t| std::mem::replace(&mut t.values, Ok(Vec::new())))
+        };
+        ParamStore::assemble(&mut take, &view, params, allow_unused)
     }
 
     /// [`ParamStore::load`] from a file already read.
     pub fn from_file(
         file: &ParamFile,
+        params: &[ParamInfo],
+        allow_unused: bool,
+    ) -> Result<ParamStore, Error> {
+        let mut copy = |name: &str| file.tensors.get(name).map(|t| t.values.clone());
+        ParamStore::assemble(&mut copy, &file_view(file), params, allow_unused)
+    }
+
+    /// The store of `params` from a file whose tensors' names and shapes
+    /// `file` lists, their values given by `values`.
+    fn assemble(
+        values: &mut FileValues<'_>,
+        file: &FileView,
         params: &[ParamInfo],
         allow_unused: bool,
     ) -> Result<ParamStore, Error> {
@@ -96,23 +117,20 @@ impl ParamStore {
         };
         let mut tensors = BTreeMap::new();
         for p in params.iter().filter(|p| p.is_stored()) {
-            let tensor = file.tensors.get(&p.name).ok_or_else(|| {
+            let shape = file.shapes.get(&p.name).ok_or_else(|| {
                 file_error(format!(
                     "parameter '{}' is missing (layer '{}' needs it with shape {:?}); \
                      the file holds: {}",
-                    p.name,
-                    p.layer,
-                    p.shape,
-                    file.names()
+                    p.name, p.layer, p.shape, file.names
                 ))
             })?;
-            if tensor.shape != p.shape {
+            if *shape != p.shape {
                 return Err(file_error(format!(
                     "parameter '{}' has shape {:?} in the file, but layer '{}' needs {:?}",
-                    p.name, tensor.shape, p.layer, p.shape
+                    p.name, shape, p.layer, p.shape
                 )));
             }
-            let values = tensor.values.clone().map_err(|dtype| {
+            let values = values(&p.name).unwrap_or(Ok(Vec::new())).map_err(|dtype| {
                 file_error(format!(
                     "parameter '{}' has dtype {dtype}; supported are {SUPPORTED_DTYPES}",
                     p.name
@@ -124,7 +142,7 @@ impl ParamStore {
         }
         if !allow_unused {
             let unused: Vec<&String> = file
-                .tensors
+                .shapes
                 .keys()
                 .filter(|n| !tensors.contains_key(*n))
                 .collect();
@@ -194,6 +212,29 @@ impl ParamStore {
     /// Every tensor, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ArrayD<f32>)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// The values of a file's tensor by name (`Err`: its unsupported dtype),
+/// copied or moved out of the file.
+type FileValues<'a> = dyn FnMut(&str) -> Option<Result<Vec<f32>, String>> + 'a;
+
+/// What [`ParamStore::assemble`] needs of a file besides the values.
+struct FileView {
+    path: std::path::PathBuf,
+    shapes: BTreeMap<String, Vec<usize>>,
+    names: String,
+}
+
+fn file_view(file: &ParamFile) -> FileView {
+    FileView {
+        path: file.path.clone(),
+        shapes: file
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.shape.clone()))
+            .collect(),
+        names: file.names(),
     }
 }
 

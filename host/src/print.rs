@@ -2,8 +2,13 @@
 //! that identify each value (at most 8 after the point), columns aligned,
 //! scientific notation when magnitudes call for it, rows wrapped at 75
 //! characters, and large arrays summarized with `...`.
+//!
+//! The nesting is walked with a loop, not recursion, and only the values
+//! shown are visited: an array of any rank or size prints in memory
+//! proportional to its text (at most [`THRESHOLD`] values, or
+//! [`EDGE_ITEMS`] at each end of each axis), never the array again.
 
-use ndarray::{ArrayD, ArrayViewD, Axis};
+use ndarray::ArrayD;
 
 use crate::tensor::Tensor;
 
@@ -15,17 +20,13 @@ const EDGE_ITEMS: usize = 3;
 
 /// Formats `array` as numpy's `str()` would.
 pub fn format_array(array: &ArrayD<f32>) -> String {
-    let summarize = array.len() > THRESHOLD;
-    let view = array.view();
-    let shown = shown_values(&view, summarize);
     if array.ndim() == 0 {
         // numpy prints a 0-d array as its scalar: shortest digits, no padding.
-        return format!("{:?}", array[[]]);
+        return format!("{:?}", array.iter().next().copied().unwrap_or_default());
     }
-    let format = FloatFormat::for_values(&shown);
-    let mut out = String::new();
-    format_axis(&view, &format, summarize, 0, &mut out);
-    out
+    let standard = array.as_standard_layout();
+    let values = standard.as_slice().expect("standard layout is contiguous");
+    format_floats(array.shape(), &|i| values[i])
 }
 
 /// Prints a command's result. A reader that stopped early (`| head`) is not
@@ -45,74 +46,264 @@ pub fn print_stdout(text: &str) -> Result<(), crate::Error> {
 /// Formats a tensor of any element type: floats as numpy prints them
 /// (through float32 for float16, bfloat16 and float64 alike, at float32's
 /// shortest digits), integers as integers, booleans as `True`/`False`, with
-/// the same brackets and summarization.
+/// the same brackets and summarization. Only the values shown are converted.
 pub fn format_tensor(tensor: &Tensor) -> String {
+    fn flat<T: Clone>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
+        match a.as_slice() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(a.as_standard_layout().iter().cloned().collect()),
+        }
+    }
+    let shape = tensor.shape();
+    let floats = |value: &dyn Fn(usize) -> f32| {
+        if shape.is_empty() {
+            format!("{:?}", value(0))
+        } else {
+            format_floats(shape, value)
+        }
+    };
     match tensor {
         Tensor::F32(a) => format_array(a),
-        Tensor::F64(_) | Tensor::F16(_) | Tensor::BF16(_) => {
-            format_array(&tensor.to_f64().mapv(|v| v as f32))
+        Tensor::F64(a) => {
+            let v = flat(a);
+            floats(&|i| v[i] as f32)
         }
-        Tensor::Bool(a) => format_plain(&a.view(), &|v: &u8| {
-            if *v != 0 { "True" } else { "False" }.to_string()
-        }),
-        Tensor::I64(a) => format_plain(&a.view(), &|v: &i64| v.to_string()),
-        Tensor::I32(a) => format_plain(&a.view(), &|v: &i32| v.to_string()),
-        Tensor::U8(a) => format_plain(&a.view(), &|v: &u8| v.to_string()),
+        Tensor::F16(a) => {
+            let v = flat(a);
+            floats(&|i| f32::from(v[i]))
+        }
+        Tensor::BF16(a) => {
+            let v = flat(a);
+            floats(&|i| f32::from(v[i]))
+        }
+        Tensor::Bool(a) => {
+            let v = flat(a);
+            format_plain(shape, &|i| {
+                if v[i] != 0 { "True" } else { "False" }.to_string()
+            })
+        }
+        Tensor::I64(a) => {
+            let v = flat(a);
+            format_plain(shape, &|i| v[i].to_string())
+        }
+        Tensor::I32(a) => {
+            let v = flat(a);
+            format_plain(shape, &|i| v[i].to_string())
+        }
+        Tensor::U8(a) => {
+            let v = flat(a);
+            format_plain(shape, &|i| v[i].to_string())
+        }
     }
 }
 
-/// Integers and booleans, right-aligned in columns of the widest value.
-fn format_plain<T>(array: &ArrayViewD<'_, T>, show: &dyn Fn(&T) -> String) -> String {
-    if array.ndim() == 0 {
-        return array.iter().next().map(show).unwrap_or_default();
+/// Integers and booleans (`show` gives the element at a flat C-order
+/// index), right-aligned in columns of the widest value shown.
+fn format_plain(shape: &[usize], show: &dyn Fn(usize) -> String) -> String {
+    if shape.is_empty() {
+        return show(0);
     }
-    let summarize = array.len() > THRESHOLD;
-    let width = array.iter().map(|v| show(v).len()).max().unwrap_or(1);
+    if shape.contains(&0) {
+        return "[]".to_string();
+    }
+    let summarize = summarizes(shape);
+    let last = shape[shape.len() - 1];
+    let mut width = 1;
+    walk(shape, summarize, &mut |event| {
+        if let Event::Row(offset) = event {
+            for i in (0..shown_count(last, summarize)).filter_map(|k| shown_at(last, summarize, k))
+            {
+                width = width.max(show(offset + i).len());
+            }
+        }
+    });
     let mut out = String::new();
-    plain_axis(array, show, width, summarize, 0, &mut out);
+    walk(shape, summarize, &mut |event| match event {
+        Event::Row(offset) => {
+            for k in 0..shown_count(last, summarize) {
+                if k > 0 {
+                    out.push(' ');
+                }
+                match shown_at(last, summarize, k) {
+                    Some(i) => out.push_str(&format!("{:>width$}", show(offset + i))),
+                    None => out.push_str("..."),
+                }
+            }
+        }
+        other => push_structure(&mut out, shape.len(), other),
+    });
     out
 }
 
-fn plain_axis<T>(
-    view: &ArrayViewD<'_, T>,
-    show: &dyn Fn(&T) -> String,
-    width: usize,
-    summarize: bool,
-    depth: usize,
-    out: &mut String,
-) {
-    out.push('[');
-    let n = view.shape()[0];
-    let indices: Vec<Option<usize>> = if summarize && n > 2 * EDGE_ITEMS {
-        (0..EDGE_ITEMS)
-            .map(Some)
-            .chain([None])
-            .chain((n - EDGE_ITEMS..n).map(Some))
-            .collect()
-    } else {
-        (0..n).map(Some).collect()
-    };
-    for (k, index) in indices.iter().enumerate() {
-        if k > 0 {
-            if view.ndim() == 1 {
-                out.push(' ');
-            } else {
-                out.push_str(&"\n".repeat(view.ndim() - 1));
-                out.push_str(&" ".repeat(depth + 1));
-            }
-        }
-        match index {
-            None => out.push_str("..."),
-            Some(i) if view.ndim() == 1 => {
-                out.push_str(&format!("{:>width$}", show(&view[[*i]])));
-            }
-            Some(i) => {
-                let sub = view.index_axis(Axis(0), *i);
-                plain_axis(&sub, show, width, summarize, depth + 1, out);
-            }
-        }
+/// Floats (`value` gives the element at a flat C-order index) of an array
+/// of `shape` (rank 1 or more), numpy's way.
+fn format_floats(shape: &[usize], value: &dyn Fn(usize) -> f32) -> String {
+    if shape.contains(&0) {
+        // As numpy prints any array without elements.
+        return "[]".to_string();
     }
-    out.push(']');
+    let summarize = summarizes(shape);
+    let ndim = shape.len();
+    let last = shape[ndim - 1];
+    let mut shown = Vec::new();
+    walk(shape, summarize, &mut |event| {
+        if let Event::Row(offset) = event {
+            shown.extend(
+                (0..shown_count(last, summarize))
+                    .filter_map(|k| shown_at(last, summarize, k))
+                    .map(|i| value(offset + i)),
+            );
+        }
+    });
+    let format = FloatFormat::for_values(&shown);
+    drop(shown);
+    let mut out = String::new();
+    walk(shape, summarize, &mut |event| match event {
+        Event::Row(offset) => {
+            // The last axis: values separated by spaces, wrapped at the
+            // width. As numpy does: a word wraps when it would reach the
+            // column where this level's closing brackets go.
+            let indent = ndim;
+            let width = LINE_WIDTH.saturating_sub(ndim);
+            let mut line_len = indent;
+            for k in 0..shown_count(last, summarize) {
+                let word = match shown_at(last, summarize, k) {
+                    Some(i) => format.format(value(offset + i)),
+                    None => "...".to_string(),
+                };
+                if k > 0 {
+                    if line_len + 1 + word.len() > width {
+                        out.push('\n');
+                        out.push_str(&" ".repeat(indent));
+                        line_len = indent;
+                    } else {
+                        out.push(' ');
+                        line_len += 1;
+                    }
+                }
+                out.push_str(&word);
+                line_len += word.len();
+            }
+        }
+        other => push_structure(&mut out, ndim, other),
+    });
+    out
+}
+
+/// Whether an array of `shape` is summarized: more than [`THRESHOLD`]
+/// elements (counted without overflow).
+fn summarizes(shape: &[usize]) -> bool {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none_or(|n| n > THRESHOLD)
+}
+
+/// How many entries an axis of length `n` shows: all, or when summarized
+/// [`EDGE_ITEMS`] at each end and the `...` between.
+fn shown_count(n: usize, summarize: bool) -> usize {
+    if summarize && n > 2 * EDGE_ITEMS {
+        2 * EDGE_ITEMS + 1
+    } else {
+        n
+    }
+}
+
+/// The index shown as entry `k` of an axis of length `n`; `None` for the
+/// `...`.
+fn shown_at(n: usize, summarize: bool, k: usize) -> Option<usize> {
+    if summarize && n > 2 * EDGE_ITEMS {
+        match k {
+            k if k < EDGE_ITEMS => Some(k),
+            k if k == EDGE_ITEMS => None,
+            k => Some(n - (2 * EDGE_ITEMS + 1 - k)),
+        }
+    } else {
+        Some(k)
+    }
+}
+
+/// One step of the printed nesting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// `[`
+    Open,
+    /// `]`
+    Close,
+    /// Between two entries of this axis (not the last).
+    Separator(usize),
+    /// An axis's `...`, in place of an entry (not on the last axis).
+    Ellipsis,
+    /// A row of the last axis, starting at this flat C-order index: its
+    /// entries are written by the caller.
+    Row(usize),
+}
+
+/// Writes the brackets, separators and `...` of an array of rank `ndim`.
+fn push_structure(out: &mut String, ndim: usize, event: Event) {
+    match event {
+        Event::Open => out.push('['),
+        Event::Close => out.push(']'),
+        Event::Separator(axis) => {
+            // A blank line per axis below, then the indent of the next `[`.
+            for _ in 0..ndim - axis - 1 {
+                out.push('\n');
+            }
+            for _ in 0..=axis {
+                out.push(' ');
+            }
+        }
+        Event::Ellipsis => out.push_str("..."),
+        Event::Row(_) => {}
+    }
+}
+
+/// Walks the nesting of an array of `shape` (rank 1 or more, no zero-length
+/// axis), in the order it prints, with a loop: memory is a few words per
+/// axis whatever the rank, and only the rows shown are visited.
+fn walk(shape: &[usize], summarize: bool, f: &mut dyn FnMut(Event)) {
+    let ndim = shape.len();
+    let last = ndim - 1;
+    let mut strides = vec![1usize; ndim];
+    for axis in (0..last).rev() {
+        strides[axis] = strides[axis + 1] * shape[axis + 1];
+    }
+    // Per axis: the entry being printed, and the flat index its sub-array
+    // starts at.
+    let mut entry = vec![0usize; ndim];
+    let mut start = vec![0usize; ndim];
+    let mut axis = 0;
+    f(Event::Open);
+    loop {
+        if axis == last {
+            f(Event::Row(start[axis]));
+            f(Event::Close);
+            // Up to the nearest axis with an entry left.
+            loop {
+                if axis == 0 {
+                    return;
+                }
+                axis -= 1;
+                entry[axis] += 1;
+                if entry[axis] < shown_count(shape[axis], summarize) {
+                    break;
+                }
+                f(Event::Close);
+            }
+            f(Event::Separator(axis));
+            if shown_at(shape[axis], summarize, entry[axis]).is_none() {
+                f(Event::Ellipsis);
+                f(Event::Separator(axis));
+                entry[axis] += 1;
+            }
+        }
+        // Into the current entry of `axis`.
+        let index = shown_at(shape[axis], summarize, entry[axis]).expect("not the `...`");
+        start[axis + 1] = start[axis] + index * strides[axis];
+        axis += 1;
+        entry[axis] = 0;
+        f(Event::Open);
+    }
 }
 
 /// Formats a shape as Python writes a tuple (`(2, 64)`, `(8,)`, `()`), with
@@ -131,94 +322,6 @@ pub fn format_shape(dims: &[Option<usize>]) -> String {
 /// [`format_shape`] for a shape whose dimensions are all known.
 pub fn format_known_shape(dims: &[usize]) -> String {
     format_shape(&dims.iter().copied().map(Some).collect::<Vec<_>>())
-}
-
-fn shown_values(view: &ArrayViewD<'_, f32>, summarize: bool) -> Vec<f32> {
-    if !summarize || view.ndim() == 0 {
-        return view.iter().copied().collect();
-    }
-    let mut values = Vec::new();
-    for i in shown_indices(view.shape()[0], summarize)
-        .into_iter()
-        .flatten()
-    {
-        let sub = view.index_axis(Axis(0), i);
-        if sub.ndim() == 0 {
-            values.push(sub[[]]);
-        } else {
-            values.extend(shown_values(&sub, summarize));
-        }
-    }
-    values
-}
-
-/// The indices shown along an axis of length `n`; `None` marks the `...`.
-fn shown_indices(n: usize, summarize: bool) -> Vec<Option<usize>> {
-    if summarize && n > 2 * EDGE_ITEMS {
-        (0..EDGE_ITEMS)
-            .map(Some)
-            .chain(std::iter::once(None))
-            .chain((n - EDGE_ITEMS..n).map(Some))
-            .collect()
-    } else {
-        (0..n).map(Some).collect()
-    }
-}
-
-fn format_axis(
-    view: &ArrayViewD<'_, f32>,
-    format: &FloatFormat,
-    summarize: bool,
-    depth: usize,
-    out: &mut String,
-) {
-    out.push('[');
-    let n = view.shape()[0];
-    let indices = shown_indices(n, summarize);
-    if view.ndim() == 1 {
-        // The last axis: values separated by spaces, wrapped at the width.
-        // As numpy does: a word wraps when it would reach the column where
-        // this level's closing brackets go.
-        let indent = depth + 1;
-        let width = LINE_WIDTH - depth - 1;
-        let mut line_len = indent;
-        for (k, index) in indices.iter().enumerate() {
-            let word = match index {
-                Some(i) => format.format(view[[*i]]),
-                None => "...".to_string(),
-            };
-            if k > 0 {
-                if line_len + 1 + word.len() > width {
-                    out.push('\n');
-                    out.push_str(&" ".repeat(indent));
-                    line_len = indent;
-                } else {
-                    out.push(' ');
-                    line_len += 1;
-                }
-            }
-            out.push_str(&word);
-            line_len += word.len();
-        }
-    } else {
-        let separator = format!("{}{}", "\n".repeat(view.ndim() - 1), " ".repeat(depth + 1));
-        for (k, index) in indices.iter().enumerate() {
-            if k > 0 {
-                out.push_str(&separator);
-            }
-            match index {
-                Some(i) => format_axis(
-                    &view.index_axis(Axis(0), *i),
-                    format,
-                    summarize,
-                    depth + 1,
-                    out,
-                ),
-                None => out.push_str("..."),
-            }
-        }
-    }
-    out.push(']');
 }
 
 /// How every value of one array is written: fixed or scientific notation,

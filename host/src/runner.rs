@@ -111,7 +111,14 @@ impl<'m> Runner<'m> {
             .zip(&layer_params)
             .map(|((layer, plan), refs)| layer.prepare(plan, refs))
             .collect::<Result<Vec<_>, Error>>()?;
-        let (slots, slot_of, peak_bytes) = assign_buffers(model, plans, inputs)?;
+        let param_bytes = crate::budget::sum(
+            plans
+                .iter()
+                .flat_map(|p| &p.params)
+                .filter(|p| p.is_stored())
+                .map(|p| crate::budget::shape_bytes(&p.shape, 4)),
+        );
+        let (slots, slot_of, peak_bytes) = assign_buffers(model, plans, inputs, param_bytes)?;
         let batched = batched_tensors(model, plans, inputs);
         let pieces = (0..model.layers.len())
             .map(|node| split(model, plans, inputs, &batched, node, threads))
@@ -353,29 +360,27 @@ pub(crate) fn plans_input(model: &Model, plans: &[LayerPlan]) -> TensorSpec {
 /// One buffer per tensor, reused by a later tensor of the same type and
 /// shape once the earlier one's last reader has run. Returns the buffers,
 /// each tensor's buffer, and the planned peak of live bytes (model inputs
-/// included).
+/// included). The buffers are laid out first and allocated only once their
+/// total, with the `param_bytes` of parameters already held, is known to fit
+/// in the memory budget.
 #[allow(clippy::type_complexity)]
 fn assign_buffers(
     model: &Model,
     plans: &[LayerPlan],
     inputs: &[TensorSpec],
+    param_bytes: Option<u128>,
 ) -> Result<(Vec<Option<Tensor>>, BTreeMap<Source, usize>, usize), Error> {
     let last_use = model.graph.last_use();
-    let mut slots: Vec<(TensorSpec, Option<Tensor>)> = Vec::new();
+    let mut slots: Vec<TensorSpec> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut slot_of = BTreeMap::new();
     for (step, &node) in model.graph.order.iter().enumerate() {
         for (o, spec) in plans[node].outputs.iter().enumerate() {
             let source = Source::Node { node, output: o };
-            let slot = match free.iter().position(|&s| slots[s].0 == *spec) {
+            let slot = match free.iter().position(|&s| slots[s] == *spec) {
                 Some(at) => free.swap_remove(at),
                 None => {
-                    let tensor =
-                        Tensor::zeros(spec.dtype, &spec.shape).map_err(|message| Error::Model {
-                            path: model.spec.path.clone(),
-                            message,
-                        })?;
-                    slots.push((spec.clone(), Some(tensor)));
+                    slots.push(spec.clone());
                     slots.len() - 1
                 }
             };
@@ -394,8 +399,37 @@ fn assign_buffers(
             }
         }
     }
+    let buffer_bytes = crate::budget::sum(
+        slots
+            .iter()
+            .map(|spec| crate::budget::shape_bytes(&spec.shape, spec.dtype.size())),
+    );
+    let total = buffer_bytes
+        .zip(param_bytes)
+        .and_then(|(b, p)| b.checked_add(p));
+    crate::budget::check(total).map_err(|over| Error::Model {
+        path: model.spec.path.clone(),
+        message: format!(
+            "the forward pass (buffers for {} of the layers' outputs: {} bytes; parameters: \
+             {} bytes) {over}",
+            slots.len(),
+            buffer_bytes.map_or("overflow".to_string(), |b| b.to_string()),
+            param_bytes.map_or("overflow".to_string(), |b| b.to_string()),
+        ),
+    })?;
+    let buffers = slots
+        .iter()
+        .map(|spec| {
+            Tensor::zeros(spec.dtype, &spec.shape)
+                .map(Some)
+                .map_err(|message| Error::Model {
+                    path: model.spec.path.clone(),
+                    message,
+                })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     let peak = planned_peak_bytes(model, plans, inputs);
-    Ok((slots.into_iter().map(|(_, t)| t).collect(), slot_of, peak))
+    Ok((buffers, slot_of, peak))
 }
 
 /// The most bytes the model's inputs and live tensors take at once during
@@ -404,20 +438,29 @@ fn assign_buffers(
 /// without allocating anything.
 pub fn planned_peak_bytes(model: &Model, plans: &[LayerPlan], inputs: &[TensorSpec]) -> usize {
     let last_use = model.graph.last_use();
-    let bytes = |spec: &TensorSpec| spec.shape.iter().product::<usize>() * spec.dtype.size();
-    let mut live: usize = inputs.iter().map(bytes).sum();
+    // Saturating: each tensor was checked against the memory budget when
+    // planned, but a sum of them need not fit.
+    let bytes = |spec: &TensorSpec| {
+        crate::budget::shape_bytes(&spec.shape, spec.dtype.size())
+            .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX))
+    };
+    let mut live: usize = inputs.iter().map(bytes).fold(0, usize::saturating_add);
     let mut peak = live;
     for (step, &node) in model.graph.order.iter().enumerate() {
-        live += plans[node].outputs.iter().map(bytes).sum::<usize>();
+        live = plans[node]
+            .outputs
+            .iter()
+            .map(bytes)
+            .fold(live, usize::saturating_add);
         peak = peak.max(live);
         for (source, &last) in &last_use {
             if last == step && matches!(source, Source::Node { .. }) {
-                live -= bytes(model.source_spec(plans, inputs, *source));
+                live = live.saturating_sub(bytes(model.source_spec(plans, inputs, *source)));
             }
         }
         for (o, spec) in plans[node].outputs.iter().enumerate() {
             if !last_use.contains_key(&Source::Node { node, output: o }) {
-                live -= bytes(spec);
+                live = live.saturating_sub(bytes(spec));
             }
         }
     }

@@ -269,14 +269,12 @@ impl ModelLayer {
                     spec.dtype
                 )));
             }
-            let elements = spec.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-            if elements
-                .and_then(|n| n.checked_mul(spec.dtype.size()))
-                .is_none_or(|bytes| isize::try_from(bytes).is_err())
-            {
+            // Checked before anything is allocated for it: the output's
+            // buffer must fit in the memory budget.
+            if let Err(over) = crate::budget::check_shape(&spec.shape, spec.dtype.size()) {
                 return Err(self.plain_error(format!(
-                    "output '{name}' has shape {:?}, too large to allocate",
-                    spec.shape.as_slice()
+                    "output '{name}' of shape {} {over}",
+                    crate::budget::shape_text(&spec.shape)
                 )));
             }
             plan.outputs.push(TensorSpec::new(spec.dtype, &spec.shape));
@@ -289,18 +287,40 @@ impl ModelLayer {
                     decl.dtype
                 )));
             }
-            let init: Init = serde_json::from_str(decl.init.as_str()).map_err(|e| {
-                self.plain_error(format!(
-                    "parameter '{local_name}' declares an invalid default initializer: {e}"
-                ))
-            })?;
+            let shape = decl.shape.into_vec();
+            if let Err(over) = crate::budget::check_shape(&shape, DType::F32.size()) {
+                return Err(self.plain_error(format!(
+                    "parameter '{local_name}' of shape {} {over}",
+                    crate::budget::shape_text(&shape)
+                )));
+            }
+            let init = match serde_json::from_str::<Init>(decl.init.as_str()) {
+                Ok(init) => init,
+                // No value is drawn for a parameter without elements.
+                Err(_) if shape.contains(&0) => Init::Zeros,
+                // serde_json writes an infinity or NaN as null.
+                Err(_) if decl.init.as_str().contains("null") => {
+                    return Err(self.plain_error(format!(
+                        "parameter '{local_name}' of shape {} declares a default initializer \
+                         holding a number that is not finite (infinite or NaN, written as \
+                         null; e.g. a bound divided by an axis of size 0): {}",
+                        crate::budget::shape_text(&shape),
+                        decl.init.as_str()
+                    )))
+                }
+                Err(e) => {
+                    return Err(self.plain_error(format!(
+                        "parameter '{local_name}' declares an invalid default initializer: {e}"
+                    )))
+                }
+            };
             let name = format!("{}.{}", self.name, local_name);
             plan.params.push(ParamInfo {
                 stored_as: name.clone(),
                 name,
                 layer: self.name.clone(),
                 local_name,
-                shape: decl.shape.into_vec(),
+                shape,
                 fan_in: decl.fan_in,
                 fan_out: decl.fan_out,
                 init,
@@ -703,6 +723,16 @@ impl Model {
             }
         }
         crate::binding::bind_params(&self.spec, &mut plans)?;
+        // Each parameter fits the memory budget (checked as it was
+        // declared); all of them together must too.
+        let stored = plans
+            .iter()
+            .flat_map(|p| &p.params)
+            .filter(|p| p.is_stored());
+        let total = crate::budget::sum(stored.map(|p| crate::budget::shape_bytes(&p.shape, 4)));
+        if let Err(over) = crate::budget::check(total) {
+            return Err(invalid(format!("the sum of the model's parameters {over}")));
+        }
         Ok(plans)
     }
 

@@ -119,13 +119,20 @@ pub fn check_chunkable<'m>(model: &'m Model, plans: &[LayerPlan]) -> Result<(), 
 /// layer's output together take about [`DEFAULT_CHUNK_BYTES`], and at least
 /// two rows.
 pub fn default_batch_size(plans: &[LayerPlan]) -> usize {
-    let row_elements = |shape: &[usize]| shape.iter().skip(1).product::<usize>();
-    let per_row = plans.first().map_or(0, |p| row_elements(&p.input_shape))
-        + plans
+    // Saturating: every shape was checked against the memory budget when
+    // planned, but their sum need not fit.
+    let row_elements = |shape: &[usize]| {
+        shape
             .iter()
-            .map(|p| row_elements(&p.output_shape))
-            .sum::<usize>();
-    (DEFAULT_CHUNK_BYTES / (4 * per_row.max(1))).max(2)
+            .skip(1)
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX)
+    };
+    let per_row = plans.iter().map(|p| row_elements(&p.output_shape)).fold(
+        plans.first().map_or(0, |p| row_elements(&p.input_shape)),
+        usize::saturating_add,
+    );
+    (DEFAULT_CHUNK_BYTES / per_row.max(1).saturating_mul(4)).max(2)
 }
 
 /// The chunks of `rows` rows, `batch_size` each, in order. The last chunk
@@ -219,7 +226,10 @@ pub fn run_in_chunks(
 
 /// The plans for a chunk of `rows` rows of an input of `shape`, checked to
 /// use the parameters planned for the whole input (`whole`): those are the
-/// ones loaded or initialized.
+/// ones loaded or initialized; and to make the outputs planned for the
+/// whole input, cut to the chunk's rows: a layer whose `output_shape`
+/// answers differently from one call to the next is refused here, naming
+/// it, rather than writing rows of another shape.
 fn plans_for_rows(
     model: &Model,
     whole: &[LayerPlan],
@@ -239,6 +249,36 @@ fn plans_for_rows(
                     .to_string(),
                 panicked: false,
             });
+        }
+        for (name, (chunk, whole)) in layer
+            .signature
+            .outputs
+            .iter()
+            .zip(chunk.outputs.iter().zip(&whole.outputs))
+        {
+            let mut expected = whole.shape.clone();
+            if let Some(first) = expected.first_mut() {
+                *first = rows;
+            }
+            if chunk.dtype != whole.dtype || chunk.shape != expected {
+                return Err(Error::Layer {
+                    layer: layer.name.clone(),
+                    plugin: layer.plugin.name.clone(),
+                    message: format!(
+                        "output '{name}' was planned as {} {} for the whole input, which makes \
+                         {} {} for a chunk of {rows} rows, but the layer now plans {} {}: its \
+                         output shape must depend on its input's shape alone, the same on \
+                         every call",
+                        whole.dtype,
+                        crate::budget::shape_text(&whole.shape),
+                        whole.dtype,
+                        crate::budget::shape_text(&expected),
+                        chunk.dtype,
+                        crate::budget::shape_text(&chunk.shape),
+                    ),
+                    panicked: false,
+                });
+            }
         }
     }
     Ok(plans)

@@ -84,8 +84,17 @@ impl From<ArrayD<f32>> for Tensor {
 }
 
 impl Tensor {
-    /// Zeros (false) of `dtype` and `shape`.
+    /// Zeros (false) of `dtype` and `shape`, refused (before anything is
+    /// allocated) when it would take more than the memory budget.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor, String> {
+        if dtype.is_known() {
+            crate::budget::check_shape(shape, dtype.size()).map_err(|over| {
+                format!(
+                    "a {dtype} tensor of shape {} {over}",
+                    crate::budget::shape_text(shape)
+                )
+            })?;
+        }
         let s = IxDyn(shape);
         Ok(match dtype {
             DType::F32 => Tensor::F32(ArrayD::zeros(s)),

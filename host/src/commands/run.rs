@@ -279,7 +279,7 @@ fn read_inputs(model: &Model, files: &InputFiles) -> Result<Vec<Tensor>, Error> 
             })
             .collect::<Result<_, Error>>()?,
         InputFiles::Npz(path) => {
-            let bytes = std::fs::read(path).map_err(|source| Error::Read {
+            let bytes = crate::budget::read_regular(path).map_err(|source| Error::Read {
                 path: path.clone(),
                 source,
             })?;
@@ -438,7 +438,13 @@ fn run_streamed(
             .and_then(|()| model.close())
             .and_then(|()| {
                 let output = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&output_shape), values)
-                    .expect("the chunks hold every row of the output");
+                    .map_err(|e| Error::Model {
+                        path: model.spec.path.clone(),
+                        message: format!(
+                            "the chunks' outputs do not make the planned output of shape {:?}: {e}",
+                            output_shape
+                        ),
+                    })?;
                 print::print_stdout(&format!("{}\n", print::format_array(&output)))
             })
         }

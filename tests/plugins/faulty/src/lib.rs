@@ -38,6 +38,14 @@ pub enum Failure {
     /// signals the host at a known point of a streamed run, after a first
     /// chunk was written.
     BlockUntilSignalled,
+    /// Works, but its second call to `forward` (on one thread: the second
+    /// chunk of a streamed run) truncates the file named by
+    /// $LAYER_TEST_TRUNCATE to half its length, after computing: the host
+    /// must then refuse the next chunk of a mapped input, not die of SIGBUS.
+    TruncateFile,
+    /// Plans its output with one more feature on every call after the
+    /// first: an `output_shape` that changes between calls.
+    ChangingOutputShape,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +77,11 @@ impl Layer for Faulty {
         let mut shape = input_shape.to_vec();
         if self.fail == Failure::WrongOutputShape {
             *shape.last_mut().ok_or("needs an input of rank 1 or more")? += 1;
+        }
+        if self.fail == Failure::ChangingOutputShape {
+            static PLANS: AtomicU32 = AtomicU32::new(0);
+            let extra = PLANS.fetch_add(1, Ordering::SeqCst) as usize;
+            *shape.last_mut().ok_or("needs an input of rank 1 or more")? += extra;
         }
         Ok(shape)
     }
@@ -126,6 +139,14 @@ impl Layer for Faulty {
                 output.assign(&input);
                 Ok(())
             }
+            Failure::TruncateFile => {
+                static CALLS: AtomicU32 = AtomicU32::new(0);
+                output.assign(&input);
+                if CALLS.fetch_add(1, Ordering::SeqCst) == 1 {
+                    truncate_to_half()?;
+                }
+                Ok(())
+            }
             _ => {
                 output.assign(&input);
                 Ok(())
@@ -157,6 +178,19 @@ fn block_until_released() -> Result<(), String> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Err("faulty: never released (LAYER_TEST_RELEASE)".into())
+}
+
+/// See [`Failure::TruncateFile`].
+fn truncate_to_half() -> Result<(), String> {
+    let path = std::env::var_os("LAYER_TEST_TRUNCATE")
+        .ok_or("faulty: LAYER_TEST_TRUNCATE names no file to truncate")?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("faulty: LAYER_TEST_TRUNCATE: {e}"))?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    file.set_len(len / 2)
+        .map_err(|e| format!("faulty: LAYER_TEST_TRUNCATE: {e}"))
 }
 
 export_layer!(Faulty);
