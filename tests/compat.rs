@@ -1,20 +1,24 @@
 //! Compatibility across versions of the layer interface, in both directions,
 //! proven with real plugins that cargo builds and the real `host` loads:
 //!
-//! * a plugin built against interface 1.0 (the frozen copy of layer-api in
-//!   `tests/compat/layer-api-1.0/`) loads and runs in this host;
-//! * a plugin built against a later 1.x (a copy of this layer-api with the
+//! * a plugin built against interface 1.0 (the frozen copies of layer-abi
+//!   and layer-api in `tests/compat/`) loads and runs in this host;
+//! * a plugin built against a later 1.x (a copy of this layer-abi with the
 //!   minor version bumped, a table entry, a capability and a manifest field
-//!   added) loads and runs in this host, which never looks past what it knows;
+//!   added, and of this layer-api filling them in) loads and runs in this
+//!   host, which never looks past what it knows;
+//! * a plugin built against a layer-api of another major version, over the
+//!   same layer-abi, loads and runs: the interface's version is layer-abi's;
 //! * such a plugin that *needs* the capability this host lacks is refused
 //!   before it is opened, naming the capability;
 //! * a plugin of another major version, or one built against a copy whose
 //!   core types differ, is refused with a message saying what differs.
 //!
-//! Each copy of layer-api is built with its plugins in a temporary workspace
-//! that reuses the repository's Cargo.lock. Every build shares one target
-//! directory, `target/compat-builds`, so that abi_stable and the other
-//! dependencies compile once; later runs recompile only the small crates.
+//! Each pair of copies (layer-abi and layer-api) is built with its plugins in
+//! a temporary workspace that reuses the repository's Cargo.lock. Every build
+//! shares one target directory, `target/compat-builds`, so that abi_stable
+//! and the other dependencies compile once; later runs recompile only the
+//! small crates.
 
 mod support;
 
@@ -127,7 +131,7 @@ fn identity(type_name: &str, export_args: &str) -> String {
         .replace("TYPE", type_name)
 }
 
-// ---- building plugins against copies of layer-api ----
+// ---- building plugins against copies of layer-abi and layer-api ----
 
 /// The target directory every build here shares.
 fn target_dir() -> PathBuf {
@@ -138,8 +142,9 @@ fn target_dir() -> PathBuf {
 }
 
 /// The root manifest's `[workspace.package]` and `[workspace.dependencies]`,
-/// which the current layer-api's manifest inherits from, with layer-api
-/// itself named by path only (the copies carry other versions).
+/// which the current crates' manifests inherit from, with layer-abi and
+/// layer-api themselves named by path only (the copies carry other
+/// versions).
 fn inherited_tables() -> String {
     let manifest = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
     let mut keep = false;
@@ -154,16 +159,22 @@ fn inherited_tables() -> String {
         if !keep {
             continue;
         }
-        if line.starts_with("layer-api = ") {
-            tables.push_str("layer-api = { path = \"layer-api\" }\n");
+        if let Some(name) = ["layer-abi", "layer-api"]
+            .into_iter()
+            .find(|name| line.starts_with(&format!("{name} = ")))
+        {
+            tables.push_str(&format!("{name} = {{ path = \"{name}\" }}\n"));
         } else {
             tables.push_str(line);
             tables.push('\n');
         }
     }
     assert!(
-        tables.contains("[workspace.dependencies]") && tables.contains("abi_stable"),
-        "the root manifest has the tables layer-api inherits from:\n{tables}"
+        tables.contains("[workspace.dependencies]")
+            && tables.contains("abi_stable")
+            && tables.contains("layer-abi = { path = \"layer-abi\" }\n")
+            && tables.contains("layer-api = { path = \"layer-api\" }\n"),
+        "the root manifest has the tables layer-abi and layer-api inherit from:\n{tables}"
     );
     tables
 }
@@ -187,14 +198,23 @@ fn copy_crate(from: &Path, to: &Path) {
     copy_dir(&from.join("src"), &to.join("src"));
 }
 
-/// Builds each plugin (crate name, `lib.rs`) against the copy of layer-api
-/// that `api` writes into the folder it is given, all in one temporary
+/// Builds each plugin (crate name, `lib.rs`) against the copies of
+/// layer-abi and layer-api that `crates` writes into the workspace folder it
+/// is given (as `layer-abi/` and `layer-api/`), all in one temporary
 /// workspace. The libraries land in [`target_dir`]`/debug`; [`install`]
 /// copies them out.
-fn build(api: impl FnOnce(&Path), plugins: &[(&str, String)]) {
+fn build(crates: impl FnOnce(&Path), plugins: &[(&str, String)]) {
     let work = tempfile::tempdir().unwrap();
-    api(&work.path().join("layer-api"));
-    let members: Vec<String> = std::iter::once("layer-api")
+    crates(work.path());
+    let copies = ["layer-abi", "layer-api"];
+    for copy in copies {
+        assert!(
+            work.path().join(copy).join("Cargo.toml").is_file(),
+            "a copy of {copy} was written"
+        );
+    }
+    let members: Vec<String> = copies
+        .into_iter()
         .chain(plugins.iter().map(|(name, _)| *name))
         .map(|m| format!("{m:?}"))
         .collect();
@@ -297,28 +317,55 @@ fn insert_before_end(file: &Path, start: &str, end: &str, text: &str) {
     std::fs::write(file, content).unwrap();
 }
 
-/// Copies the current layer-api to `api`, with its crate version set to
-/// `version`.
-fn copy_current_api(api: &Path, version: &str) {
-    copy_crate(&repo_root().join("layer-api"), api);
-    edit(
-        &api.join("Cargo.toml"),
-        &format!("version = \"{}\"", layer_api::LAYER_API_VERSION),
-        &format!("version = \"{version}\""),
+/// Sets the package version in the crate manifest `manifest`.
+fn set_version(manifest: &Path, version: &str) {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("version = "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{} has one version line",
+        manifest.display()
     );
+    let line = lines[0];
+    edit(manifest, line, &format!("version = \"{version}\""));
+}
+
+/// Copies the current layer-abi and layer-api into the workspace folder
+/// `work`, each with its crate version set to the one given (`None`: as it
+/// is).
+fn copy_current_crates(work: &Path, abi_version: Option<&str>, api_version: Option<&str>) {
+    for (name, version) in [("layer-abi", abi_version), ("layer-api", api_version)] {
+        copy_crate(&repo_root().join(name), &work.join(name));
+        if let Some(version) = version {
+            set_version(&work.join(name).join("Cargo.toml"), version);
+        }
+    }
+}
+
+/// Copies the frozen interface 1.0 crates into the workspace folder `work`.
+fn frozen_1_0(work: &Path) {
+    let frozen = repo_root().join("tests/compat");
+    copy_crate(&frozen.join("layer-abi-1.0"), &work.join("layer-abi"));
+    copy_crate(&frozen.join("layer-api-1.0"), &work.join("layer-api"));
 }
 
 /// The minor version of the "future" copy: one past this host's.
 const FUTURE_MINOR: u32 = ABI_MINOR + 1;
 
-/// A copy of the current layer-api as a later 1.x would be: the minor
-/// version bumped, a table entry `teleport` appended and offered, a field
-/// `later` in the manifest, and an export macro that can say what the
-/// plugin needs (`export_layer!(T, needs = ["teleport"])`).
-fn future_api(api: &Path) {
+/// Copies of the current crates as a later 1.x would be: in layer-abi, the
+/// minor version bumped, a table entry `teleport` and its capability
+/// appended, and a field `later` in the manifest; in layer-api, the entry
+/// filled in and offered, and an export macro that can say what the plugin
+/// needs (`export_layer!(T, needs = ["teleport"])`).
+fn future_crates(work: &Path) {
     let minor = FUTURE_MINOR;
-    copy_current_api(api, &format!("{ABI_MAJOR}.{minor}.0"));
-    let abi = api.join("src/abi.rs");
+    let version = format!("{ABI_MAJOR}.{minor}.0");
+    copy_current_crates(work, Some(&version), Some(&version));
+    let abi = work.join("layer-abi/src/abi.rs");
     edit(
         &abi,
         &format!("pub const ABI_MINOR: u32 = {ABI_MINOR};"),
@@ -336,8 +383,13 @@ fn future_api(api: &Path) {
         "];",
         &format!(", (\"teleport\", {minor})"),
     );
+    edit(
+        &work.join("layer-abi/src/manifest.rs"),
+        "    w.raw(b\"}\");\n    w.buf",
+        "    w.raw(b\",\\\"later\\\":{\\\"x\\\":1}\");\n    w.raw(b\"}\");\n    w.buf",
+    );
 
-    let adapter = api.join("src/adapter.rs");
+    let adapter = work.join("layer-api/src/adapter.rs");
     edit(
         &adapter,
         "/// The table of the plugin whose layer is `L`.",
@@ -357,12 +409,6 @@ fn future_api(api: &Path) {
         "($layer:ty $(, needs = [$($need:literal),* $(,)?])?) => {",
     );
     edit(&adapter, "needs: &[],", "needs: &[$($($need),*)?],");
-
-    edit(
-        &api.join("src/manifest.rs"),
-        "    w.raw(b\"}\");\n    w.buf",
-        "    w.raw(b\",\\\"later\\\":{\\\"x\\\":1}\");\n    w.raw(b\"}\");\n    w.buf",
-    );
 }
 
 /// Builds, once per test run, `scale3` and `needs_teleport` against the
@@ -371,7 +417,7 @@ fn build_future_plugins() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         build(
-            future_api,
+            future_crates,
             &[
                 ("scale3", SCALE3.to_string()),
                 (
@@ -563,12 +609,16 @@ fn not_listed_but_warned(listing: &Run, plugins: &Path, plugin: &str, reason: &s
 
 #[test]
 fn a_plugin_built_against_interface_1_0_loads_and_runs() {
-    build(
-        |api| copy_crate(&repo_root().join("tests/compat/layer-api-1.0"), api),
-        &[("scale2", SCALE2.to_string())],
-    );
+    build(frozen_1_0, &[("scale2", SCALE2.to_string())]);
     let plugins = install(&["scale2"]);
     let library = plugins.path().join("libscale2.so");
+    // A 1.0 manifest names no abi_stable series (the host takes it for 0.11).
+    let manifest = manifest_text(&library);
+    assert!(
+        manifest.contains(r#""abi":[1,0],"layer_api":"1.0.0","#)
+            && !manifest.contains("abi_stable"),
+        "{manifest}"
+    );
 
     let listing = plugins_listing(plugins.path());
     assert_eq!(
@@ -646,6 +696,63 @@ fn a_plugin_built_against_a_later_minor_version_loads_and_runs() {
     );
 }
 
+/// What the split into layer-abi and layer-api is for: layer-api may go to
+/// another major version (an ndarray upgrade through its re-export, say)
+/// without refusing plugins, since the core types are layer-abi's, whose
+/// crate name and major version the layout check compares.
+#[test]
+fn a_plugin_built_against_another_major_version_of_layer_api_loads_and_runs() {
+    let api_major = layer_api::LAYER_API_VERSION
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .expect("layer-api has a major version")
+        + 1;
+    let api_version = format!("{api_major}.0.0");
+    build(
+        |work| copy_current_crates(work, None, Some(&api_version)),
+        &[("api_next_major", SCALE3.replace("Scale3", "ApiNextMajor"))],
+    );
+    let plugins = install(&["api_next_major"]);
+    let library = plugins.path().join("libapi_next_major.so");
+    let manifest = manifest_text(&library);
+    assert!(
+        manifest.contains(&format!(r#""abi":[{ABI_MAJOR},{ABI_MINOR}]"#))
+            && manifest.contains(&format!(r#""layer_api":"{api_version}""#)),
+        "{manifest}"
+    );
+
+    let listing = plugins_listing(plugins.path());
+    assert_eq!(
+        row(&listing, "api_next_major").expect("api_next_major is listed"),
+        [
+            "api_next_major",
+            "0.1.0",
+            host_interface().as_str(),
+            "y = 3x",
+            path_str(&library)
+        ]
+    );
+    assert!(
+        warnings(&listing, plugins.path()).is_empty(),
+        "{}",
+        listing.stderr
+    );
+
+    let (x, y) = run_one_layer(plugins.path(), "api_next_major");
+    assert_eq!(y, x.mapv(|v| 3.0 * v));
+    assert_eq!(y.as_slice().unwrap(), [3.0, -6.0, 10.5, 0.75, 0.0, -18.0]);
+    assert_eq!(bench_flops(plugins.path(), "api_next_major"), 4 * 3);
+
+    check_plugin_passes(
+        &library,
+        &format!(
+            "api_next_major 0.1.0, interface {0} (this host speaks {0}): y = 3x",
+            host_interface()
+        ),
+    );
+}
+
 #[test]
 fn a_later_plugin_that_needs_what_this_host_lacks_is_refused() {
     build_future_plugins();
@@ -681,9 +788,10 @@ fn a_later_plugin_that_needs_what_this_host_lacks_is_refused() {
 fn a_plugin_of_another_major_version_is_refused_naming_both_versions() {
     let major = ABI_MAJOR + 1;
     build(
-        |api| {
-            copy_current_api(api, &format!("{major}.0.0"));
-            let abi = api.join("src/abi.rs");
+        |work| {
+            let version = format!("{major}.0.0");
+            copy_current_crates(work, Some(&version), Some(&version));
+            let abi = work.join("layer-abi/src/abi.rs");
             edit(
                 &abi,
                 &format!("pub const ABI_MAJOR: u32 = {ABI_MAJOR};"),
@@ -720,25 +828,27 @@ fn a_plugin_of_another_major_version_is_refused_naming_both_versions() {
 #[test]
 fn a_plugin_whose_core_types_differ_is_refused_by_the_layout_check() {
     // The same interface version, but a core type with another field: a
-    // modified copy of layer-api.
+    // modified copy of layer-abi.
     build(
-        |api| {
-            copy_current_api(api, layer_api::LAYER_API_VERSION);
+        |work| {
+            copy_current_crates(work, None, None);
             insert_before_end(
-                &api.join("src/abi.rs"),
+                &work.join("layer-abi/src/abi.rs"),
                 "pub struct TensorRef<'a> {",
                 "\n}\n",
                 "\n    pub strides: RSlice<'a, isize>,",
             );
-            // Where the copy itself makes a `TensorRef`.
-            for entry in std::fs::read_dir(api.join("src")).unwrap() {
-                let file = entry.unwrap().path();
-                let text = std::fs::read_to_string(&file).unwrap();
-                let text = text.replace(
-                    "TensorRef {\n",
-                    "TensorRef {\n strides: RSlice::from_slice(&[]),\n",
-                );
-                std::fs::write(&file, text).unwrap();
+            // Where the copies themselves make a `TensorRef`.
+            for copy in ["layer-abi", "layer-api"] {
+                for entry in std::fs::read_dir(work.join(copy).join("src")).unwrap() {
+                    let file = entry.unwrap().path();
+                    let text = std::fs::read_to_string(&file).unwrap();
+                    let text = text.replace(
+                        "TensorRef {\n",
+                        "TensorRef {\n strides: RSlice::from_slice(&[]),\n",
+                    );
+                    std::fs::write(&file, text).unwrap();
+                }
             }
         },
         &[("wide_tensor", identity("WideTensor", "WideTensor"))],
@@ -763,6 +873,17 @@ fn a_plugin_whose_core_types_differ_is_refused_by_the_layout_check() {
     assert!(
         !summary.is_empty() && !summary.contains('\n'),
         "a one-line summary: {err}"
+    );
+    // The first difference the check meets: a `ParamRef` (a name and a
+    // `TensorRef`) one slice, a pointer and a length, longer.
+    let size = std::mem::size_of::<layer_api::abi::ParamRef<'static>>();
+    assert_eq!(
+        summary,
+        format!(
+            "incompatible type size, expected {size}, found {}",
+            size + 2 * std::mem::size_of::<usize>()
+        ),
+        "{err}"
     );
 
     let verbose = run_one_layer_fails(plugins.path(), "wide_tensor", true);

@@ -48,11 +48,13 @@
 //! export_layer!(Negate);
 //! ```
 
-pub mod abi;
+/// The binary interface (the `layer-abi` crate): for hosts.
+pub use layer_abi::abi;
 mod adapter;
 mod authoring;
 mod init;
-pub mod manifest;
+/// The plugin manifest (the `layer-abi` crate): for hosts.
+pub use layer_abi::manifest;
 pub mod testing;
 
 pub use abi::DType;
@@ -74,7 +76,8 @@ pub use half;
 
 /// The version of this crate, recorded in each plugin's manifest for
 /// information. Compatibility is decided by the interface version
-/// ([`abi::ABI_MAJOR`], [`abi::ABI_MINOR`]), not by this.
+/// ([`abi::ABI_MAJOR`], [`abi::ABI_MINOR`]), which is `layer-abi`'s, not by
+/// this.
 pub const LAYER_API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the export macro expands to; not part of the public API.
