@@ -809,7 +809,7 @@ fn a_plugin_of_another_major_version_is_refused_naming_both_versions() {
     let library = plugins.path().join("libnext_major.so");
     let reason = format!(
         "{}: built for layer interface {major}.0, but this host speaks {}; rebuild the plugin \
-         against layer-api {ABI_MAJOR}.x",
+         against a layer-api of interface {ABI_MAJOR}.x",
         library.display(),
         host_interface()
     );
@@ -863,8 +863,8 @@ fn a_plugin_whose_core_types_differ_is_refused_by_the_layout_check() {
         library.display()
     );
     let suffix = format!(
-        "): built against a modified copy of layer-api? Rebuild it against layer-api \
-         {ABI_MAJOR}.x (--verbose shows the full report)\n"
+        "): built against a modified copy of layer-abi? Rebuild it against a layer-api of \
+         interface {ABI_MAJOR}.x (--verbose shows the full report)\n"
     );
     let summary = err
         .strip_prefix(&prefix)

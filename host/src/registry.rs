@@ -58,14 +58,14 @@ pub enum PluginError {
     BadManifest { path: PathBuf, reason: String },
     #[error(
         "{}: built for layer interface {}.{}, but this host speaks {}.{}; rebuild the plugin \
-         against layer-api {}.x",
+         against a layer-api of interface {}.x",
         .path.display(), .plugin.0, .plugin.1, abi::ABI_MAJOR, abi::ABI_MINOR, abi::ABI_MAJOR
     )]
     Incompatible { path: PathBuf, plugin: (u32, u32) },
     #[error(
         "{}: its interface table does not match layer interface {}.x as this host knows it \
-         ({summary}): built against a modified copy of layer-api? Rebuild it against layer-api \
-         {}.x (--verbose shows the full report)",
+         ({summary}): built against a modified copy of layer-abi? Rebuild it against a \
+         layer-api of interface {}.x (--verbose shows the full report)",
         .path.display(), abi::ABI_MAJOR, abi::ABI_MAJOR
     )]
     Layout {
@@ -531,7 +531,8 @@ fn check_manifest(path: &Path, m: &Manifest) -> Result<(), PluginError> {
             path: path.to_path_buf(),
             reason: format!(
                 "it was built with abi_stable {}, whose layout descriptions this host (built \
-                 with abi_stable {}) cannot read; rebuild it against layer-api {}.x",
+                 with abi_stable {}) cannot read; rebuild it against a layer-api of interface \
+                 {}.x",
                 m.abi_stable,
                 abi::ABI_STABLE_VERSION,
                 abi::ABI_MAJOR

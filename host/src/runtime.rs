@@ -2,7 +2,7 @@
 //! created, element types, shapes and parameters planned for an input
 //! before any computation, then the forward pass, layer by layer.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 
 use abi_stable::std_types::{RSlice, RSliceMut, RStr};
 use layer_api::abi::{LayerError, LayerHandle, ParamRef, PreparedHandle, TensorMut, TensorRef};
@@ -22,9 +22,11 @@ pub struct ModelLayer {
     pub name: String,
     pub plugin: &'static LoadedPlugin,
     pub signature: Signature,
-    handle: LayerHandle,
     /// Set once the layer object is destroyed ([`ModelLayer::close`]).
-    closed: AtomicBool,
+    /// The plugin's layer object; `None` once destroyed. Every call holds
+    /// the read lock, so [`ModelLayer::close`] (the write lock) waits for
+    /// calls in flight and no call can reach a destroyed layer.
+    handle: RwLock<Option<LayerHandle>>,
 }
 
 /// What a layer prepared from one parameter set; freed when dropped.
@@ -77,11 +79,10 @@ impl ModelLayer {
                 inputs: Vec::new(),
                 outputs: Vec::new(),
             },
-            handle,
-            closed: AtomicBool::new(false),
+            handle: RwLock::new(Some(handle)),
         };
-        let signature = (plugin.core.signature)(layer.handle())
-            .into_result()
+        let signature = layer
+            .with_handle(|h| (plugin.core.signature)(h).into_result())?
             .map_err(|e| layer.error(e))?;
         layer.signature = Signature {
             inputs: signature
@@ -130,12 +131,16 @@ impl ModelLayer {
         Ok(())
     }
 
-    fn handle(&self) -> &LayerHandle {
-        debug_assert!(
-            !self.closed.load(Ordering::Relaxed),
-            "a layer is used only until it is closed"
-        );
-        &self.handle
+    /// Calls `f` with the layer object, or refuses once it is destroyed.
+    fn with_handle<R>(&self, f: impl FnOnce(&LayerHandle) -> R) -> Result<R, Error> {
+        let guard = self.handle.read().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(handle) => Ok(f(handle)),
+            None => {
+                Err(self
+                    .plain_error("was used after it was closed (a bug in the host)".to_string()))
+            }
+        }
     }
 
     pub(crate) fn error(&self, e: LayerError) -> Error {
@@ -172,7 +177,9 @@ impl ModelLayer {
     /// say, or its plugin predates `flops`).
     pub fn flops(&self, plan: &LayerPlan) -> u64 {
         match self.plugin.table.flops() {
-            Some(flops) => flops(self.handle(), RSlice::from_slice(&plan.descs())),
+            Some(flops) => self
+                .with_handle(|h| flops(h, RSlice::from_slice(&plan.descs())))
+                .unwrap_or(0),
             None => 0,
         }
     }
@@ -181,15 +188,14 @@ impl ModelLayer {
     /// whose answer fails claims nothing.
     pub fn batch_independent(&self) -> bool {
         matches!(
-            (self.plugin.core.batch_independent)(self.handle()).into_result(),
-            Ok(true)
+            self.with_handle(|h| (self.plugin.core.batch_independent)(h).into_result()),
+            Ok(Ok(true))
         )
     }
 
     /// The inputs the layer asks `check-plugin` to try.
     pub fn probes(&self) -> Result<Vec<layer_api::abi::ProbeCase>, Error> {
-        (self.plugin.core.probes)(self.handle())
-            .into_result()
+        self.with_handle(|h| (self.plugin.core.probes)(h).into_result())?
             .map(|p| p.into_vec())
             .map_err(|e| self.error(e))
     }
@@ -252,8 +258,10 @@ impl ModelLayer {
             output_shape: Vec::new(),
             params: Vec::new(),
         };
-        let answer = (self.plugin.core.plan)(self.handle(), RSlice::from_slice(&plan.descs()))
-            .into_result()
+        let answer = self
+            .with_handle(|h| {
+                (self.plugin.core.plan)(h, RSlice::from_slice(&plan.descs())).into_result()
+            })?
             .map_err(|e| self.error(e))?;
         if answer.outputs.len() != s.outputs.len() {
             return Err(self.plain_error(format!(
@@ -342,13 +350,16 @@ impl ModelLayer {
         params: &[ParamRef<'_>],
     ) -> Result<PreparedData<'_>, Error> {
         let handle = match self.plugin.table.prepare() {
-            Some(prepare) if self.plugin.table.drop_prepared().is_some() => prepare(
-                self.handle(),
-                RSlice::from_slice(&plan.descs()),
-                RSlice::from_slice(params),
-            )
-            .into_result()
-            .map_err(|e| self.error(e))?,
+            Some(prepare) if self.plugin.table.drop_prepared().is_some() => self
+                .with_handle(|h| {
+                    prepare(
+                        h,
+                        RSlice::from_slice(&plan.descs()),
+                        RSlice::from_slice(params),
+                    )
+                    .into_result()
+                })?
+                .map_err(|e| self.error(e))?,
             _ => PreparedHandle::NONE,
         };
         Ok(PreparedData {
@@ -362,8 +373,8 @@ impl ModelLayer {
             return Ok(());
         }
         match self.plugin.table.drop_prepared() {
-            Some(drop_prepared) => drop_prepared(self.handle(), handle)
-                .into_result()
+            Some(drop_prepared) => self
+                .with_handle(|h| drop_prepared(h, handle).into_result())?
                 .map_err(|e| self.error(e)),
             None => Ok(()),
         }
@@ -430,8 +441,15 @@ impl ModelLayer {
         params: &[ParamRef<'_>],
         outputs: &mut [TensorMut<'_>],
     ) -> Result<(), LayerError> {
+        let guard = self.handle.read().unwrap_or_else(|p| p.into_inner());
+        let Some(handle) = guard.as_ref() else {
+            return Err(LayerError {
+                panicked: false,
+                message: "was used after it was closed (a bug in the host)".into(),
+            });
+        };
         (self.plugin.core.forward)(
-            self.handle(),
+            handle,
             prepared,
             RSlice::from_slice(inputs),
             RSlice::from_slice(params),
@@ -440,13 +458,18 @@ impl ModelLayer {
         .into_result()
     }
 
-    /// Destroys the layer object, reporting a panic in its `Drop`. The
-    /// layer must not be used after.
+    /// Destroys the layer object, reporting a panic in its `Drop`; waits
+    /// for calls in flight. Later calls are refused with an error.
     pub fn close(&self) -> Result<(), Error> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        let taken = self
+            .handle
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(handle) = taken else {
             return Ok(());
-        }
-        (self.plugin.core.drop_layer)(LayerHandle(self.handle.0))
+        };
+        (self.plugin.core.drop_layer)(handle)
             .into_result()
             .map_err(|e| {
                 let mut error = self.error(e);
