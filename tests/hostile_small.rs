@@ -182,6 +182,32 @@ fn bench_refuses_times_sizes_and_thread_counts_out_of_range() {
             &format!("'{threads}' is not a thread count: give a number from 1 to "),
         );
     }
+    // Within the row limit but past the memory budget: refused before
+    // anything is allocated, naming the input, its size and the budget.
+    let err = bench(&["--batch", "4294967296"]).failed().to_string();
+    assert!(
+        err.contains(
+            "the made-up input 'input' of shape (4294967296, 64) float32 needs 1099511627776 \
+             bytes, more than the memory budget of"
+        ),
+        "{err}"
+    );
+    let err = host(&[
+        "bench",
+        "models/mlp.json",
+        "--batch",
+        "2",
+        "--features",
+        &max,
+    ])
+    .failed()
+    .to_string();
+    assert!(
+        err.contains(&format!(
+            "the made-up input 'input' of shape (2, {max}) float32 needs"
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -122,6 +122,23 @@ pub fn bench(opts: BenchOptions) -> Result<(), Error> {
         )));
     }
     let specs: Vec<TensorSpec> = specs.into_iter().flatten().collect();
+    // A made-up input is allocated here, before any layer sees it: its size
+    // (from --batch, --features, --input-shape or a declared shape) must fit
+    // the memory budget, checked without overflow.
+    for (i, spec) in specs.iter().enumerate() {
+        if tensors[i].is_some() {
+            continue;
+        }
+        if let Err(over) = crate::budget::check_shape(&spec.shape, spec.dtype.size()) {
+            return Err(Error::Usage(format!(
+                "the made-up input '{}' of shape {} {} {over}; give smaller sizes \
+                 (--batch, --features, --input-shape)",
+                model.spec.inputs[i].name,
+                crate::budget::shape_text(&spec.shape),
+                spec.dtype
+            )));
+        }
+    }
     let plans = model.plan_inputs(&specs)?;
     let inputs = tensors
         .into_iter()
