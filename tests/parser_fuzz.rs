@@ -1,19 +1,36 @@
-//! Property tests for the two parsers that read what users hand the host:
-//! the model file (`ModelSpec::parse`) and `.npy` inputs (`npy`). Whatever
-//! the bytes, each returns a value or an error and never panics; what it
-//! accepts is consistent with what it was given.
+//! Property tests for the parsers that read what users hand the host: the
+//! model file (`ModelSpec::parse`), `.npy` inputs (`npy`), `.npz` archives
+//! (`npz`, inputs and parameter files alike) and safetensors parameter
+//! files (`ParamFile`). Whatever the bytes, each returns a value or an error
+//! and never panics; what it accepts is consistent with what it was given.
+//! The memory budget is on, and small ([`FUZZ_BUDGET`]): sizes past it are
+//! refused, not allocated.
 //!
 //! `cargo test` runs 256 cases per property; set `PROPTEST_CASES` for a
 //! longer run. Crashes found by longer runs are kept as the `regression_`
 //! tests at the end.
 
+use std::io::Write;
 use std::path::Path;
 
 use host::model::ModelSpec;
 use host::npy::{read_f32_bytes, write_f32, NpyError};
+use host::param_file::ParamFile;
+use host::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
+
+/// The memory budget every property runs under: far above what the
+/// generated arrays hold, far below the sizes their headers may claim.
+const FUZZ_BUDGET: u64 = 1 << 20;
+
+/// Sets the budget (the first call in the process does; every property
+/// calls it first, so none runs under the default).
+fn budget_on() {
+    host::budget::set_limit(FUZZ_BUDGET);
+    assert_eq!(host::budget::limit(), FUZZ_BUDGET);
+}
 
 // ---- .npy ----
 
@@ -119,11 +136,13 @@ fn bits(array: &ArrayD<f32>) -> Vec<u32> {
 proptest! {
     #[test]
     fn npy_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        budget_on();
         let _ = read_f32_bytes(&bytes);
     }
 
     #[test]
     fn npy_assembled_headers_never_panic_and_accepted_data_fits(bytes in npy_file()) {
+        budget_on();
         if let Ok(array) = read_f32_bytes(&bytes) {
             // Every element came from the data bytes, each at least one byte.
             prop_assert!(array.len() <= bytes.len());
@@ -132,6 +151,7 @@ proptest! {
 
     #[test]
     fn npy_written_arrays_read_back_bit_for_bit(array in small_array()) {
+        budget_on();
         let back = read_f32_bytes(&written(&array)).expect("a written file reads");
         prop_assert_eq!(back.shape(), array.shape());
         prop_assert_eq!(bits(&back), bits(&array));
@@ -143,6 +163,7 @@ proptest! {
         cut in any::<prop::sample::Index>(),
         extra in 1usize..8,
     ) {
+        budget_on();
         let bytes = written(&array);
         let at = cut.index(bytes.len());
         prop_assert!(read_f32_bytes(&bytes[..at]).is_err());
@@ -157,12 +178,241 @@ proptest! {
         array in small_array(),
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
     ) {
+        budget_on();
         let mut bytes = written(&array);
         for (at, value) in flips {
             let i = at.index(bytes.len());
             bytes[i] = value;
         }
         let _ = read_f32_bytes(&bytes);
+    }
+}
+
+// ---- .npz archives ----
+
+/// One member: a name (few, so that some repeat), and `.npy` bytes that
+/// may be anything the `.npy` strategies make.
+fn npz_member() -> impl Strategy<Value = (String, Vec<u8>)> {
+    (
+        prop::sample::select(vec![
+            "a.npy",
+            "b.npy",
+            "c.npy",
+            "x.npy",
+            "a",
+            "dir/a.npy",
+            "",
+        ]),
+        prop_oneof![
+            2 => small_array().prop_map(|a| written(&a)),
+            2 => npy_file(),
+            1 => prop::collection::vec(any::<u8>(), 0..64),
+        ],
+    )
+        .prop_map(|(name, bytes)| (name.to_string(), bytes))
+}
+
+/// An archive of `members`, stored or deflated, as the zip writer makes
+/// it (it refuses a repeated name itself: that member is left out).
+fn zip_of(members: &[(String, Vec<u8>)], deflate: bool) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let method = if deflate {
+        zip::CompressionMethod::Deflated
+    } else {
+        zip::CompressionMethod::Stored
+    };
+    let options = zip::write::SimpleFileOptions::default().compression_method(method);
+    for (name, bytes) in members {
+        if zip.start_file(name.as_str(), options).is_ok() {
+            zip.write_all(bytes).expect("writing to memory");
+        }
+    }
+    zip.finish().expect("finishing in memory").into_inner()
+}
+
+/// Overwrites the declared uncompressed size of every member (local
+/// headers and central directory) with `size`, as a hostile archive would.
+fn declare_size(bytes: &mut [u8], size: u32) {
+    for at in 0..bytes.len().saturating_sub(30) {
+        let field = match &bytes[at..at + 4] {
+            b"PK\x03\x04" => at + 22,
+            b"PK\x01\x02" => at + 24,
+            _ => continue,
+        };
+        bytes[field..field + 4].copy_from_slice(&size.to_le_bytes());
+    }
+}
+
+/// Bytes of element data a tensor holds.
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.bytes().len()
+}
+
+proptest! {
+    #[test]
+    fn npz_arbitrary_bytes_never_panic(
+        zip_like in any::<bool>(),
+        tail in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        budget_on();
+        let mut bytes = if zip_like { b"PK\x03\x04".to_vec() } else { Vec::new() };
+        bytes.extend(tail);
+        let _ = host::npz::read(bytes);
+    }
+
+    #[test]
+    fn npz_assembled_archives_never_panic_and_accepted_arrays_fit(
+        members in prop::collection::vec(npz_member(), 0..5),
+        deflate in any::<bool>(),
+    ) {
+        budget_on();
+        let bytes = zip_of(&members, deflate);
+        let uncompressed: usize = members.iter().map(|(_, b)| b.len()).sum();
+        if let Ok(arrays) = host::npz::read(bytes) {
+            let mut names: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            prop_assert_eq!(names.len(), arrays.len());
+            // Each element came from the member's bytes, which were at most
+            // 8 per element converted to at most 8 bytes in memory.
+            let held: usize = arrays.iter().map(|(_, t)| tensor_bytes(t)).sum();
+            prop_assert!(held <= 8 * uncompressed, "{} from {}", held, uncompressed);
+        }
+    }
+
+    #[test]
+    fn npz_written_archives_read_back(arrays in prop::collection::vec(small_array(), 0..4)) {
+        budget_on();
+        let tensors: Vec<Tensor> = arrays.iter().cloned().map(Tensor::F32).collect();
+        let names: Vec<String> = (0..tensors.len()).map(|i| format!("t{i}")).collect();
+        let pairs: Vec<(&str, &Tensor)> =
+            names.iter().map(String::as_str).zip(&tensors).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        host::npz::write(&mut bytes, &pairs).expect("writing to memory");
+        let back = host::npz::read(bytes.into_inner()).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(back.len(), tensors.len());
+        for ((name, t), (want_name, want)) in back.iter().zip(names.iter().zip(&tensors)) {
+            prop_assert_eq!(name, want_name);
+            prop_assert_eq!(t, want);
+        }
+    }
+
+    #[test]
+    fn npz_corrupted_or_lying_archives_never_panic(
+        members in prop::collection::vec(npz_member(), 1..4),
+        deflate in any::<bool>(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        declared in prop::option::of(prop_oneof![
+            Just(0u32),
+            1u32..200,
+            Just(FUZZ_BUDGET as u32 + 1),
+            Just(u32::MAX),
+        ]),
+    ) {
+        budget_on();
+        let mut bytes = zip_of(&members, deflate);
+        if let Some(size) = declared {
+            declare_size(&mut bytes, size);
+        }
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = value;
+        }
+        let result = host::npz::read(bytes.clone());
+        // A member declared past the budget is never read into memory.
+        if declared.is_some_and(|d| u64::from(d) > FUZZ_BUDGET) && bytes.len() < 1 << 16 {
+            if let Ok(arrays) = &result {
+                prop_assert!(arrays.is_empty(), "read {} arrays", arrays.len());
+            }
+        }
+        let _ = ParamFile::from_bytes(Path::new("fuzz/p.npz"), bytes);
+    }
+}
+
+// ---- safetensors ----
+
+/// A safetensors file: an 8-byte header length (right or wrong), a JSON
+/// header whose entries' dtypes, shapes and offsets may be wrong (or, half
+/// the time, offsets laid end to end as the shapes say, with that much
+/// data), and data.
+fn safetensors_file() -> impl Strategy<Value = Vec<u8>> {
+    let entry = (
+        prop::sample::select(vec!["F32", "F64", "F16", "BF16", "I32", "U8", "BOOL", "X"]),
+        prop::collection::vec(dim(), 0..4),
+        0u64..64,
+        0u64..64,
+    );
+    (
+        prop::collection::vec(entry, 0..4),
+        any::<bool>(),
+        prop::collection::vec(any::<u8>(), 0..128),
+        prop_oneof![3 => Just(0i64), 1 => -8i64..8, 1 => Just(1i64 << 40)],
+    )
+        .prop_map(|(entries, consistent, data, skew)| {
+            let mut header = Map::new();
+            let mut end = 0u64;
+            for (i, (dtype, shape, start, len)) in entries.into_iter().enumerate() {
+                let (start, len) = if consistent {
+                    let size = match dtype {
+                        "F64" => 8,
+                        "F32" | "I32" => 4,
+                        "F16" | "BF16" => 2,
+                        _ => 1,
+                    };
+                    let bytes = shape
+                        .iter()
+                        .try_fold(size, |n: u64, &d| n.checked_mul(d))
+                        .filter(|&b| b <= 1024)
+                        .unwrap_or(0);
+                    (end, bytes)
+                } else {
+                    (start, len)
+                };
+                end = start + len;
+                header.insert(
+                    format!("t{i}"),
+                    json!({"dtype": dtype, "shape": shape, "data_offsets": [start, start + len]}),
+                );
+            }
+            let text = Value::Object(header).to_string();
+            let len = (text.len() as i64).wrapping_add(skew) as u64;
+            let mut bytes = len.to_le_bytes().to_vec();
+            bytes.extend_from_slice(text.as_bytes());
+            if consistent {
+                bytes.extend((0..end).map(|i| {
+                    data.get(i as usize % data.len().max(1))
+                        .copied()
+                        .unwrap_or(0)
+                }));
+            } else {
+                bytes.extend(data);
+            }
+            bytes
+        })
+}
+
+proptest! {
+    #[test]
+    fn safetensors_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        budget_on();
+        let _ = ParamFile::from_bytes(Path::new("fuzz/p.safetensors"), bytes);
+    }
+
+    #[test]
+    fn safetensors_assembled_headers_never_panic_and_accepted_tensors_fit(
+        bytes in safetensors_file(),
+    ) {
+        budget_on();
+        if let Ok(file) = ParamFile::from_bytes(Path::new("fuzz/p.safetensors"), bytes.clone()) {
+            for tensor in file.tensors.values() {
+                let elements = tensor.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                prop_assert!(elements.is_some());
+                if let Ok(values) = &tensor.values {
+                    prop_assert_eq!(Some(values.len()), elements);
+                    prop_assert!(values.len() <= bytes.len());
+                }
+            }
+        }
     }
 }
 
@@ -307,6 +557,7 @@ fn header_only(header: &str) -> Vec<u8> {
 /// shape (0, 18446744073709551615) within seconds.
 #[test]
 fn regression_empty_shape_with_huge_axes_is_refused_not_a_panic() {
+    budget_on();
     let header =
         |shape: &str| format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}\n");
     assert_eq!(

@@ -51,6 +51,11 @@ impl ParamFile {
             path: path.to_path_buf(),
             source,
         })?;
+        ParamFile::from_bytes(path, bytes)
+    }
+
+    /// Reads a safetensors or `.npz` file's `bytes`, as read from `path`.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<ParamFile, Error> {
         let error = |message: String| Error::Params {
             path: path.to_path_buf(),
             message,
