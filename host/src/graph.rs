@@ -4,7 +4,7 @@
 //! references, cycles, inputs nobody reads and nodes nobody uses are refused
 //! with one line naming them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::Error;
 use crate::model::{ModelSpec, NodeInputs};
@@ -39,6 +39,20 @@ impl Graph {
             path: spec.path.clone(),
             message,
         };
+        let names = Names {
+            inputs: spec
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(i, input)| (input.name.as_str(), i))
+                .collect(),
+            nodes: spec
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, layer)| (layer.name.as_str(), i))
+                .collect(),
+        };
         let mut sources = Vec::with_capacity(spec.layers.len());
         for (node, layer) in spec.layers.iter().enumerate() {
             let signature = signatures[node];
@@ -58,7 +72,7 @@ impl Graph {
                         )));
                     }
                     for (i, r) in refs.iter().enumerate() {
-                        wired[i] = Some(resolve_ref(spec, signatures, r, &place(""))?);
+                        wired[i] = Some(resolve_ref(spec, &names, signatures, r, &place(""))?);
                     }
                 }
                 NodeInputs::Named(refs) => {
@@ -70,7 +84,7 @@ impl Graph {
                                 port_names(signature)
                             ))
                         })?;
-                        wired[i] = Some(resolve_ref(spec, signatures, r, &place(""))?);
+                        wired[i] = Some(resolve_ref(spec, &names, signatures, r, &place(""))?);
                     }
                 }
             }
@@ -89,7 +103,7 @@ impl Graph {
 
         let mut outputs = Vec::with_capacity(spec.outputs.len());
         for r in &spec.outputs {
-            let source = resolve_ref(spec, signatures, r, "\"outputs\"")?;
+            let source = resolve_ref(spec, &names, signatures, r, "\"outputs\"")?;
             outputs.push((r.clone(), source));
         }
 
@@ -97,12 +111,19 @@ impl Graph {
 
         // Everything declared must be used: an input nobody reads, or a
         // node whose outputs reach nothing, is a mistake in the file.
-        let read: Vec<Source> = sources
+        let read: std::collections::HashSet<Source> = sources
             .iter()
             .flatten()
             .flatten()
             .copied()
             .chain(outputs.iter().map(|(_, s)| *s))
+            .collect();
+        let read_nodes: std::collections::HashSet<usize> = read
+            .iter()
+            .filter_map(|s| match s {
+                Source::Node { node, .. } => Some(*node),
+                Source::Input(_) => None,
+            })
             .collect();
         for (i, input) in spec.inputs.iter().enumerate() {
             if !read.contains(&Source::Input(i)) {
@@ -113,10 +134,7 @@ impl Graph {
             }
         }
         for (n, layer) in spec.layers.iter().enumerate() {
-            if !read
-                .iter()
-                .any(|s| matches!(s, Source::Node { node, .. } if *node == n))
-            {
+            if !read_nodes.contains(&n) {
                 return Err(invalid(format!(
                     "node '{}' is never used: no node reads its outputs and none is a model \
                      output",
@@ -163,10 +181,17 @@ fn port_names(signature: &Signature) -> String {
         .join(", ")
 }
 
+/// The model's input and node names, for looking references up.
+struct Names<'a> {
+    inputs: HashMap<&'a str, usize>,
+    nodes: HashMap<&'a str, usize>,
+}
+
 /// What a reference names: a model input, a node's only output, or
 /// `node:output`.
 fn resolve_ref(
     spec: &ModelSpec,
+    names: &Names<'_>,
     signatures: &[&Signature],
     reference: &str,
     place: &str,
@@ -175,7 +200,7 @@ fn resolve_ref(
         path: spec.path.clone(),
         message,
     };
-    let node_index = |name: &str| spec.layers.iter().position(|l| l.name == name);
+    let node_index = |name: &str| names.nodes.get(name).copied();
     if let Some((node, output)) = reference.split_once(':') {
         let n = node_index(node).ok_or_else(|| {
             invalid(format!(
@@ -197,7 +222,7 @@ fn resolve_ref(
             })?;
         return Ok(Source::Node { node: n, output: o });
     }
-    if let Some(i) = spec.inputs.iter().position(|i| i.name == reference) {
+    if let Some(&i) = names.inputs.get(reference) {
         return Ok(Source::Input(i));
     }
     if let Some(n) = node_index(reference) {

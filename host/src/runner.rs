@@ -371,6 +371,7 @@ fn assign_buffers(
     param_bytes: Option<u128>,
 ) -> Result<(Vec<Option<Tensor>>, BTreeMap<Source, usize>, usize), Error> {
     let last_use = model.graph.last_use();
+    let dies_at = dying_node_tensors(model, &last_use);
     let mut slots: Vec<TensorSpec> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut slot_of = BTreeMap::new();
@@ -387,10 +388,8 @@ fn assign_buffers(
             slot_of.insert(source, slot);
         }
         // Free what this step read last, and outputs nobody reads.
-        for (source, &last) in &last_use {
-            if last == step && matches!(source, Source::Node { .. }) {
-                free.push(slot_of[source]);
-            }
+        for source in &dies_at[step] {
+            free.push(slot_of[source]);
         }
         for o in 0..plans[node].outputs.len() {
             let source = Source::Node { node, output: o };
@@ -438,6 +437,7 @@ fn assign_buffers(
 /// without allocating anything.
 pub fn planned_peak_bytes(model: &Model, plans: &[LayerPlan], inputs: &[TensorSpec]) -> usize {
     let last_use = model.graph.last_use();
+    let dies_at = dying_node_tensors(model, &last_use);
     // Saturating: each tensor was checked against the memory budget when
     // planned, but a sum of them need not fit.
     let bytes = |spec: &TensorSpec| {
@@ -453,10 +453,8 @@ pub fn planned_peak_bytes(model: &Model, plans: &[LayerPlan], inputs: &[TensorSp
             .map(bytes)
             .fold(live, usize::saturating_add);
         peak = peak.max(live);
-        for (source, &last) in &last_use {
-            if last == step && matches!(source, Source::Node { .. }) {
-                live = live.saturating_sub(bytes(model.source_spec(plans, inputs, *source)));
-            }
+        for source in &dies_at[step] {
+            live = live.saturating_sub(bytes(model.source_spec(plans, inputs, *source)));
         }
         for (o, spec) in plans[node].outputs.iter().enumerate() {
             if !last_use.contains_key(&Source::Node { node, output: o }) {
@@ -465,6 +463,18 @@ pub fn planned_peak_bytes(model: &Model, plans: &[LayerPlan], inputs: &[TensorSp
         }
     }
     peak
+}
+
+/// Per step, the node outputs whose last reader runs at that step (model
+/// inputs are the caller's, never freed here).
+fn dying_node_tensors(model: &Model, last_use: &BTreeMap<Source, usize>) -> Vec<Vec<Source>> {
+    let mut dies_at = vec![Vec::new(); model.graph.order.len()];
+    for (source, &last) in last_use {
+        if let (Source::Node { .. }, Some(step)) = (source, dies_at.get_mut(last)) {
+            step.push(*source);
+        }
+    }
+    dies_at
 }
 
 /// Which tensors carry the model's batch along axis 0: format-1 input (of
