@@ -191,13 +191,13 @@ fn a_parameter_config_past_the_budget_is_refused_naming_layer_size_and_budget() 
         ],
     );
     // Without --max-memory the default budget, derived from the limit the
-    // host runs under, refuses it too (at the output, which comes first).
+    // host runs under, refuses it too.
     let run = limited(&["run", &model, "--input", &x, PLUGIN_DIR_FLAG, &plugins]);
     assert_refused(
         &run,
         &[
-            "layer '0' (plugin 'mydense'): output 'output' of shape (2, 1000000000000) needs \
-             8000000000000 bytes, more than the memory budget of",
+            "layer '0' (plugin 'mydense'): parameter 'weight' of shape (64, 1000000000000) \
+             needs 256000000000000 bytes, more than the memory budget of",
             "RLIMIT_AS",
             "--max-memory",
         ],
@@ -262,7 +262,7 @@ fn sizes_past_64_bits_are_counted_exactly_not_wrapped() {
             &limited(&args),
             &[
                 "output 'output' of shape (2, 4611686018427387904) needs 36893488147419103232 \
-               bytes, more than the memory budget of",
+                 bytes, more than any array can hold (9223372036854775807 bytes)",
             ],
         );
     }
@@ -284,6 +284,79 @@ fn sizes_past_64_bits_are_counted_exactly_not_wrapped() {
     let text = run.ok();
     assert!(text.contains("64000000000000"), "{text}");
     assert!(text.contains("total: 65000000000000 parameters"), "{text}");
+}
+
+#[test]
+fn a_declared_output_past_the_budget_is_refused_naming_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    // Parameters of 8 000 000 bytes fit; the output of 3 rows, 12 000 000,
+    // does not.
+    let model = model_file(
+        &dir,
+        r#"[{"type": "mydense", "config": {"units": 1000000}}]"#,
+    );
+    let x = input_file(&dir, &[3, 1]);
+    let out = dir.path().join("y.npy");
+    let plugins = plugin_dir_str();
+    let run = limited(&[
+        "run",
+        &model,
+        "--input",
+        &x,
+        "--output",
+        path_str(&out),
+        "--max-memory",
+        "10000000",
+        PLUGIN_DIR_FLAG,
+        &plugins,
+    ]);
+    assert_refused(
+        &run,
+        &[
+            "layer '0' (plugin 'mydense'): output 'output' of shape (3, 1000000) needs 12000000 \
+           bytes, more than the memory budget of 10000000 bytes (--max-memory)",
+        ],
+    );
+    // Printed, the whole output would be held at once.
+    let run = limited(&[
+        "run",
+        &model,
+        "--input",
+        &x,
+        "--max-memory",
+        "10000000",
+        PLUGIN_DIR_FLAG,
+        &plugins,
+    ]);
+    assert_refused(
+        &run,
+        &["the output of shape (3, 1000000) is printed whole, and needs 12000000 bytes"],
+    );
+}
+
+#[test]
+fn an_input_larger_than_the_budget_still_streams_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // 4 MiB in and out, through a budget of 2 MiB: chunks of rows.
+    let x = dir.path().join("x.npy");
+    let values = uniform(&[1024, 1024], 5);
+    write_npy_f32(&x, &values);
+    let model = model_file(&dir, r#"[{"type": "faulty"}]"#);
+    let out = dir.path().join("y.npy");
+    let run = limited(&[
+        "run",
+        &model,
+        "--input",
+        path_str(&x),
+        "--output",
+        path_str(&out),
+        "--max-memory",
+        "2M",
+        PLUGIN_DIR_FLAG,
+        &plugin_dir_str(),
+    ]);
+    run.ok();
+    assert_same_bits_f32(&read_npy_f32(&out), &values, "streamed identity");
 }
 
 #[test]

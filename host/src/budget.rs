@@ -100,6 +100,9 @@ impl fmt::Display for OverBudget {
             Some(n) => write!(f, "needs {n} bytes")?,
             None => write!(f, "needs more bytes than 128 bits can count (overflow)")?,
         }
+        if self.source == ADDRESS_SPACE {
+            return write!(f, ", more than any array can hold ({} bytes)", self.budget);
+        }
         write!(f, ", more than the memory budget of {} bytes", self.budget)?;
         if self.source == "--max-memory" {
             write!(f, " (--max-memory)")
@@ -145,23 +148,55 @@ pub fn shape_bytes(shape: &[usize], element_size: usize) -> Option<u128> {
     elements(shape).and_then(|n| n.checked_mul(element_size as u128))
 }
 
+/// The `source` of an [`OverBudget`] that no budget could allow.
+const ADDRESS_SPACE: &str = "the address space";
+
+/// Checks that a tensor of `shape` with elements of `element_size` bytes
+/// could exist at all (at most `isize::MAX` bytes, whatever the budget),
+/// returning its bytes: for a size that is planned but not necessarily
+/// allocated whole (a streamed output).
+pub fn check_addressable(shape: &[usize], element_size: usize) -> Result<usize, OverBudget> {
+    if let Some(empty) = unaddressable_empty(shape, element_size) {
+        return Err(empty);
+    }
+    match shape_bytes(shape, element_size) {
+        Some(n) if n <= u128::from(CEILING) => Ok(n as usize),
+        needed => Err(OverBudget {
+            needed,
+            budget: CEILING,
+            source: ADDRESS_SPACE.to_string(),
+            unaddressable: false,
+        }),
+    }
+}
+
+/// The refusal of a shape with a zero-length axis whose other axes
+/// multiply past `isize::MAX`: like numpy and ndarray, no array of it can
+/// be made even though it is empty.
+fn unaddressable_empty(shape: &[usize], element_size: usize) -> Option<OverBudget> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1u128, |n, &d| n.checked_mul(d as u128));
+    if !(shape.contains(&0) && nonzero.is_none_or(|n| n > CEILING as u128)) {
+        return None;
+    }
+    let budget = current();
+    Some(OverBudget {
+        needed: nonzero.and_then(|n| n.checked_mul(element_size.max(1) as u128)),
+        budget: budget.bytes,
+        source: budget.source.clone(),
+        unaddressable: true,
+    })
+}
+
 /// Checks a tensor of `shape` with elements of `element_size` bytes
 /// against the budget, returning its bytes. Like numpy and ndarray, a shape
 /// whose non-zero axes multiply past `isize::MAX` is refused even when a
 /// zero-length axis leaves it empty: no array of it can be made.
 pub fn check_shape(shape: &[usize], element_size: usize) -> Result<usize, OverBudget> {
-    let nonzero = shape
-        .iter()
-        .filter(|&&d| d != 0)
-        .try_fold(1u128, |n, &d| n.checked_mul(d as u128));
-    if shape.contains(&0) && nonzero.is_none_or(|n| n > CEILING as u128) {
-        let budget = current();
-        return Err(OverBudget {
-            needed: nonzero.and_then(|n| n.checked_mul(element_size.max(1) as u128)),
-            budget: budget.bytes,
-            source: budget.source.clone(),
-            unaddressable: true,
-        });
+    if let Some(empty) = unaddressable_empty(shape, element_size) {
+        return Err(empty);
     }
     check(shape_bytes(shape, element_size))
 }
@@ -495,6 +530,14 @@ mod tests {
         let empty = check_shape(&[usize::MAX, 0], 4).unwrap_err().to_string();
         assert!(empty.contains("no array of that shape"), "{empty}");
         assert_eq!(check_shape(&[1 << 40, 0], 4), Ok(0));
+        // Past any budget but addressable: planned (a streamed output), not
+        // allocated whole.
+        assert_eq!(check_addressable(&[1 << 40, 4], 4), Ok(1 << 44));
+        assert_eq!(
+            check_addressable(&[2, 1 << 62], 4).unwrap_err().to_string(),
+            "needs 36893488147419103232 bytes, more than any array can hold \
+             (9223372036854775807 bytes)"
+        );
     }
 
     #[test]

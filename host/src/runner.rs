@@ -370,6 +370,24 @@ fn assign_buffers(
     inputs: &[TensorSpec],
     param_bytes: Option<u128>,
 ) -> Result<(Vec<Option<Tensor>>, BTreeMap<Source, usize>, usize), Error> {
+    // Each output's buffer fits in the memory budget on its own, or the
+    // layer that declared it is named.
+    for &node in &model.graph.order {
+        let layer = &model.layers[node];
+        for (name, spec) in layer.signature.outputs.iter().zip(&plans[node].outputs) {
+            if let Err(over) = crate::budget::check_shape(&spec.shape, spec.dtype.size()) {
+                return Err(Error::Layer {
+                    layer: layer.name.clone(),
+                    plugin: layer.plugin.name.clone(),
+                    message: format!(
+                        "output '{name}' of shape {} {over}",
+                        crate::budget::shape_text(&spec.shape)
+                    ),
+                    panicked: false,
+                });
+            }
+        }
+    }
     let last_use = model.graph.last_use();
     let dies_at = dying_node_tensors(model, &last_use);
     let mut slots: Vec<TensorSpec> = Vec::new();

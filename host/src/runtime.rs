@@ -277,9 +277,10 @@ impl ModelLayer {
                     spec.dtype
                 )));
             }
-            // Checked before anything is allocated for it: the output's
-            // buffer must fit in the memory budget.
-            if let Err(over) = crate::budget::check_shape(&spec.shape, spec.dtype.size()) {
+            // Its size, counted exactly, must be one an array can have. It
+            // is compared with the memory budget where its buffer is made
+            // (`Runner`): a streamed run never holds it whole.
+            if let Err(over) = crate::budget::check_addressable(&spec.shape, spec.dtype.size()) {
                 return Err(self.plain_error(format!(
                     "output '{name}' of shape {} {over}",
                     crate::budget::shape_text(&spec.shape)

@@ -116,11 +116,11 @@ pub fn check_chunkable<'m>(model: &'m Model, plans: &[LayerPlan]) -> Result<(), 
 }
 
 /// Rows per chunk when the user does not say: the chunk's input and every
-/// layer's output together take about [`DEFAULT_CHUNK_BYTES`], and at least
-/// two rows.
+/// layer's output together take about [`DEFAULT_CHUNK_BYTES`] (or a quarter
+/// of a smaller memory budget), and at least two rows.
 pub fn default_batch_size(plans: &[LayerPlan]) -> usize {
-    // Saturating: every shape was checked against the memory budget when
-    // planned, but their sum need not fit.
+    // Saturating: every shape was checked to be addressable when planned,
+    // but their sum need not be.
     let row_elements = |shape: &[usize]| {
         shape
             .iter()
@@ -132,7 +132,9 @@ pub fn default_batch_size(plans: &[LayerPlan]) -> usize {
         plans.first().map_or(0, |p| row_elements(&p.input_shape)),
         usize::saturating_add,
     );
-    (DEFAULT_CHUNK_BYTES / per_row.max(1).saturating_mul(4)).max(2)
+    // A budget under 32 MiB takes a quarter of it instead.
+    let chunk_bytes = DEFAULT_CHUNK_BYTES.min((crate::budget::limit() / 4) as usize);
+    (chunk_bytes / per_row.max(1).saturating_mul(4)).max(2)
 }
 
 /// The chunks of `rows` rows, `batch_size` each, in order. The last chunk

@@ -430,7 +430,17 @@ fn run_streamed(
             npy.finish().map_err(|e| write_error(path, e)).map(|_| ())
         }),
         None => {
-            let mut values = Vec::with_capacity(output_shape.iter().product());
+            // Printed whole: the output must fit in the memory budget.
+            let bytes =
+                crate::budget::check_shape(&output_shape, 4).map_err(|over| Error::Model {
+                    path: model.spec.path.clone(),
+                    message: format!(
+                        "the output of shape {} is printed whole, and {over}; write it to a \
+                         file with --output, which streams it",
+                        crate::budget::shape_text(&output_shape)
+                    ),
+                })?;
+            let mut values = Vec::with_capacity(bytes / 4);
             run_chunks(&mut input, &mut |chunk| {
                 values.extend_from_slice(chunk);
                 Ok(())
