@@ -1427,7 +1427,7 @@ pub struct Reference {
 impl Reference {
     /// Reads a reference file, refusing arrays named otherwise.
     pub fn read(path: &Path) -> Result<Reference, Error> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        let bytes = crate::budget::read_regular(path).map_err(|source| Error::Read {
             path: path.to_path_buf(),
             source,
         })?;

@@ -65,7 +65,7 @@ pub fn lock_model(path: &Path, registry: &PluginRegistry) -> Result<Locked, crat
         });
     }
     // ModelSpec::load read and validated this text a moment ago.
-    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Read {
+    let text = crate::budget::read_text(path).map_err(|source| crate::Error::Read {
         path: path.to_path_buf(),
         source,
     })?;

@@ -124,7 +124,11 @@ impl Layer for Linear {
     ) -> Result<(), String> {
         let weight = params.get::<Ix2>("weight")?;
         let in_features = weight.ncols();
-        let rows = input.len() / in_features.max(1);
+        // The leading axes, not len / in_features: an input with no
+        // features still has its rows.
+        let rows: usize = input.shape()[..input.ndim().saturating_sub(1)]
+            .iter()
+            .product();
         let x = input
             .into_shape_with_order((rows, in_features))
             .map_err(|e| format!("input as ({rows}, {in_features}): {e}"))?;

@@ -108,7 +108,11 @@ impl Layer for MyDense {
         let weight = params.get::<Ix2>("weight")?;
         let bias = params.get::<Ix1>("bias")?;
         let in_units = weight.nrows();
-        let rows = input.len() / in_units.max(1);
+        // The leading axes, not len / in_units: an input with no features
+        // still has its rows.
+        let rows: usize = input.shape()[..input.ndim().saturating_sub(1)]
+            .iter()
+            .product();
         let x = input
             .into_shape_with_order((rows, in_units))
             .map_err(|e| format!("input as ({rows}, {in_units}): {e}"))?;
