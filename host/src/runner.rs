@@ -266,7 +266,59 @@ impl<'m> Runner<'m> {
             let started = after_layer.is_some().then(Instant::now);
             let layer = &model.layers[node];
             let plan = &self.plans[node];
-            // Take this node's output buffers out, so that the inputs can
+            if let [out_slot] = self.out_slots[node][..] {
+                // One output (the common case): borrow its buffer in place,
+                // beside the input buffers, which are other slots.
+                let (before, rest) = self.slots.split_at_mut(out_slot);
+                let (out, after) = rest.split_first_mut().expect("the slot exists");
+                let out = out
+                    .as_mut()
+                    .expect("a buffer is free when its tensor is made");
+                let view = |feed: &Option<Feed>| {
+                    feed.map(|f| match f {
+                        Feed::Input(i) => inputs[i],
+                        Feed::Slot(s) => {
+                            let slot = if s < out_slot {
+                                &before[s]
+                            } else {
+                                &after[s - out_slot - 1]
+                            };
+                            slot.as_ref()
+                                .expect("an input is in its buffer until read")
+                                .view()
+                        }
+                    })
+                };
+                let feeds = &self.in_feeds[node];
+                let mut few = [None; 4];
+                let many: Vec<Option<TensorView<'_>>>;
+                let views: &[Option<TensorView<'_>>] = if feeds.len() <= few.len() {
+                    for (v, f) in few.iter_mut().zip(feeds) {
+                        *v = view(f);
+                    }
+                    &few[..feeds.len()]
+                } else {
+                    many = feeds.iter().map(view).collect();
+                    &many
+                };
+                out.bytes_mut().fill(0);
+                run_node(
+                    layer,
+                    plan,
+                    views,
+                    &self.params[node],
+                    self.prepared[node].handle,
+                    std::slice::from_mut(out),
+                    &self.pieces[node],
+                    self.pool.as_ref(),
+                )?;
+                layer.check_outputs(std::slice::from_ref(out))?;
+                if let (Some(observe), Some(started)) = (after_layer.as_mut(), started) {
+                    observe(node, out, started.elapsed());
+                }
+                continue;
+            }
+            // Several outputs: take their buffers out, so that the inputs can
             // be borrowed from the others meanwhile. `taken` keeps its
             // capacity from run to run: nothing is allocated here.
             let mut taken = std::mem::take(&mut self.taken);

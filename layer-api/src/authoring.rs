@@ -182,8 +182,9 @@ impl<L: Layer> MultiLayer for L {
         params: &Params<'_>,
         outputs: &mut Outputs<'_>,
     ) -> Result<(), String> {
-        let input = inputs.get::<f32>(INPUT)?;
-        let output = outputs.take::<f32>(OUTPUT)?;
+        // By position: the signature above has one input and one output.
+        let input = inputs.get_at::<f32>(0, INPUT)?;
+        let output = outputs.take_at::<f32>(0, OUTPUT)?;
         Layer::forward(self, input, params, output)
     }
 
@@ -560,6 +561,22 @@ impl<'a> Inputs<'a> {
             .ok_or_else(|| format!("required input `{name}` was left out"))
     }
 
+    /// Input number `index` (called `name`, for messages), required.
+    pub(crate) fn get_at<T: Element>(
+        &self,
+        index: usize,
+        name: &str,
+    ) -> Result<ArrayViewD<'a, T>, String> {
+        let t = self
+            .items
+            .get(index)
+            .ok_or_else(|| format!("the host passed no input `{name}`"))?;
+        if t.dtype == DType::ABSENT {
+            return Err(format!("required input `{name}` was left out"));
+        }
+        view(t).map_err(|e| format!("input `{name}` {e}"))
+    }
+
     /// Optional input `name`, or `None` if it was left out.
     pub fn optional<T: Element>(&self, name: &str) -> Result<Option<ArrayViewD<'a, T>>, String> {
         let t = self.find(name)?;
@@ -595,6 +612,15 @@ impl<'a> Outputs<'a> {
             .iter()
             .position(|n| n == name)
             .ok_or_else(|| format!("the layer's signature has no output `{name}`"))?;
+        self.take_at(index, name)
+    }
+
+    /// Output number `index` (called `name`, for messages).
+    pub(crate) fn take_at<T: Element>(
+        &mut self,
+        index: usize,
+        name: &str,
+    ) -> Result<ArrayViewMutD<'a, T>, String> {
         let bit = 1u128
             .checked_shl(index as u32)
             .ok_or("a layer has at most 128 outputs")?;
