@@ -392,9 +392,9 @@ fn a_reference_file_that_is_not_one_is_refused_before_any_check() {
     .failed()
     .to_string();
     assert!(err.contains("not a valid .npz file"), "{err}");
-    // --tolerance alone is a usage error (clap's exit status 2).
+    // --tolerance alone is a usage error (exit status 1, as every error).
     let run = host(&["check-plugin", "mydense", "--tolerance", "1e-3"]);
-    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(
         run.stderr.contains("--reference <CASES.npz>"),
         "{}",

@@ -436,7 +436,7 @@ fn max_memory_takes_suffixes_and_refuses_nonsense() {
         run.ok();
     }
     let run = limited(&["run", &model, "--input", &x, "--max-memory", "lots"]);
-    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(
         run.stderr.contains("'lots' is not a size"),
         "{}",

@@ -12,10 +12,10 @@ use std::path::Path;
 use ndarray::{array, ArrayD};
 use support::*;
 
-/// Asserts a command-line refusal: clap's usage exit status (2), one
+/// Asserts a command-line refusal: exit status 1, as every error, one
 /// `error:` line saying `expected`, no panic.
 fn assert_usage_error(run: &Run, expected: &str) {
-    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     let errors: Vec<&str> = run
         .stderr

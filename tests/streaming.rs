@@ -245,7 +245,7 @@ fn a_batch_size_below_two_is_refused() {
         "--batch-size",
         "1",
     ]);
-    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("at least 2"), "{}", run.stderr);
 }
 

@@ -340,7 +340,10 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     if let Some(bytes) = cli.max_memory {
         host::budget::set_limit(bytes);
     }
@@ -364,6 +367,37 @@ fn main() -> ExitCode {
                     eprintln!("\n{detail}");
                 }
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command line the parser refused: help and version go to stdout with
+/// success, as asked; a mistake is its one `error:` line and the hint to
+/// `--help`, with status 1 like every other error.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            // clap's text: the `error:` line, sometimes followed by the
+            // indented names it refers to, then the usage. Keep the first
+            // two, on one line.
+            let text = e.render().to_string();
+            let mut lines = text.lines().skip_while(|l| !l.starts_with("error:"));
+            let mut line = lines
+                .next()
+                .unwrap_or("error: invalid command line")
+                .trim_end()
+                .to_string();
+            for detail in lines.take_while(|l| l.starts_with("  ")) {
+                line.push(' ');
+                line.push_str(detail.trim());
+            }
+            eprintln!("{line} (see --help)");
             ExitCode::FAILURE
         }
     }
