@@ -70,6 +70,7 @@ use crate::error::Error;
 use crate::param_file::{FileTensor, ParamFile, ParamFormat};
 use crate::params::ParamStore;
 use crate::registry::{self, library_file_name, LoadedPlugin, PluginRegistry};
+use crate::runtime::dtype_list;
 use crate::runtime::{LayerPlan, ModelLayer, Signature, TensorSpec};
 use crate::tensor::Tensor;
 
@@ -466,14 +467,6 @@ fn input_names(signature: &Signature) -> String {
         .map(|p| p.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn dtype_list(dtypes: &[DType]) -> String {
-    dtypes
-        .iter()
-        .map(|d| d.name())
-        .collect::<Vec<_>>()
-        .join(" or ")
 }
 
 /// The runs a layer's declared probes stand for: each probe once, and once

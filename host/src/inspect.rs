@@ -187,18 +187,7 @@ impl ModelSummary {
         // Fields that name the input features first, then every other
         // number in the configs (a layer sharing a weight may need the input
         // to have `units` features), then the primes.
-        let config_numbers = |named: bool| -> Vec<usize> {
-            model
-                .spec
-                .layers
-                .iter()
-                .filter_map(|l| l.config.as_object())
-                .flat_map(|c| c.iter())
-                .filter(|(k, _)| FEATURE_FIELDS.contains(&k.as_str()) == named)
-                .filter_map(|(_, v)| v.as_u64())
-                .filter_map(|v| usize::try_from(v).ok())
-                .collect()
-        };
+        let config_numbers = |named: bool| config_numbers(model, named);
         let mut features = config_numbers(true);
         features.extend(config_numbers(false));
         features.extend(FEATURE_PROBES);
@@ -892,21 +881,25 @@ fn written_inputs(
     }
 }
 
+/// The numbers in the layers' configs: those of fields naming input
+/// features (`named`), or all the others.
+fn config_numbers(model: &Model, named: bool) -> Vec<usize> {
+    model
+        .spec
+        .layers
+        .iter()
+        .filter_map(|l| l.config.as_object())
+        .flat_map(|c| c.iter())
+        .filter(|(k, _)| FEATURE_FIELDS.contains(&k.as_str()) == named)
+        .filter_map(|(_, v)| v.as_u64())
+        .filter_map(|v| usize::try_from(v).ok())
+        .collect()
+}
+
 /// The sizes a graph's symbols are tried at: two small primes, the numbers
 /// in the layers' configs (feature counts first), then more primes.
 fn probe_sizes(model: &Model) -> Vec<usize> {
-    let config_numbers = |named: bool| -> Vec<usize> {
-        model
-            .spec
-            .layers
-            .iter()
-            .filter_map(|l| l.config.as_object())
-            .flat_map(|c| c.iter())
-            .filter(|(k, _)| FEATURE_FIELDS.contains(&k.as_str()) == named)
-            .filter_map(|(_, v)| v.as_u64())
-            .filter_map(|v| usize::try_from(v).ok())
-            .collect()
-    };
+    let config_numbers = |named: bool| config_numbers(model, named);
     let mut sizes = LEADING_PROBES.to_vec();
     sizes.extend(config_numbers(true));
     sizes.extend(config_numbers(false));

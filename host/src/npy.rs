@@ -1128,15 +1128,7 @@ mod tests {
     /// An `.npy` file of `descr` and `shape` holding `data`, as numpy lays
     /// it out (format 1.0, header padded to 64 bytes).
     fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        header.push_str(&" ".repeat(63 - (10 + header.len()) % 64));
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend_from_slice(data);
-        bytes
+        npy_bytes_ordered(descr, false, shape, data)
     }
 
     #[test]

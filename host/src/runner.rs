@@ -289,18 +289,9 @@ impl<'m> Runner<'m> {
                         }
                     })
                 };
-                let feeds = &self.in_feeds[node];
                 let mut few = [None; 4];
-                let many: Vec<Option<TensorView<'_>>>;
-                let views: &[Option<TensorView<'_>>] = if feeds.len() <= few.len() {
-                    for (v, f) in few.iter_mut().zip(feeds) {
-                        *v = view(f);
-                    }
-                    &few[..feeds.len()]
-                } else {
-                    many = feeds.iter().map(view).collect();
-                    &many
-                };
+                let mut many = Vec::new();
+                let views = gather_views(&self.in_feeds[node], view, &mut few, &mut many);
                 out.bytes_mut().fill(0);
                 run_node(
                     layer,
@@ -340,18 +331,9 @@ impl<'m> Runner<'m> {
                             .view(),
                     })
                 };
-                let feeds = &self.in_feeds[node];
                 let mut few = [None; 4];
-                let many: Vec<Option<TensorView<'_>>>;
-                let views: &[Option<TensorView<'_>>] = if feeds.len() <= few.len() {
-                    for (v, f) in few.iter_mut().zip(feeds) {
-                        *v = view(f);
-                    }
-                    &few[..feeds.len()]
-                } else {
-                    many = feeds.iter().map(view).collect();
-                    &many
-                };
+                let mut many = Vec::new();
+                let views = gather_views(&self.in_feeds[node], view, &mut few, &mut many);
                 for out in taken.iter_mut() {
                     out.bytes_mut().fill(0);
                 }
@@ -380,6 +362,25 @@ impl<'m> Runner<'m> {
             }
         }
         Ok(())
+    }
+}
+
+/// The views of a node's inputs, one per feed: in `few` when there are at
+/// most four (no allocation per call), else collected into `many`.
+fn gather_views<'v>(
+    feeds: &[Option<Feed>],
+    view: impl Fn(&Option<Feed>) -> Option<TensorView<'v>>,
+    few: &'v mut [Option<TensorView<'v>>; 4],
+    many: &'v mut Vec<Option<TensorView<'v>>>,
+) -> &'v [Option<TensorView<'v>>] {
+    if feeds.len() <= few.len() {
+        for (v, f) in few.iter_mut().zip(feeds) {
+            *v = view(f);
+        }
+        &few[..feeds.len()]
+    } else {
+        *many = feeds.iter().map(view).collect();
+        many
     }
 }
 

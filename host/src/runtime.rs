@@ -604,7 +604,8 @@ fn check_declared_shapes(spec: &ModelSpec, inputs: &[TensorSpec]) -> Result<(), 
     Ok(())
 }
 
-fn dtype_list(dtypes: &[DType]) -> String {
+/// `float32 or int64`: the element types a port accepts, for messages.
+pub(crate) fn dtype_list(dtypes: &[DType]) -> String {
     dtypes
         .iter()
         .map(|d| d.name())

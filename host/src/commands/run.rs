@@ -159,20 +159,7 @@ fn input_files(args: &[String], names: &[String]) -> Result<InputFiles, Error> {
             return Ok(InputFiles::Npy(vec![path]));
         }
     }
-    let mut paths: Vec<Option<PathBuf>> = vec![None; names.len()];
-    for arg in args {
-        let (name, file) = named(arg).ok_or_else(|| {
-            usage(format!(
-                "'{arg}' does not name one of the model's inputs as NAME=FILE; its inputs \
-                 are: {}",
-                names.join(", ")
-            ))
-        })?;
-        let i = names.iter().position(|n| n == name).expect("named");
-        if paths[i].replace(PathBuf::from(file)).is_some() {
-            return Err(usage(format!("input '{name}' is given twice")));
-        }
-    }
+    let paths = named_paths(args, names, "input").map_err(usage)?;
     let missing: Vec<&str> = names
         .iter()
         .zip(&paths)
@@ -212,20 +199,7 @@ fn output_files(args: &[String], names: &[String]) -> Result<OutputFiles, Error>
             return Ok(OutputFiles::Npy(vec![Some(path)]));
         }
     }
-    let mut paths: Vec<Option<PathBuf>> = vec![None; names.len()];
-    for arg in args {
-        let (name, file) = named(arg).ok_or_else(|| {
-            usage(format!(
-                "'{arg}' does not name one of the model's outputs as NAME=FILE; its outputs \
-                 are: {}",
-                names.join(", ")
-            ))
-        })?;
-        let i = names.iter().position(|n| n == name).expect("named");
-        if paths[i].replace(PathBuf::from(file)).is_some() {
-            return Err(usage(format!("output '{name}' is given twice")));
-        }
-    }
+    let paths = named_paths(args, names, "output").map_err(usage)?;
     Ok(OutputFiles::Npy(paths))
 }
 
@@ -256,6 +230,30 @@ fn check_outputs(
         check_writable(output)?;
     }
     Ok(())
+}
+
+/// The file given for each of `names` (the model's inputs or outputs,
+/// called `kind`) by `NAME=FILE` arguments; `None` for one not given.
+fn named_paths(
+    args: &[String],
+    names: &[String],
+    kind: &str,
+) -> Result<Vec<Option<PathBuf>>, String> {
+    let mut paths: Vec<Option<PathBuf>> = vec![None; names.len()];
+    for arg in args {
+        let (name, file) = split_named(arg, names).ok_or_else(|| {
+            format!(
+                "'{arg}' does not name one of the model's {kind}s as NAME=FILE; its {kind}s \
+                 are: {}",
+                names.join(", ")
+            )
+        })?;
+        let i = names.iter().position(|n| n == name).expect("named");
+        if paths[i].replace(PathBuf::from(file)).is_some() {
+            return Err(format!("{kind} '{name}' is given twice"));
+        }
+    }
+    Ok(paths)
 }
 
 /// `NAME=FILE`, when NAME is one of `names`.
