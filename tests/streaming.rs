@@ -1,6 +1,6 @@
 //! Streaming `host run`: when every layer is batch-independent the input is
 //! processed in chunks of rows (`--batch-size`). Chunking must not change a
-//! bit of the output, whatever the input's dtype (f32 inputs are mapped,
+//! bit of the output, whatever the input's dtype (f32 inputs are read as they are,
 //! others converted chunk by chunk) or rank; a layer that is not
 //! batch-independent makes the host process the input whole, and says so;
 //! and a run that fails half-way leaves an existing output file untouched.
@@ -62,7 +62,7 @@ fn check_streamed_equals_whole(input: &str, expected: &str) {
 }
 
 #[test]
-fn mapped_f32_input_streamed_is_bit_identical_to_whole() {
+fn f32_input_streamed_is_bit_identical_to_whole() {
     check_streamed_equals_whole(
         "tests/fixtures/stream-input-f32.npy",
         "tests/fixtures/stream-expected.npy",
@@ -76,7 +76,7 @@ fn converted_f64_input_streamed_is_bit_identical_to_whole_and_to_f32() {
         "tests/fixtures/stream-expected.npy",
     );
     // The float64 input holds exactly the float32 input's values, so the
-    // converting reader must give what the mapped one gives.
+    // converting reader must give what the direct one gives.
     let dir = tempfile::tempdir().unwrap();
     let from_f64 = run_mlp(
         "tests/fixtures/stream-input-f64.npy",

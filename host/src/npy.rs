@@ -4,7 +4,7 @@
 //! integers, float16/32/64, either byte order) in C or Fortran order; they are
 //! converted to f32, the type every layer computes in. They are read whole
 //! ([`read_f32`]) or a block of rows at a time ([`NpyRowReader`]: f32 inputs
-//! are mapped, not copied). Outputs are always little-endian f32 in C order,
+//! are read straight into a reused buffer, others converted). Outputs are always little-endian f32 in C order,
 //! written whole ([`write_f32`]) or as they come ([`NpyWriter`]). The header is checked against the file size
 //! and the memory budget ([`crate::budget`]) before anything is allocated, so
 //! a header that claims a huge shape, or a truncated file, is refused with a
@@ -14,9 +14,8 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-use memmap2::Mmap;
 
 use crate::budget::{self, OverBudget};
 use crate::tensor::Tensor;
@@ -770,13 +769,12 @@ pub struct NpyRowReader {
 }
 
 enum RowSource {
-    /// Little-endian f32 in C order: each block of rows is mapped from the
-    /// file and viewed in place. Only the current block stays mapped, so the
-    /// pages of rows already done leave the process.
-    Mapped {
+    /// Little-endian f32 in C order: each block of rows is read straight
+    /// into a buffer of f32, with no conversion.
+    Direct {
         file: File,
         data_offset: u64,
-        block: Option<Mmap>,
+        values: Vec<f32>,
     },
     /// Any other dtype in C order: a block's bytes are read and converted.
     Converted {
@@ -810,10 +808,10 @@ impl NpyRowReader {
             && cfg!(target_endian = "little")
             && header.data_offset % 4 == 0
         {
-            RowSource::Mapped {
+            RowSource::Direct {
                 file: reader.into_inner(),
                 data_offset: header.data_offset,
-                block: None,
+                values: Vec::new(),
             }
         } else {
             RowSource::Converted {
@@ -839,10 +837,9 @@ impl NpyRowReader {
         &self.shape
     }
 
-    /// Whether blocks of rows are viewed in a memory map of the file rather
-    /// than read and converted.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.source, RowSource::Mapped { .. })
+    /// Whether blocks of rows are read as they are, rather than converted.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.source, RowSource::Direct { .. })
     }
 
     /// The values of `rows` (a range along axis 0, of an array of rank 1 or
@@ -862,56 +859,42 @@ impl NpyRowReader {
             RowSource::Whole(array) => Ok(&array
                 .as_slice()
                 .expect("read_f32 returns standard layout")[start..start + count]),
-            RowSource::Mapped {
+            RowSource::Direct {
                 file,
                 data_offset,
-                block,
+                values,
             } => {
-                if count == 0 {
-                    return Ok(&[]);
+                // The rows are read (not mapped) into a buffer of f32 that is
+                // reused from block to block: a map would end the process
+                // with SIGBUS, and no message, if another process truncated
+                // the file while a layer read the block. One copy of a block
+                // costs far less than the layers' work on it.
+                budget::check(Some(count as u128 * 4)).map_err(|over| NpyError::OverBudget {
+                    shape: {
+                        let mut shape = self.shape.clone();
+                        shape[0] = rows.len();
+                        shape
+                    },
+                    descr: self.dtype.descr.clone(),
+                    over: Box::new(over),
+                })?;
+                values.clear();
+                values.resize(count, 0.0);
+                let at = *data_offset + 4 * start as u64;
+                let end = at + 4 * count as u64;
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(values.as_mut_slice());
+                match file.read_exact_at(bytes, at) {
+                    Ok(()) => Ok(values),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        let now = file.metadata().map_err(io)?.len();
+                        Err(NpyError::Shrunk {
+                            now,
+                            needed: end,
+                            rows: format!("{}..{}", rows.start, rows.end),
+                        })
+                    }
+                    Err(e) => Err(io(e)),
                 }
-                // Unmap the previous block first, so that two are never held.
-                *block = None;
-                // A page of a map past the end of its file cannot be read:
-                // touching it ends the process with SIGBUS, and no message.
-                // So the file's length now (after the rows before were read:
-                // a file truncated during the run is seen here) must still
-                // cover the block. The file is opened only if it is a
-                // regular file (`budget::open_regular`), so a pipe or a
-                // device is never mapped.
-                let end = *data_offset + 4 * (start + count) as u64;
-                let now = file.metadata().map_err(io)?.len();
-                if now < end {
-                    return Err(NpyError::Shrunk {
-                        now,
-                        needed: end,
-                        rows: format!("{}..{}", rows.start, rows.end),
-                    });
-                }
-                // SAFETY: the map is read-only and lives in `self` no longer
-                // than the slice handed out. Residual risk: another process
-                // truncating the file between the length check above and the
-                // layer's reading of the block still ends the host with
-                // SIGBUS (catching it would need a signal handler that jumps
-                // out of the faulting read, which Rust cannot do soundly);
-                // one writing it changes what is read. Like numpy's
-                // `mmap_mode`, inputs are taken not to change during a run;
-                // the check turns the common case, a file truncated or
-                // rewritten before the block is reached, into an error
-                // naming the file.
-                let map = unsafe {
-                    memmap2::MmapOptions::new()
-                        .offset(*data_offset + 4 * start as u64)
-                        .len(4 * count)
-                        .populate()
-                        .map(&*file)
-                }
-                .map_err(io)?;
-                let map = block.insert(map);
-                // The data starts at a multiple of 4 bytes (checked when
-                // opened) and maps keep the file offset's alignment.
-                bytemuck::try_cast_slice(&map[..])
-                    .map_err(|e| NpyError::Io(format!("mapped rows are not f32-aligned: {e}")))
             }
             RowSource::Converted {
                 reader,
@@ -1132,7 +1115,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_read_mapped_or_converted_in_any_order() {
+    fn rows_are_read_directly_or_converted_in_any_order() {
         let dir = tempfile::tempdir().unwrap();
         let values: Vec<f64> = (0..12).map(|v| f64::from(v) * 0.5).collect();
         let f64_path = dir.path().join("x64.npy");
@@ -1144,9 +1127,9 @@ mod tests {
             .flat_map(|&v| (v as f32).to_le_bytes())
             .collect();
         std::fs::write(&f32_path, npy_bytes("<f4", "(4, 3)", &data)).unwrap();
-        for (path, mapped) in [(&f64_path, false), (&f32_path, true)] {
+        for (path, direct) in [(&f64_path, false), (&f32_path, true)] {
             let mut reader = NpyRowReader::open(path).unwrap();
-            assert_eq!(reader.is_mapped(), mapped);
+            assert_eq!(reader.is_direct(), direct);
             assert_eq!(reader.shape(), &[4, 3]);
             assert_eq!(reader.rows(1..3).unwrap(), &[1.5, 2.0, 2.5, 3.0, 3.5, 4.0]);
             assert_eq!(reader.rows(3..4).unwrap(), &[4.5, 5.0, 5.5]);

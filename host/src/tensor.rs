@@ -58,7 +58,7 @@ fn bytes_of_mut<T: Plain>(a: &mut ArrayD<T>) -> &mut [u8] {
 }
 
 /// A borrowed, contiguous, row-major tensor: what a forward pass reads its
-/// input from (an owned [`Tensor`], or rows mapped from a file).
+/// input from (an owned [`Tensor`], or a block of rows read from a file).
 #[derive(Debug, Clone, Copy)]
 pub struct TensorView<'a> {
     pub dtype: DType,
