@@ -43,6 +43,15 @@ pub enum Error {
         message: String,
         panicked: bool,
     },
+    /// An isolated layer whose worker process died, hung or was killed.
+    #[error("layer '{layer}' (plugin '{plugin}') {message}")]
+    Worker {
+        layer: String,
+        plugin: String,
+        message: String,
+        /// The end of the worker's stderr, shown with `--verbose`.
+        stderr: String,
+    },
     #[error("{}: {source}", .path.display())]
     Npy {
         path: PathBuf,
@@ -86,6 +95,7 @@ impl Error {
     pub fn detail(&self) -> Option<&str> {
         match self {
             Error::Plugin { source, .. } => source.detail(),
+            Error::Worker { stderr, .. } if !stderr.trim().is_empty() => Some(stderr),
             _ => None,
         }
     }

@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod error;
 pub mod graph;
 pub mod inspect;
+pub mod isolate;
 pub mod model;
 pub mod npy;
 pub mod npz;

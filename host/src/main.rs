@@ -43,8 +43,42 @@ struct Cli {
     #[arg(long, global = true)]
     strict: bool,
 
+    /// Run every plugin in a sandboxed worker process of its own, so that a plugin that
+    /// crashes, aborts, exits, hangs or runs out of memory costs an error message, not the
+    /// host (a model file may ask for it per layer or for the whole model with
+    /// "isolate": true). Tensors cross through shared memory. See the README's "Running
+    /// untrusted plugins".
+    #[arg(long, global = true)]
+    isolate: bool,
+
+    /// The longest one call into an isolated plugin may take, in seconds (e.g. 30, 0.5); a
+    /// worker that takes longer is killed and the run fails. Applies to isolated plugins
+    /// only. Default: no limit.
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<std::time::Duration>,
+
+    /// What to do where the kernel cannot give part of an isolated plugin's sandbox
+    /// (Landlock, seccomp): warn once and run with the rest, or refuse to run it.
+    #[arg(long, global = true, value_enum, default_value = "warn")]
+    sandbox: SandboxArg,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SandboxArg {
+    Warn,
+    Require,
+}
+
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 1e9 => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "'{text}' is not a timeout: give a number of seconds greater than 0, e.g. 30"
+        )),
+    }
 }
 
 #[derive(Subcommand)]
@@ -340,6 +374,9 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).as_deref() == Some(host::isolate::WORKER_ARG.as_ref()) {
+        return ExitCode::from(host::isolate::worker::main() as u8);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -348,6 +385,14 @@ fn main() -> ExitCode {
         host::budget::set_limit(bytes);
     }
     host::registry::set_strict(cli.strict);
+    host::isolate::configure(host::isolate::Settings {
+        all: cli.isolate,
+        timeout: cli.timeout,
+        sandbox: match cli.sandbox {
+            SandboxArg::Warn => host::isolate::SandboxPolicy::Warn,
+            SandboxArg::Require => host::isolate::SandboxPolicy::Require,
+        },
+    });
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugins(args) => plugins(args),

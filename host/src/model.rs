@@ -74,6 +74,8 @@ struct ModelFile {
     params: Option<PathBuf>,
     #[serde(default)]
     seed: u64,
+    #[serde(default)]
+    isolate: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +93,8 @@ struct LayerFile {
     share: Option<BTreeMap<String, String>>,
     #[serde(default)]
     sha256: Option<String>,
+    #[serde(default)]
+    isolate: bool,
 }
 
 /// A format-2 model file as written.
@@ -109,6 +113,8 @@ struct GraphFile {
     params: Option<PathBuf>,
     #[serde(default)]
     seed: u64,
+    #[serde(default)]
+    isolate: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +140,8 @@ struct NodeFile {
     share: Option<BTreeMap<String, String>>,
     #[serde(default)]
     sha256: Option<String>,
+    #[serde(default)]
+    isolate: bool,
 }
 
 /// One axis of a declared input shape: a size, or a symbol (`"batch"`)
@@ -206,6 +214,9 @@ pub struct LayerSpec {
     pub share: BTreeMap<String, String>,
     /// The SHA-256 its plugin library must have (lowercase hex), if pinned.
     pub sha256: Option<String>,
+    /// Whether its plugin runs in a worker process (`"isolate": true` on
+    /// the layer or the whole model; `--isolate` isolates every layer).
+    pub isolate: bool,
     /// Where its inputs come from (format 1: the previous layer, or the
     /// model's input).
     pub inputs: NodeInputs,
@@ -269,6 +280,7 @@ impl ModelSpec {
                         init: layer.init,
                         share: layer.share,
                         sha256: layer.sha256,
+                        isolate: layer.isolate || file.isolate,
                     };
                     layers.push(node_spec(node, index, "layer", &mut names, &invalid)?);
                 }
@@ -313,6 +325,8 @@ impl ModelSpec {
                             quoted(&node.name)
                         )));
                     }
+                    let mut node = node;
+                    node.isolate |= file.isolate;
                     let spec = node_spec(node, index, "node", &mut names, &invalid)?;
                     layers.push(spec);
                 }
@@ -549,6 +563,7 @@ fn node_spec(
         init,
         share,
         sha256,
+        isolate: node.isolate,
         inputs: node.inputs,
     })
 }
@@ -729,7 +744,7 @@ mod tests {
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "confg": {}}]}"#,
-                "unknown field `confg`, expected one of `type`, `name`, `config`, `init`, `share`, `sha256`",
+                "unknown field `confg`, expected one of `type`, `name`, `config`, `init`, `share`, `sha256`, `isolate`",
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "init": {"weight": "gaussian"}}]}"#,

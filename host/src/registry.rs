@@ -622,10 +622,46 @@ pub fn load(
     Ok(result)
 }
 
-/// Reads the library once, checks its manifest (and pin), copies the very
-/// bytes that were checked into a sealed in-memory file and opens that: a
-/// file swapped or rewritten at `path` after the read is never what runs.
-fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
+/// A plugin library read and checked, without being opened: what the host
+/// knows of a plugin that runs in a worker process, where the worker opens
+/// the library after checking that its bytes have this SHA-256.
+#[derive(Debug, Clone)]
+pub struct CheckedPlugin {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub sha256: String,
+}
+
+/// Reads the library at `path` once and makes every check that needs no
+/// code of it to run (see [`load`]), without opening it.
+pub fn check(
+    path: &Path,
+    expected_name: Option<&str>,
+    pin: Option<&str>,
+) -> Result<CheckedPlugin, PluginError> {
+    let (_, sha256, inspected) = read_and_check(path, pin)?;
+    if let Some(expected) = expected_name {
+        if inspected.manifest.name != expected {
+            return Err(PluginError::NameMismatch {
+                path: path.to_path_buf(),
+                declared: inspected.manifest.name.clone(),
+                expected: expected.to_string(),
+            });
+        }
+    }
+    Ok(CheckedPlugin {
+        path: path.to_path_buf(),
+        manifest: inspected.manifest,
+        sha256,
+    })
+}
+
+/// Reads the library once and checks its permissions, pin, manifest and
+/// table symbol: the bytes, their SHA-256 and what the manifest says.
+fn read_and_check(
+    path: &Path,
+    pin: Option<&str>,
+) -> Result<(Vec<u8>, String, Inspected), PluginError> {
     check_not_writable_by_others(path)?;
     let bytes = read_library(path)?;
     let sha256 = sha256_hex(&bytes);
@@ -663,6 +699,14 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
             })
         }
     }
+    Ok((bytes, sha256, inspected))
+}
+
+/// Reads the library once, checks it ([`read_and_check`]), copies the very
+/// bytes that were checked into a sealed in-memory file and opens that: a
+/// file swapped or rewritten at `path` after the read is never what runs.
+fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
+    let (bytes, sha256, inspected) = read_and_check(path, pin)?;
     let sealed = sealed_copy(&inspected.manifest.name, &bytes).map_err(|e| PluginError::Init {
         path: path.to_path_buf(),
         message: format!("cannot make a sealed in-memory copy to load: {e}"),

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RSlice;
-use layer_api::abi::{LayerError, ParamRef, PreparedHandle, TensorRef};
+use layer_api::abi::{ParamRef, TensorRef};
 use layer_api::DType;
 
 use crate::error::Error;
@@ -34,7 +34,7 @@ use crate::graph::Source;
 use crate::model::Dim;
 use crate::params::ParamStore;
 use crate::runtime::{
-    param_refs, tensor_mut, LayerPlan, Model, ModelLayer, PreparedData, TensorSpec,
+    param_refs, tensor_mut, LayerPlan, Model, ModelLayer, Prepared, PreparedData, TensorSpec,
 };
 use crate::tensor::{Tensor, TensorView};
 
@@ -689,11 +689,22 @@ fn run_node(
     plan: &LayerPlan,
     inputs: &[Option<TensorView<'_>>],
     params: &[ParamRef<'_>],
-    prepared: PreparedHandle,
+    prepared: Prepared,
     outputs: &mut [Tensor],
     pieces: &[Piece],
     pool: Option<&rayon::ThreadPool>,
 ) -> Result<(), Error> {
+    if layer.is_isolated() {
+        // The worker runs the pieces on its own threads.
+        let pieces = pieces
+            .iter()
+            .map(|p| crate::isolate::Piece {
+                inputs: p.inputs.clone(),
+                outputs: p.outputs.clone(),
+            })
+            .collect();
+        return layer.forward_isolated(plan, prepared, inputs, outputs, pieces);
+    }
     fn input_ref<'a>(
         view: &Option<TensorView<'a>>,
         piece: Option<&'a (Vec<usize>, Range<usize>)>,
@@ -715,7 +726,7 @@ fn run_node(
     }
     let result = match pool {
         Some(pool) if !pieces.is_empty() => {
-            let failure: Mutex<Option<LayerError>> = Mutex::new(None);
+            let failure: Mutex<Option<Error>> = Mutex::new(None);
             // Each output cut into the pieces' row ranges, in order.
             let mut per_piece: Vec<Vec<&mut [u8]>> = pieces.iter().map(|_| Vec::new()).collect();
             for (o, out) in outputs.iter_mut().enumerate() {
@@ -773,7 +784,7 @@ fn run_node(
             layer.call_forward(prepared, &refs, params, &mut muts)
         }
     };
-    result.map_err(|e| layer.error(e))
+    result
 }
 
 /// The number of threads to use when the user does not say: every core.

@@ -2,53 +2,97 @@
 //! created, element types, shapes and parameters planned for an input
 //! before any computation, then the forward pass, layer by layer.
 
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
-use abi_stable::std_types::{RSlice, RSliceMut, RStr};
-use layer_api::abi::{LayerError, LayerHandle, ParamRef, PreparedHandle, TensorMut, TensorRef};
+use abi_stable::std_types::{RSlice, RSliceMut, RStr, RVec};
+use layer_api::abi::{
+    LayerError, LayerHandle, ParamRef, PreparedHandle, ProbeCase, TensorMut, TensorRef,
+};
 use layer_api::{DType, Init};
 
 use crate::error::Error;
 use crate::graph::{Graph, Source};
+use crate::isolate::{self, CallError, Reply, Request, Worker};
 use crate::model::{Dim, ModelSpec};
 use crate::params::{ParamInfo, ParamStore};
 use crate::registry::{self, LoadedPlugin, PluginRegistry};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorView};
 
 pub use crate::plan::{InputPort, LayerPlan, Signature, TensorSpec};
+
+/// The plugin a layer comes from, as messages and summaries name it.
+#[derive(Debug, Clone)]
+pub struct PluginMeta {
+    pub name: String,
+    pub version: String,
+}
+
+/// Where a layer's code runs.
+enum Link {
+    /// In the host's process: the loaded library and the layer object,
+    /// `None` once destroyed. Every call holds the read lock, so
+    /// [`ModelLayer::close`] (the write lock) waits for calls in flight and
+    /// no call can reach a destroyed layer.
+    InProcess {
+        plugin: &'static LoadedPlugin,
+        handle: RwLock<Option<LayerHandle>>,
+    },
+    /// In a worker process ([`crate::isolate`]), as its layer `id`.
+    Isolated {
+        worker: Arc<Worker>,
+        id: u64,
+        closed: AtomicBool,
+    },
+}
 
 /// A layer whose plugin is loaded and whose layer object exists.
 pub struct ModelLayer {
     pub name: String,
-    pub plugin: &'static LoadedPlugin,
+    pub plugin: PluginMeta,
     pub signature: Signature,
-    /// Set once the layer object is destroyed ([`ModelLayer::close`]).
-    /// The plugin's layer object; `None` once destroyed. Every call holds
-    /// the read lock, so [`ModelLayer::close`] (the write lock) waits for
-    /// calls in flight and no call can reach a destroyed layer.
-    handle: RwLock<Option<LayerHandle>>,
+    link: Link,
+}
+
+/// What a layer prepared from one parameter set, wherever it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Prepared {
+    InProcess(PreparedHandle),
+    /// The worker's id for it.
+    Isolated(u64),
+}
+
+impl Prepared {
+    const NONE: Prepared = Prepared::InProcess(PreparedHandle::NONE);
 }
 
 /// What a layer prepared from one parameter set; freed when dropped.
 pub struct PreparedData<'a> {
     layer: &'a ModelLayer,
-    pub(crate) handle: PreparedHandle,
+    pub(crate) handle: Prepared,
 }
 
 impl PreparedData<'_> {
     /// Frees the prepared data now, reporting a panic in its `Drop`.
     pub fn close(mut self) -> Result<(), Error> {
-        let handle = std::mem::replace(&mut self.handle, PreparedHandle::NONE);
+        let handle = std::mem::replace(&mut self.handle, Prepared::NONE);
         self.layer.drop_prepared(handle)
     }
 }
 
 impl Drop for PreparedData<'_> {
     fn drop(&mut self) {
-        let handle = std::mem::replace(&mut self.handle, PreparedHandle::NONE);
+        let handle = std::mem::replace(&mut self.handle, Prepared::NONE);
         // Reached only on an error path already being reported.
         let _ = self.layer.drop_prepared(handle);
     }
+}
+
+/// A plan as a layer answers it, before the host checks it.
+struct RawPlan {
+    outputs: Vec<(DType, Vec<usize>)>,
+    params: Vec<isolate::ParamDecl>,
 }
 
 /// A model ready to plan and run: its nodes' layers, and its wiring.
@@ -60,7 +104,8 @@ pub struct Model {
 }
 
 impl ModelLayer {
-    /// Creates the layer called `name` from `plugin` with `config`.
+    /// Creates the layer called `name` from `plugin` with `config`, in the
+    /// host's process.
     pub fn new(
         name: &str,
         plugin: &'static LoadedPlugin,
@@ -72,36 +117,162 @@ impl ModelLayer {
             message: format!("invalid config {config}: {}", e.message),
             panicked: e.panicked,
         })?;
-        let mut layer = ModelLayer {
+        let layer = ModelLayer {
             name: name.to_string(),
-            plugin,
+            plugin: PluginMeta {
+                name: plugin.name.clone(),
+                version: plugin.version.clone(),
+            },
             signature: Signature {
                 inputs: Vec::new(),
                 outputs: Vec::new(),
             },
-            handle: RwLock::new(Some(handle)),
+            link: Link::InProcess {
+                plugin,
+                handle: RwLock::new(Some(handle)),
+            },
         };
-        let signature = layer
-            .with_handle(|h| (plugin.core.signature)(h).into_result())?
-            .map_err(|e| layer.error(e))?;
-        layer.signature = Signature {
-            inputs: signature
-                .inputs
-                .iter()
-                .map(|p| InputPort {
-                    name: p.name.to_string(),
-                    optional: p.optional,
-                    dtypes: p.dtypes.to_vec(),
+        layer.with_signature()
+    }
+
+    /// Creates the layer called `name` with `config` in `worker`, which
+    /// runs the plugin `meta` describes.
+    pub fn new_isolated(
+        name: &str,
+        meta: PluginMeta,
+        worker: Arc<Worker>,
+        config: &serde_json::Value,
+    ) -> Result<ModelLayer, Error> {
+        let layer_error = |message: String, panicked| Error::Layer {
+            layer: name.to_string(),
+            plugin: meta.name.clone(),
+            message,
+            panicked,
+        };
+        let request = Request::Create {
+            config: config.to_string(),
+        };
+        let id = match worker.call(&request, &[], "create") {
+            Ok(Reply::Created(id)) => id,
+            Err(CallError::Layer { panicked, message }) => {
+                return Err(layer_error(
+                    format!("invalid config {config}: {message}"),
+                    panicked,
+                ))
+            }
+            Err(CallError::Worker { message, stderr }) => {
+                return Err(Error::Worker {
+                    layer: name.to_string(),
+                    plugin: meta.name.clone(),
+                    message,
+                    stderr,
                 })
-                .collect(),
-            outputs: signature
-                .outputs
-                .iter()
-                .map(|p| p.name.to_string())
-                .collect(),
+            }
+            Ok(other) => {
+                let CallError::Worker { message, stderr } = isolate::unexpected(other) else {
+                    unreachable!("an answer other than Failed")
+                };
+                return Err(Error::Worker {
+                    layer: name.to_string(),
+                    plugin: meta.name.clone(),
+                    message,
+                    stderr,
+                });
+            }
         };
-        layer.check_signature()?;
-        Ok(layer)
+        let layer = ModelLayer {
+            name: name.to_string(),
+            plugin: meta,
+            signature: Signature {
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            },
+            link: Link::Isolated {
+                worker,
+                id,
+                closed: AtomicBool::new(false),
+            },
+        };
+        layer.with_signature()
+    }
+
+    /// Whether the layer runs in a worker process.
+    pub fn is_isolated(&self) -> bool {
+        matches!(self.link, Link::Isolated { .. })
+    }
+
+    /// Asks the layer for its signature, and checks it.
+    fn with_signature(mut self) -> Result<ModelLayer, Error> {
+        self.signature = match &self.link {
+            Link::InProcess { plugin, .. } => {
+                let signature = self
+                    .with_handle(|h| (plugin.core.signature)(h).into_result())?
+                    .map_err(|e| self.error(e))?;
+                Signature {
+                    inputs: signature
+                        .inputs
+                        .iter()
+                        .map(|p| InputPort {
+                            name: p.name.to_string(),
+                            optional: p.optional,
+                            dtypes: p.dtypes.to_vec(),
+                        })
+                        .collect(),
+                    outputs: signature
+                        .outputs
+                        .iter()
+                        .map(|p| p.name.to_string())
+                        .collect(),
+                }
+            }
+            Link::Isolated { id, .. } => {
+                match self.remote(&Request::Signature { layer: *id }, "signature")? {
+                    Reply::Signature { inputs, outputs } => Signature {
+                        inputs: inputs
+                            .into_iter()
+                            .map(|p| InputPort {
+                                name: p.name,
+                                optional: p.optional,
+                                dtypes: p.dtypes.into_iter().map(DType).collect(),
+                            })
+                            .collect(),
+                        outputs: outputs.into_iter().map(|p| p.name).collect(),
+                    },
+                    other => return Err(self.call_error(isolate::unexpected(other))),
+                }
+            }
+        };
+        self.check_signature()?;
+        Ok(self)
+    }
+
+    /// One request to the layer's worker (an isolated layer only).
+    fn remote(&self, request: &Request, during: &str) -> Result<Reply, Error> {
+        match &self.link {
+            Link::Isolated { worker, .. } => worker
+                .call(request, &[], during)
+                .map_err(|e| self.call_error(e)),
+            Link::InProcess { .. } => Err(self.plain_error(format!(
+                "asked for a worker call ({during}) in process (a bug in the host)"
+            ))),
+        }
+    }
+
+    fn call_error(&self, e: CallError) -> Error {
+        match e {
+            CallError::Layer { panicked, message } => Error::Layer {
+                layer: self.name.clone(),
+                plugin: self.plugin.name.clone(),
+                message,
+                panicked,
+            },
+            CallError::Worker { message, stderr } => Error::Worker {
+                layer: self.name.clone(),
+                plugin: self.plugin.name.clone(),
+                message,
+                stderr,
+            },
+        }
     }
 
     fn check_signature(&self) -> Result<(), Error> {
@@ -131,9 +302,13 @@ impl ModelLayer {
         Ok(())
     }
 
-    /// Calls `f` with the layer object, or refuses once it is destroyed.
+    /// Calls `f` with the layer object, or refuses once it is destroyed
+    /// (an in-process layer only).
     fn with_handle<R>(&self, f: impl FnOnce(&LayerHandle) -> R) -> Result<R, Error> {
-        let guard = self.handle.read().unwrap_or_else(|p| p.into_inner());
+        let Link::InProcess { handle, .. } = &self.link else {
+            return Err(self.plain_error("asked for in-process (a bug in the host)".to_string()));
+        };
+        let guard = handle.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
             Some(handle) => Ok(f(handle)),
             None => {
@@ -176,28 +351,123 @@ impl ModelLayer {
     /// Floating-point operations of one forward pass (0: the layer does not
     /// say, or its plugin predates `flops`).
     pub fn flops(&self, plan: &LayerPlan) -> u64 {
-        match self.plugin.table.flops() {
-            Some(flops) => self
-                .with_handle(|h| flops(h, RSlice::from_slice(&plan.descs())))
-                .unwrap_or(0),
-            None => 0,
+        match &self.link {
+            Link::InProcess { plugin, .. } => match plugin.table.flops() {
+                Some(flops) => self
+                    .with_handle(|h| flops(h, RSlice::from_slice(&plan.descs())))
+                    .unwrap_or(0),
+                None => 0,
+            },
+            Link::Isolated { worker, id, .. } if worker.has_flops => {
+                let request = Request::Flops {
+                    layer: *id,
+                    inputs: specs(plan),
+                };
+                match self.remote(&request, "flops") {
+                    Ok(Reply::Flops(n)) => n,
+                    _ => 0,
+                }
+            }
+            Link::Isolated { .. } => 0,
         }
     }
 
     /// Whether the layer may process a batch in separate pieces. A layer
     /// whose answer fails claims nothing.
     pub fn batch_independent(&self) -> bool {
-        matches!(
-            self.with_handle(|h| (self.plugin.core.batch_independent)(h).into_result()),
-            Ok(Ok(true))
-        )
+        match &self.link {
+            Link::InProcess { plugin, .. } => matches!(
+                self.with_handle(|h| (plugin.core.batch_independent)(h).into_result()),
+                Ok(Ok(true))
+            ),
+            Link::Isolated { id, .. } => matches!(
+                self.remote(
+                    &Request::BatchIndependent { layer: *id },
+                    "batch_independent"
+                ),
+                Ok(Reply::Bool(true))
+            ),
+        }
     }
 
     /// The inputs the layer asks `check-plugin` to try.
-    pub fn probes(&self) -> Result<Vec<layer_api::abi::ProbeCase>, Error> {
-        self.with_handle(|h| (self.plugin.core.probes)(h).into_result())?
-            .map(|p| p.into_vec())
-            .map_err(|e| self.error(e))
+    pub fn probes(&self) -> Result<Vec<ProbeCase>, Error> {
+        match &self.link {
+            Link::InProcess { plugin, .. } => self
+                .with_handle(|h| (plugin.core.probes)(h).into_result())?
+                .map(|p| p.into_vec())
+                .map_err(|e| self.error(e)),
+            Link::Isolated { id, .. } => {
+                match self.remote(&Request::Probes { layer: *id }, "probes")? {
+                    Reply::Probes(cases) => Ok(cases
+                        .into_iter()
+                        .map(|inputs| ProbeCase {
+                            inputs: inputs
+                                .into_iter()
+                                .map(|i| {
+                                    i.map(|i| layer_api::abi::ProbeInput {
+                                        shape: RVec::from(i.shape),
+                                        dtype: DType(i.dtype),
+                                        low: i.low,
+                                        high: i.high,
+                                    })
+                                    .into()
+                                })
+                                .collect(),
+                        })
+                        .collect()),
+                    other => Err(self.call_error(isolate::unexpected(other))),
+                }
+            }
+        }
+    }
+
+    /// The layer's raw answer to `plan` for `plan.inputs`.
+    fn raw_plan(&self, plan: &LayerPlan) -> Result<RawPlan, Error> {
+        match &self.link {
+            Link::InProcess { plugin, .. } => {
+                let answer = self
+                    .with_handle(|h| {
+                        (plugin.core.plan)(h, RSlice::from_slice(&plan.descs())).into_result()
+                    })?
+                    .map_err(|e| self.error(e))?;
+                Ok(RawPlan {
+                    outputs: answer
+                        .outputs
+                        .iter()
+                        .map(|o| (o.dtype, o.shape.to_vec()))
+                        .collect(),
+                    params: answer
+                        .params
+                        .into_iter()
+                        .map(|p| isolate::ParamDecl {
+                            name: p.name.into_string(),
+                            dtype: p.dtype.0,
+                            shape: p.shape.into_vec(),
+                            fan_in: p.fan_in,
+                            fan_out: p.fan_out,
+                            init: p.init.into_string(),
+                        })
+                        .collect(),
+                })
+            }
+            Link::Isolated { id, .. } => {
+                let request = Request::Plan {
+                    layer: *id,
+                    inputs: specs(plan),
+                };
+                match self.remote(&request, "plan")? {
+                    Reply::Plan { outputs, params } => Ok(RawPlan {
+                        outputs: outputs
+                            .into_iter()
+                            .map(|o| (DType(o.dtype), o.shape))
+                            .collect(),
+                        params,
+                    }),
+                    other => Err(self.call_error(isolate::unexpected(other))),
+                }
+            }
+        }
     }
 
     /// The layer's plan for a chain: one input of `shape`, of the first
@@ -258,11 +528,7 @@ impl ModelLayer {
             output_shape: Vec::new(),
             params: Vec::new(),
         };
-        let answer = self
-            .with_handle(|h| {
-                (self.plugin.core.plan)(h, RSlice::from_slice(&plan.descs())).into_result()
-            })?
-            .map_err(|e| self.error(e))?;
+        let answer = self.raw_plan(&plan)?;
         if answer.outputs.len() != s.outputs.len() {
             return Err(self.plain_error(format!(
                 "declares {} outputs but planned {}",
@@ -270,51 +536,50 @@ impl ModelLayer {
                 answer.outputs.len()
             )));
         }
-        for (name, spec) in s.outputs.iter().zip(answer.outputs.iter()) {
-            if !spec.dtype.is_known() {
+        for (name, (dtype, shape)) in s.outputs.iter().zip(answer.outputs.iter()) {
+            if !dtype.is_known() {
                 return Err(self.plain_error(format!(
-                    "output '{name}' is of element type {}, which this host does not know",
-                    spec.dtype
+                    "output '{name}' is of element type {dtype}, which this host does not know"
                 )));
             }
             // Its size, counted exactly, must be one an array can have. It
             // is compared with the memory budget where its buffer is made
             // (`Runner`): a streamed run never holds it whole.
-            if let Err(over) = crate::budget::check_addressable(&spec.shape, spec.dtype.size()) {
+            if let Err(over) = crate::budget::check_addressable(shape, dtype.size()) {
                 return Err(self.plain_error(format!(
                     "output '{name}' of shape {} {over}",
-                    crate::budget::shape_text(&spec.shape)
+                    crate::budget::shape_text(shape)
                 )));
             }
-            plan.outputs.push(TensorSpec::new(spec.dtype, &spec.shape));
+            plan.outputs.push(TensorSpec::new(*dtype, shape));
         }
         for decl in answer.params {
-            let local_name = decl.name.into_string();
-            if decl.dtype != DType::F32 {
+            let local_name = decl.name;
+            let dtype = DType(decl.dtype);
+            if dtype != DType::F32 {
                 return Err(self.plain_error(format!(
-                    "parameter '{local_name}' is {}; this host keeps float32 parameters only",
-                    decl.dtype
+                    "parameter '{local_name}' is {dtype}; this host keeps float32 parameters only"
                 )));
             }
-            let shape = decl.shape.into_vec();
+            let shape = decl.shape;
             if let Err(over) = crate::budget::check_shape(&shape, DType::F32.size()) {
                 return Err(self.plain_error(format!(
                     "parameter '{local_name}' of shape {} {over}",
                     crate::budget::shape_text(&shape)
                 )));
             }
-            let init = match serde_json::from_str::<Init>(decl.init.as_str()) {
+            let init = match serde_json::from_str::<Init>(&decl.init) {
                 Ok(init) => init,
                 // No value is drawn for a parameter without elements.
                 Err(_) if shape.contains(&0) => Init::Zeros,
                 // serde_json writes an infinity or NaN as null.
-                Err(_) if decl.init.as_str().contains("null") => {
+                Err(_) if decl.init.contains("null") => {
                     return Err(self.plain_error(format!(
                         "parameter '{local_name}' of shape {} declares a default initializer \
                          holding a number that is not finite (infinite or NaN, written as \
                          null; e.g. a bound divided by an axis of size 0): {}",
                         crate::budget::shape_text(&shape),
-                        decl.init.as_str()
+                        decl.init
                     )))
                 }
                 Err(e) => {
@@ -350,18 +615,40 @@ impl ModelLayer {
         plan: &LayerPlan,
         params: &[ParamRef<'_>],
     ) -> Result<PreparedData<'_>, Error> {
-        let handle = match self.plugin.table.prepare() {
-            Some(prepare) if self.plugin.table.drop_prepared().is_some() => self
-                .with_handle(|h| {
-                    prepare(
-                        h,
-                        RSlice::from_slice(&plan.descs()),
-                        RSlice::from_slice(params),
-                    )
-                    .into_result()
-                })?
-                .map_err(|e| self.error(e))?,
-            _ => PreparedHandle::NONE,
+        let handle = match &self.link {
+            Link::InProcess { plugin, .. } => Prepared::InProcess(match plugin.table.prepare() {
+                Some(prepare) if plugin.table.drop_prepared().is_some() => self
+                    .with_handle(|h| {
+                        prepare(
+                            h,
+                            RSlice::from_slice(&plan.descs()),
+                            RSlice::from_slice(params),
+                        )
+                        .into_result()
+                    })?
+                    .map_err(|e| self.error(e))?,
+                _ => PreparedHandle::NONE,
+            }),
+            // The worker keeps the parameters with what it prepared, and
+            // uses them for every forward call with it.
+            Link::Isolated { worker, id, .. } => {
+                let params: Vec<(String, u32, &[usize], &[u8])> = params
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.name.to_string(),
+                            p.tensor.dtype.0,
+                            p.tensor.shape.as_slice(),
+                            p.tensor.data.as_slice(),
+                        )
+                    })
+                    .collect();
+                Prepared::Isolated(
+                    worker
+                        .prepare(*id, specs(plan), &params)
+                        .map_err(|e| self.call_error(e))?,
+                )
+            }
         };
         Ok(PreparedData {
             layer: self,
@@ -369,15 +656,30 @@ impl ModelLayer {
         })
     }
 
-    fn drop_prepared(&self, handle: PreparedHandle) -> Result<(), Error> {
-        if handle.0.is_null() {
-            return Ok(());
-        }
-        match self.plugin.table.drop_prepared() {
-            Some(drop_prepared) => self
-                .with_handle(|h| drop_prepared(h, handle).into_result())?
-                .map_err(|e| self.error(e)),
-            None => Ok(()),
+    fn drop_prepared(&self, handle: Prepared) -> Result<(), Error> {
+        match (&self.link, handle) {
+            (Link::InProcess { plugin, .. }, Prepared::InProcess(handle)) => {
+                if handle.0.is_null() {
+                    return Ok(());
+                }
+                match plugin.table.drop_prepared() {
+                    Some(drop_prepared) => self
+                        .with_handle(|h| drop_prepared(h, handle).into_result())?
+                        .map_err(|e| self.error(e)),
+                    None => Ok(()),
+                }
+            }
+            (Link::Isolated { id, closed, .. }, Prepared::Isolated(prepared)) => {
+                if closed.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let request = Request::DropPrepared {
+                    layer: *id,
+                    prepared,
+                };
+                self.remote(&request, "drop_prepared").map(drop)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -410,14 +712,19 @@ impl ModelLayer {
             .collect();
         let input_refs: Vec<TensorRef<'_>> =
             standard.iter().map(|t| tensor_ref(t.as_ref())).collect();
-        {
+        if self.is_isolated() {
+            let views: Vec<Option<TensorView<'_>>> = standard
+                .iter()
+                .map(|t| t.as_ref().map(Tensor::view))
+                .collect();
+            self.forward_isolated(plan, prepared.handle, &views, &mut outputs, Vec::new())?;
+        } else {
             let mut output_muts: Vec<TensorMut<'_>> = outputs
                 .iter_mut()
                 .zip(&plan.outputs)
                 .map(|(t, spec)| tensor_mut(&spec.shape, spec.dtype, t.bytes_mut()))
                 .collect();
-            self.call_forward(prepared.handle, &input_refs, &refs, &mut output_muts)
-                .map_err(|e| self.error(e))?;
+            self.call_forward(prepared.handle, &input_refs, &refs, &mut output_muts)?;
         }
         prepared.close()?;
         self.check_outputs(&outputs)?;
@@ -433,23 +740,29 @@ impl ModelLayer {
         Ok(())
     }
 
-    /// One `forward` call through the plugin boundary: the single place the
-    /// host lends tensors to a layer.
+    /// One in-process `forward` call through the plugin boundary: the
+    /// single place the host lends its own tensors to a layer.
     pub(crate) fn call_forward(
         &self,
-        prepared: PreparedHandle,
+        prepared: Prepared,
         inputs: &[TensorRef<'_>],
         params: &[ParamRef<'_>],
         outputs: &mut [TensorMut<'_>],
-    ) -> Result<(), LayerError> {
-        let guard = self.handle.read().unwrap_or_else(|p| p.into_inner());
-        let Some(handle) = guard.as_ref() else {
-            return Err(LayerError {
-                panicked: false,
-                message: "was used after it was closed (a bug in the host)".into(),
-            });
+    ) -> Result<(), Error> {
+        let (Link::InProcess { plugin, handle }, Prepared::InProcess(prepared)) =
+            (&self.link, prepared)
+        else {
+            return Err(self.plain_error(
+                "was called in process while isolated (a bug in the host)".to_string(),
+            ));
         };
-        (self.plugin.core.forward)(
+        let guard = handle.read().unwrap_or_else(|p| p.into_inner());
+        let Some(handle) = guard.as_ref() else {
+            return Err(
+                self.plain_error("was used after it was closed (a bug in the host)".to_string())
+            );
+        };
+        (plugin.core.forward)(
             handle,
             prepared,
             RSlice::from_slice(inputs),
@@ -457,29 +770,78 @@ impl ModelLayer {
             RSliceMut::from_mut_slice(outputs),
         )
         .into_result()
+        .map_err(|e| self.error(e))
+    }
+
+    /// One `forward` call of an isolated layer, run in its worker (`pieces`
+    /// on the worker's threads); the worker uses the parameters it was
+    /// given with `prepared`.
+    pub(crate) fn forward_isolated(
+        &self,
+        plan: &LayerPlan,
+        prepared: Prepared,
+        inputs: &[Option<TensorView<'_>>],
+        outputs: &mut [Tensor],
+        pieces: Vec<isolate::Piece>,
+    ) -> Result<(), Error> {
+        let (Link::Isolated { worker, id, .. }, Prepared::Isolated(prepared)) =
+            (&self.link, prepared)
+        else {
+            return Err(self.plain_error(
+                "was called isolated while in process (a bug in the host)".to_string(),
+            ));
+        };
+        let mut outputs: Vec<(u32, &[usize], &mut [u8])> = outputs
+            .iter_mut()
+            .zip(&plan.outputs)
+            .map(|(t, spec)| (spec.dtype.0, spec.shape.as_slice(), t.bytes_mut()))
+            .collect();
+        worker
+            .forward(*id, prepared, inputs, &mut outputs, pieces)
+            .map_err(|e| self.call_error(e))
     }
 
     /// Destroys the layer object, reporting a panic in its `Drop`; waits
     /// for calls in flight. Later calls are refused with an error.
     pub fn close(&self) -> Result<(), Error> {
-        let taken = self
-            .handle
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some(handle) = taken else {
-            return Ok(());
-        };
-        (self.plugin.core.drop_layer)(handle)
-            .into_result()
-            .map_err(|e| {
-                let mut error = self.error(e);
-                if let Error::Layer { message, .. } = &mut error {
-                    *message = format!("while being dropped: {message}");
+        let result = match &self.link {
+            Link::InProcess { plugin, handle } => {
+                let taken = handle.write().unwrap_or_else(|p| p.into_inner()).take();
+                let Some(handle) = taken else {
+                    return Ok(());
+                };
+                (plugin.core.drop_layer)(handle)
+                    .into_result()
+                    .map_err(|e| self.error(e))
+            }
+            Link::Isolated { id, closed, .. } => {
+                if closed.swap(true, Ordering::AcqRel) {
+                    return Ok(());
                 }
-                error
-            })
+                self.remote(&Request::DropLayer { layer: *id }, "drop_layer")
+                    .map(drop)
+            }
+        };
+        result.map_err(|mut error| {
+            if let Error::Layer { message, .. } = &mut error {
+                *message = format!("while being dropped: {message}");
+            }
+            error
+        })
     }
+}
+
+/// The inputs of `plan` as a worker request gives them.
+fn specs(plan: &LayerPlan) -> Vec<Option<isolate::Spec>> {
+    plan.inputs
+        .iter()
+        .map(|i| {
+            i.as_ref().map(|s| isolate::Spec {
+                dtype: s.dtype.0,
+                shape: s.shape.clone(),
+            })
+        })
+        .collect()
 }
 
 impl Drop for ModelLayer {
@@ -618,15 +980,45 @@ impl Model {
     /// and resolves the model's wiring against the layers' signatures.
     pub fn load(spec: ModelSpec, registry: &PluginRegistry) -> Result<Model, Error> {
         let mut layers = Vec::with_capacity(spec.layers.len());
+        let isolate_all = isolate::settings().all;
+        // One worker per plugin library, shared by the layers it runs.
+        let mut workers: HashMap<std::path::PathBuf, (PluginMeta, Arc<Worker>)> = HashMap::new();
         for layer in &spec.layers {
             let plugin_error = |source| Error::Plugin {
                 layer: layer.name.clone(),
                 source: Box::new(source),
             };
             let path = registry.locate(&layer.plugin).map_err(plugin_error)?;
-            let plugin = registry::load(&path, Some(&layer.plugin), layer.sha256.as_deref())
-                .map_err(plugin_error)?;
-            layers.push(ModelLayer::new(&layer.name, plugin, &layer.config)?);
+            if isolate_all || layer.isolate {
+                // Checked here without being opened: only the worker runs
+                // its code.
+                let checked = registry::check(&path, Some(&layer.plugin), layer.sha256.as_deref())
+                    .map_err(plugin_error)?;
+                let (meta, worker) = match workers.get(&path) {
+                    Some((meta, worker)) if worker.plugin == checked.manifest.name => {
+                        (meta.clone(), Arc::clone(worker))
+                    }
+                    _ => {
+                        let worker = Arc::new(Worker::start(&checked).map_err(plugin_error)?);
+                        let meta = PluginMeta {
+                            name: checked.manifest.name.clone(),
+                            version: checked.manifest.version.clone(),
+                        };
+                        workers.insert(path.clone(), (meta.clone(), Arc::clone(&worker)));
+                        (meta, worker)
+                    }
+                };
+                layers.push(ModelLayer::new_isolated(
+                    &layer.name,
+                    meta,
+                    worker,
+                    &layer.config,
+                )?);
+            } else {
+                let plugin = registry::load(&path, Some(&layer.plugin), layer.sha256.as_deref())
+                    .map_err(plugin_error)?;
+                layers.push(ModelLayer::new(&layer.name, plugin, &layer.config)?);
+            }
         }
         let signatures: Vec<&Signature> = layers.iter().map(|l| &l.signature).collect();
         let graph = Graph::resolve(&spec, &signatures)?;

@@ -1,0 +1,565 @@
+//! Isolation: running a plugin in a worker process of its own, so that a
+//! plugin that crashes, aborts, exits, hangs or allocates without end costs
+//! an error message, not the host. One worker per plugin library of a
+//! model, started once and reused for every call; tensors cross through
+//! shared memory ([`shm`]); the worker sandboxes itself ([`sandbox`])
+//! before it opens the library. The host side is [`Worker`]; the worker's
+//! own loop is [`worker::main`].
+
+mod protocol;
+mod sandbox;
+mod shm;
+pub mod worker;
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub use protocol::{ParamDecl, Piece, Port, ProbeInput, Reply, Request, Slot, Spec};
+
+use crate::registry::{CheckedPlugin, PluginError};
+use crate::tensor::TensorView;
+
+/// The hidden first argument that makes the `host` binary a worker.
+pub const WORKER_ARG: &str = "__layer-worker";
+
+/// What to do when the kernel cannot give part of the sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SandboxPolicy {
+    /// Say once which protection is missing, and run with the rest.
+    #[default]
+    Warn,
+    /// Refuse to run the plugin.
+    Require,
+}
+
+/// How plugins are isolated in this process (the command line's
+/// `--isolate`, `--timeout`, `--sandbox`).
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Isolate every layer, whatever the model file says.
+    pub all: bool,
+    /// The longest one call into an isolated plugin may take.
+    pub timeout: Option<Duration>,
+    pub sandbox: SandboxPolicy,
+}
+
+static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
+
+/// Sets how plugins are isolated from now on.
+pub fn configure(settings: Settings) {
+    *SETTINGS.write().unwrap_or_else(|p| p.into_inner()) = Some(settings);
+}
+
+/// How plugins are isolated now.
+pub fn settings() -> Settings {
+    SETTINGS
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
+/// A call into an isolated plugin that did not succeed.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The plugin returned an error, or panicked and the panic was caught.
+    Layer { panicked: bool, message: String },
+    /// The worker died or was killed: what happened, as "crashed: SIGSEGV
+    /// (segmentation fault) in forward", and the end of its stderr.
+    Worker { message: String, stderr: String },
+}
+
+/// How much of a worker's stderr is kept, for the error that reports its
+/// death (and `--verbose`).
+const STDERR_TAIL: usize = 8192;
+
+/// The smallest address-space limit a worker gets, whatever the memory
+/// budget: the executable, the C library and thread stacks need some.
+const MIN_ADDRESS_SPACE: u64 = 512 << 20;
+
+/// A worker process running one plugin library, as the host sees it.
+pub struct Worker {
+    pub plugin: String,
+    pub has_flops: bool,
+    pub has_prepare: bool,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// `None` once the worker is gone.
+    conn: Option<Connection>,
+    /// Why the worker is gone, for calls after its death.
+    dead: Option<CallError>,
+    input: Option<shm::Region>,
+    output: Option<shm::Region>,
+    memory_limit: u64,
+    timeout: Option<Duration>,
+}
+
+struct Connection {
+    child: Child,
+    socket: OwnedFd,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    stderr_closed: mpsc::Receiver<()>,
+}
+
+/// The sandbox protections missing on this machine, said once a process.
+static WARNED: std::sync::Once = std::sync::Once::new();
+
+impl Worker {
+    /// Starts a worker for the checked library `plugin`, which the worker
+    /// opens (after checking its bytes again) inside its sandbox.
+    pub fn start(plugin: &CheckedPlugin) -> Result<Worker, PluginError> {
+        let settings = settings();
+        let init_error = |message: String| PluginError::Init {
+            path: plugin.path.clone(),
+            message,
+        };
+        let exe = std::env::current_exe().map_err(|e| {
+            init_error(format!(
+                "cannot find the host executable to start its worker: {e}"
+            ))
+        })?;
+        let (ours, theirs) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| init_error(format!("cannot make a socket for its worker: {e}")))?;
+        let mut child = Command::new(exe)
+            .arg(WORKER_ARG)
+            .arg(&plugin.manifest.name)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| init_error(format!("cannot start its worker process: {e}")))?;
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (closed_tx, stderr_closed) = mpsc::channel();
+        if let Some(mut pipe) = child.stderr.take() {
+            let tail = Arc::clone(&stderr);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > STDERR_TAIL {
+                        let cut = tail.len() - STDERR_TAIL;
+                        tail.drain(..cut);
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+        let memory_limit = crate::budget::limit().max(MIN_ADDRESS_SPACE);
+        let worker = Worker {
+            plugin: plugin.manifest.name.clone(),
+            has_flops: false,
+            has_prepare: false,
+            state: Mutex::new(State {
+                conn: Some(Connection {
+                    child,
+                    socket: ours,
+                    stderr,
+                    stderr_closed,
+                }),
+                dead: None,
+                input: None,
+                output: None,
+                memory_limit,
+                timeout: settings.timeout,
+            }),
+        };
+        let start = Request::Start {
+            path: plugin.path.clone(),
+            name: plugin.manifest.name.clone(),
+            sha256: plugin.sha256.clone(),
+            memory_limit,
+            sandbox: true,
+        };
+        let reply = worker
+            .call(&start, &[], "opening the library")
+            .map_err(|e| match e {
+                CallError::Layer { message, .. } => init_error(format!("in its worker: {message}")),
+                CallError::Worker { message, .. } => init_error(format!("its worker {message}")),
+            })?;
+        let Reply::Started {
+            sandbox,
+            has_flops,
+            has_prepare,
+        } = reply
+        else {
+            return Err(init_error(
+                "its worker gave an unexpected answer when started".into(),
+            ));
+        };
+        if !sandbox.missing.is_empty() {
+            let missing = sandbox.missing.join("; ");
+            if settings.sandbox == SandboxPolicy::Require {
+                return Err(init_error(format!(
+                    "--sandbox require: the sandbox is incomplete on this machine ({missing}); \
+                     run without --sandbox require to accept that"
+                )));
+            }
+            WARNED.call_once(|| {
+                eprintln!("warning: isolated plugins run with an incomplete sandbox: {missing}");
+            });
+        }
+        Ok(Worker {
+            has_flops,
+            has_prepare,
+            ..worker
+        })
+    }
+
+    /// Sends `request` (with `fds`) and waits for the answer; `during`
+    /// names the call for the message if the worker dies in it.
+    pub fn call(
+        &self,
+        request: &Request,
+        fds: &[BorrowedFd<'_>],
+        during: &str,
+    ) -> Result<Reply, CallError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.call(request, fds, during)
+    }
+
+    /// Runs `forward` in the worker: copies the inputs into the shared
+    /// input region, sends where each tensor lies, and copies the outputs
+    /// back from the shared output region. Pieces are row ranges run on
+    /// the worker's threads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        layer: u64,
+        prepared: u64,
+        inputs: &[Option<TensorView<'_>>],
+        outputs: &mut [(u32, &[usize], &mut [u8])],
+        pieces: Vec<Piece>,
+    ) -> Result<(), CallError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut offset = 0;
+        let in_slots: Vec<Option<Slot>> = inputs
+            .iter()
+            .map(|i| {
+                i.as_ref().map(|v| {
+                    let start = shm::aligned(offset);
+                    offset = start + v.bytes.len();
+                    Slot {
+                        dtype: v.dtype.0,
+                        shape: v.shape.to_vec(),
+                        bytes: start..offset,
+                    }
+                })
+            })
+            .collect();
+        let in_len = offset;
+        let mut offset = 0;
+        let out_slots: Vec<Slot> = outputs
+            .iter()
+            .map(|(dtype, shape, bytes)| {
+                let start = shm::aligned(offset);
+                offset = start + bytes.len();
+                Slot {
+                    dtype: *dtype,
+                    shape: shape.to_vec(),
+                    bytes: start..offset,
+                }
+            })
+            .collect();
+        let out_len = offset;
+        let grow = |region: &mut Option<shm::Region>, len: usize, name: &str| match region {
+            Some(r) if r.len() >= len => Ok(false),
+            _ => {
+                let old = region.as_ref().map_or(0, shm::Region::len);
+                let size = len.max(old.saturating_mul(2)).max(4096);
+                *region = Some(shm::Region::new(name, size)?);
+                Ok(true)
+            }
+        };
+        let region_error = |e: std::io::Error| CallError::Worker {
+            message: format!("could not be given its tensors: cannot make shared memory: {e}"),
+            stderr: String::new(),
+        };
+        let new_input = grow(&mut state.input, in_len, "layer-inputs").map_err(region_error)?;
+        let new_output = grow(&mut state.output, out_len, "layer-outputs").map_err(region_error)?;
+        {
+            let region = state.input.as_mut().expect("made above").bytes_mut();
+            for (slot, input) in in_slots.iter().zip(inputs) {
+                if let (Some(slot), Some(v)) = (slot, input) {
+                    region[slot.bytes.clone()].copy_from_slice(v.bytes);
+                }
+            }
+        }
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        if new_input {
+            let fd = state
+                .input
+                .as_ref()
+                .expect("made above")
+                .read_only_fd()
+                .map_err(region_error)?;
+            fds.push(fd);
+        }
+        if new_output {
+            let fd = state
+                .output
+                .as_ref()
+                .expect("made above")
+                .fd()
+                .try_clone_to_owned()
+                .map_err(region_error)?;
+            fds.push(fd);
+        }
+        let request = Request::Forward {
+            layer,
+            prepared,
+            inputs: in_slots,
+            outputs: out_slots.clone(),
+            pieces,
+            new_input_region: new_input,
+            new_output_region: new_output,
+        };
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        match state.call(&request, &borrowed, "forward")? {
+            Reply::Done => {}
+            other => return Err(unexpected(other)),
+        }
+        let region = state.output.as_ref().expect("made above").bytes();
+        for (slot, (_, _, out)) in out_slots.iter().zip(outputs.iter_mut()) {
+            out.copy_from_slice(&region[slot.bytes.clone()]);
+        }
+        Ok(())
+    }
+
+    /// Puts `params` in a sealed region and asks the worker to prepare.
+    pub fn prepare(
+        &self,
+        layer: u64,
+        inputs: Vec<Option<Spec>>,
+        params: &[(String, u32, &[usize], &[u8])],
+    ) -> Result<u64, CallError> {
+        let mut bytes = Vec::new();
+        let mut decls = Vec::with_capacity(params.len());
+        for (name, dtype, shape, data) in params {
+            let start = shm::aligned(bytes.len());
+            bytes.resize(start, 0);
+            bytes.extend_from_slice(data);
+            decls.push(protocol::Param {
+                name: name.clone(),
+                slot: Slot {
+                    dtype: *dtype,
+                    shape: shape.to_vec(),
+                    bytes: start..bytes.len(),
+                },
+            });
+        }
+        let region =
+            shm::Region::sealed("layer-params", &bytes).map_err(|e| CallError::Worker {
+                message: format!("could not be given its parameters: {e}"),
+                stderr: String::new(),
+            })?;
+        let request = Request::Prepare {
+            layer,
+            inputs,
+            params: decls,
+        };
+        match self.call(&request, &[region.as_fd()], "prepare")? {
+            Reply::Prepared(id) => Ok(id),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// An answer of the wrong kind: the worker is not the host's own code
+/// running as expected.
+pub fn unexpected(reply: Reply) -> CallError {
+    match reply {
+        Reply::Failed { panicked, message } => CallError::Layer { panicked, message },
+        other => CallError::Worker {
+            message: format!("gave an answer out of turn ({})", reply_kind(&other)),
+            stderr: String::new(),
+        },
+    }
+}
+
+fn reply_kind(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Started { .. } => "started",
+        Reply::Created(_) => "created",
+        Reply::Signature { .. } => "signature",
+        Reply::Plan { .. } => "plan",
+        Reply::Flops(_) => "flops",
+        Reply::Bool(_) => "bool",
+        Reply::Probes(_) => "probes",
+        Reply::Prepared(_) => "prepared",
+        Reply::Done => "done",
+        Reply::Failed { .. } => "failed",
+    }
+}
+
+impl State {
+    fn call(
+        &mut self,
+        request: &Request,
+        fds: &[BorrowedFd<'_>],
+        during: &str,
+    ) -> Result<Reply, CallError> {
+        if let Some(dead) = &self.dead {
+            return Err(match dead {
+                CallError::Worker { message, stderr } => CallError::Worker {
+                    message: format!("is unavailable: its worker {message} earlier"),
+                    stderr: stderr.clone(),
+                },
+                other => other.clone(),
+            });
+        }
+        let conn = self.conn.as_mut().expect("alive while not dead");
+        let sent = protocol::send(conn.socket.as_fd(), request, fds);
+        let answer = match sent {
+            Err(_) => None,
+            Ok(()) => match protocol::readable(conn.socket.as_fd(), self.timeout) {
+                Ok(true) => protocol::receive::<Reply>(conn.socket.as_fd())
+                    .ok()
+                    .flatten()
+                    .map(|(reply, _)| reply),
+                Ok(false) => {
+                    let timeout = self.timeout.unwrap_or_default();
+                    let _ = conn.child.kill();
+                    let death = self.bury(during);
+                    let message = format!(
+                        "exceeded --timeout {} in {during} (its worker was killed)",
+                        seconds(timeout)
+                    );
+                    let error = CallError::Worker {
+                        message,
+                        stderr: match death {
+                            CallError::Worker { stderr, .. } => stderr,
+                            _ => String::new(),
+                        },
+                    };
+                    self.dead = Some(error.clone());
+                    return Err(error);
+                }
+                Err(_) => None,
+            },
+        };
+        match answer {
+            Some(Reply::Failed { panicked, message }) => {
+                Err(CallError::Layer { panicked, message })
+            }
+            Some(reply) => Ok(reply),
+            None => {
+                let error = self.bury(during);
+                self.dead = Some(error.clone());
+                Err(error)
+            }
+        }
+    }
+
+    /// Reaps a worker that closed its socket or is being killed, and says
+    /// what became of it.
+    fn bury(&mut self, during: &str) -> CallError {
+        let Some(mut conn) = self.conn.take() else {
+            return CallError::Worker {
+                message: format!("is gone ({during})"),
+                stderr: String::new(),
+            };
+        };
+        drop(conn.socket);
+        let status = wait_at_most(&mut conn.child, Duration::from_secs(2));
+        // The stderr pipe closes when the process is gone; its last words
+        // come before that.
+        let _ = conn.stderr_closed.recv_timeout(Duration::from_millis(500));
+        let stderr =
+            String::from_utf8_lossy(&conn.stderr.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_owned();
+        let message = describe_death(status, &stderr, self.memory_limit, during);
+        CallError::Worker { message, stderr }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            // Closing the socket tells the worker to exit; one that does not
+            // is killed.
+            drop(conn.socket);
+            if wait_at_most(&mut conn.child, Duration::from_secs(1)).is_none() {
+                let _ = conn.child.kill();
+                let _ = conn.child.wait();
+            }
+        }
+    }
+}
+
+/// Waits for `child` to end, killing it if it has not within `limit`.
+fn wait_at_most(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s}s")
+    } else {
+        format!("{s:.3}s")
+    }
+}
+
+/// What a worker's end says, as the tail of "layer 'x' (plugin 'y') …".
+fn describe_death(status: Option<ExitStatus>, stderr: &str, limit: u64, during: &str) -> String {
+    if stderr.contains(worker::OUT_OF_MEMORY_TEXT) {
+        return format!("ran out of memory (limit {limit} bytes) in {during}");
+    }
+    if stderr.contains("has overflowed its stack") {
+        return format!("overflowed its stack in {during}");
+    }
+    let Some(status) = status else {
+        return format!("ended in {during}, and its exit status could not be read");
+    };
+    if let Some(code) = status.code() {
+        return format!("exited with status {code} during {during}");
+    }
+    match status.signal() {
+        Some(libc::SIGABRT) => format!("aborted in {during}"),
+        Some(libc::SIGKILL) => format!("was killed (SIGKILL) in {during}"),
+        Some(signal) => format!("crashed: {} in {during}", signal_name(signal)),
+        None => format!("ended in {during} ({status})"),
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    let (name, what) = match signal {
+        libc::SIGSEGV => ("SIGSEGV", "segmentation fault"),
+        libc::SIGBUS => ("SIGBUS", "bus error"),
+        libc::SIGILL => ("SIGILL", "illegal instruction"),
+        libc::SIGFPE => ("SIGFPE", "arithmetic exception"),
+        libc::SIGTRAP => ("SIGTRAP", "trace trap"),
+        libc::SIGSYS => ("SIGSYS", "bad system call"),
+        libc::SIGTERM => ("SIGTERM", "terminated"),
+        libc::SIGINT => ("SIGINT", "interrupted"),
+        libc::SIGPIPE => ("SIGPIPE", "broken pipe"),
+        other => return format!("signal {other}"),
+    };
+    format!("{name} ({what})")
+}
