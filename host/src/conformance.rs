@@ -57,7 +57,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 
 use abi_stable::std_types::ROption;
 use half::{bf16, f16};
@@ -69,7 +69,9 @@ use serde_json::Value;
 use crate::error::Error;
 use crate::param_file::{FileTensor, ParamFile, ParamFormat};
 use crate::params::ParamStore;
-use crate::registry::{self, library_file_name, LoadedPlugin, PluginRegistry};
+use crate::isolate::{self, CallError, Reply, Request, Worker};
+use crate::registry::{self, library_file_name, CheckedPlugin, PluginRegistry};
+use crate::runtime::PluginMeta;
 use crate::runtime::dtype_list;
 use crate::runtime::{LayerPlan, ModelLayer, Signature, TensorSpec};
 use crate::tensor::Tensor;
@@ -242,8 +244,21 @@ pub fn check_library_with(path: &Path, configs: &[Value], options: &Options) -> 
         path: path.to_path_buf(),
         checks: Vec::new(),
     };
-    let plugin = match registry::load(path, None, None) {
+    // The plugin under test always runs in a worker process: one that
+    // crashes, exits or hangs fails the check it was in, and a new worker
+    // runs the checks after it.
+    let plugin = match registry::check(path, None, None) {
         Ok(plugin) => plugin,
+        Err(e) => {
+            report
+                .checks
+                .push(check("identity", None, Err(e.to_string())));
+            return report;
+        }
+    };
+    let start = || Worker::start(&plugin).map(Arc::new);
+    let mut worker = match start() {
+        Ok(worker) => worker,
         Err(e) => {
             report
                 .checks
@@ -253,11 +268,11 @@ pub fn check_library_with(path: &Path, configs: &[Value], options: &Options) -> 
     };
     report
         .checks
-        .push(check("identity", None, identity(path, plugin)));
+        .push(check("identity", None, identity(path, &plugin)));
     report.checks.push(check(
         "bad-config-refused",
         None,
-        bad_config_refused(plugin),
+        bad_config_refused(&worker),
     ));
     let default = [Value::Object(Default::default())];
     let configs = if configs.is_empty() {
@@ -266,7 +281,19 @@ pub fn check_library_with(path: &Path, configs: &[Value], options: &Options) -> 
         configs
     };
     for config in configs {
-        check_config(plugin, config, options, &mut report.checks);
+        if !worker.is_alive() {
+            worker = match start() {
+                Ok(worker) => worker,
+                Err(e) => {
+                    let label = config.to_string();
+                    report
+                        .checks
+                        .push(check("create", Some(&label), Err(e.to_string())));
+                    continue;
+                }
+            };
+        }
+        check_config(&plugin, &worker, config, options, &mut report.checks);
     }
     report
 }
@@ -295,7 +322,8 @@ fn skip(name: &'static str, config: Option<&str>, detail: &str) -> Check {
     }
 }
 
-fn identity(path: &Path, plugin: &LoadedPlugin) -> Result<String, String> {
+fn identity(path: &Path, plugin: &CheckedPlugin) -> Result<String, String> {
+    let plugin = &plugin.manifest;
     let file = library_file_name(&plugin.name).map_err(|e| {
         format!(
             "the plugin calls itself '{}', which models cannot name: {e}",
@@ -317,27 +345,37 @@ fn identity(path: &Path, plugin: &LoadedPlugin) -> Result<String, String> {
         "{} {}, interface {} (this host speaks {}.{}): {}",
         plugin.name,
         plugin.version,
-        plugin.interface_version,
+        format!("{}.{}", plugin.abi.0, plugin.abi.1),
         layer_api::abi::ABI_MAJOR,
         layer_api::abi::ABI_MINOR,
         plugin.description
     ))
 }
 
-fn bad_config_refused(plugin: &LoadedPlugin) -> Result<String, String> {
-    let config: Value = serde_json::from_str(BAD_CONFIG).expect("valid JSON");
-    match plugin.create(&config) {
-        Ok(handle) => {
-            let _ = (plugin.core.drop_layer)(handle);
+fn bad_config_refused(worker: &Worker) -> Result<String, String> {
+    let request = Request::Create {
+        config: BAD_CONFIG.to_string(),
+    };
+    match worker.call(&request, &[], "create") {
+        Ok(Reply::Created(layer)) => {
+            let _ = worker.call(&Request::DropLayer { layer }, &[], "drop_layer");
             Err(format!(
                 "{BAD_CONFIG} was accepted; unknown fields must be errors"
             ))
         }
-        Err(e) if e.panicked => Err(format!(
-            "{BAD_CONFIG} made the plugin panic instead of returning an error: {}",
-            e.message
+        Ok(other) => Err(format!("{:?}", isolate::unexpected(other))),
+        Err(CallError::Layer {
+            panicked: true,
+            message,
+        }) => Err(format!(
+            "{BAD_CONFIG} made the plugin panic instead of returning an error: {message}"
         )),
-        Err(e) => Ok(format!("{BAD_CONFIG} was refused: {}", e.message)),
+        Err(CallError::Layer { message, .. }) => {
+            Ok(format!("{BAD_CONFIG} was refused: {message}"))
+        }
+        Err(CallError::Worker { message, .. }) => Err(format!(
+            "given {BAD_CONFIG}, the plugin {message}"
+        )),
     }
 }
 
@@ -685,14 +723,20 @@ fn probe_layer(layer: &ModelLayer, config: &Value) -> Probed {
 }
 
 fn check_config(
-    plugin: &'static LoadedPlugin,
+    plugin: &CheckedPlugin,
+    worker: &Arc<Worker>,
     config: &Value,
     options: &Options,
     checks: &mut Vec<Check>,
 ) {
     let label = config.to_string();
     let label = Some(label.as_str());
-    let layer = match ModelLayer::new(&plugin.name, plugin, config) {
+    let meta = PluginMeta {
+        name: plugin.manifest.name.clone(),
+        version: plugin.manifest.version.clone(),
+    };
+    let layer = match ModelLayer::new_isolated(&meta.name.clone(), meta, Arc::clone(worker), config)
+    {
         Ok(layer) => layer,
         Err(e) => {
             checks.push(check("create", label, Err(e.to_string())));

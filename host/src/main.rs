@@ -101,6 +101,9 @@ enum Command {
     Lock(LockArgs),
 }
 
+/// How long one call of `check-plugin` into the plugin under test may take.
+const CHECK_TIMEOUT_SECONDS: u64 = 60;
+
 #[derive(Args)]
 struct CheckPluginArgs {
     /// A plugin name (looked up like a model's layer type) or a library path.
@@ -565,6 +568,13 @@ fn plugins(args: PluginDirs) -> Result<(), Error> {
 }
 
 fn check_plugin(args: CheckPluginArgs) -> Result<(), Error> {
+    // The plugin under test always runs isolated, each call limited to a
+    // minute unless --timeout says otherwise.
+    let mut settings = host::isolate::settings();
+    settings.timeout = settings
+        .timeout
+        .or(Some(std::time::Duration::from_secs(CHECK_TIMEOUT_SECONDS)));
+    host::isolate::configure(settings);
     let registry = PluginRegistry::new(&args.plugins.plugin_dirs);
     let configs = args
         .configs

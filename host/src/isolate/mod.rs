@@ -220,6 +220,15 @@ impl Worker {
         })
     }
 
+    /// Whether the worker process still runs.
+    pub fn is_alive(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dead
+            .is_none()
+    }
+
     /// Sends `request` (with `fds`) and waits for the answer; `during`
     /// names the call for the message if the worker dies in it.
     pub fn call(

@@ -46,6 +46,28 @@ pub enum Failure {
     /// Plans its output with one more feature on every call after the
     /// first: an `output_shape` that changes between calls.
     ChangingOutputShape,
+    // What a hostile or broken plugin does to its process, in `forward`;
+    // the isolation tests run each under `--isolate` and `check-plugin`.
+    /// Writes through a null pointer: SIGSEGV.
+    Segfault,
+    /// Calls `std::process::abort`: SIGABRT.
+    Abort,
+    /// Recurses without end.
+    StackOverflow,
+    /// Calls `std::process::exit(0)`.
+    Exit,
+    /// Never returns.
+    InfiniteLoop,
+    /// Allocates (and touches) 64 MiB blocks without end.
+    UnboundedAllocation,
+    /// Reads /etc/passwd; fails saying whether it could.
+    ReadPasswd,
+    /// Creates the file named by $LAYER_TEST_CREATE; fails saying whether
+    /// it could.
+    CreateFile,
+    /// Opens a TCP connection to 127.0.0.1:9; fails saying whether it
+    /// could make the socket.
+    OpenSocket,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +161,46 @@ impl Layer for Faulty {
                 output.assign(&input);
                 Ok(())
             }
+            Failure::Segfault => {
+                // SAFETY: none; the point is to crash the process.
+                unsafe { std::ptr::null_mut::<u8>().write_volatile(1) };
+                Ok(())
+            }
+            Failure::Abort => std::process::abort(),
+            Failure::StackOverflow => {
+                output.fill(recurse(input.len() as u64) as f32);
+                Ok(())
+            }
+            Failure::Exit => std::process::exit(0),
+            Failure::InfiniteLoop => loop {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            },
+            Failure::UnboundedAllocation => {
+                let mut blocks: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    blocks.push(vec![1u8; 64 << 20]);
+                    std::hint::black_box(&blocks);
+                }
+            }
+            Failure::ReadPasswd => Err(match std::fs::read("/etc/passwd") {
+                Ok(bytes) => format!("faulty: read /etc/passwd ({} bytes)", bytes.len()),
+                Err(e) => format!("faulty: cannot read /etc/passwd: {e}"),
+            }),
+            Failure::CreateFile => {
+                let path = std::env::var_os("LAYER_TEST_CREATE")
+                    .ok_or("faulty: LAYER_TEST_CREATE names no file to create")?;
+                Err(match std::fs::File::create(&path) {
+                    Ok(_) => "faulty: created the file".to_string(),
+                    Err(e) => format!("faulty: cannot create a file: {e}"),
+                })
+            }
+            Failure::OpenSocket => Err(match std::net::TcpStream::connect("127.0.0.1:9") {
+                Ok(_) => "faulty: connected to 127.0.0.1:9".to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    "faulty: made a socket (the connection was refused)".to_string()
+                }
+                Err(e) => format!("faulty: cannot open a socket: {e}"),
+            }),
             Failure::TruncateFile => {
                 static CALLS: AtomicU32 = AtomicU32::new(0);
                 output.assign(&input);
@@ -162,6 +224,15 @@ impl Drop for Faulty {
             panic!("faulty: told to panic in drop");
         }
     }
+}
+
+/// See [`Failure::StackOverflow`]: a frame of 64 KiB per call, never the
+/// last.
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 8192]);
+    recurse(depth + 1).wrapping_add(frame[depth as usize % 8192])
 }
 
 /// See [`Failure::BlockUntilSignalled`].
