@@ -480,14 +480,14 @@ fn unknown_fields_in_format_2_are_refused_with_their_place() {
              \"shape\": [\"batch\", 16]}],\n \"nodes\": [{\"name\": \"r\", \"type\": \"relu\", \
              \"inputs\": [\"x\"]}],\n \"output\": [\"r\"]}",
             "4:9: unknown field `output`, expected one of `format`, `name`, `inputs`, `nodes`, \
-             `outputs`, `params`, `seed`",
+             `outputs`, `params`, `seed`, `isolate`",
         ),
         (
             "{\"format\": 2,\n \"inputs\": [{\"name\": \"x\", \"dtype\": \"float32\", \
              \"shape\": [\"batch\", 16]}],\n \"nodes\": [\n   {\"name\": \"r\", \"type\": \
              \"relu\", \"input\": [\"x\"]}],\n \"outputs\": [\"r\"]}",
             "4:40: unknown field `input`, expected one of `name`, `type`, `config`, `inputs`, \
-             `init`, `share`, `sha256`",
+             `init`, `share`, `sha256`, `isolate`",
         ),
         (
             "{\"format\": 2,\n \"inputs\": [{\"name\": \"x\", \"type\": \"float32\", \"shape\": \

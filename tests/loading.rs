@@ -204,7 +204,7 @@ fn a_pinned_plugin_runs_from_the_very_bytes_that_were_hashed() {
 }
 
 #[test]
-fn a_plugin_built_to_abort_on_panic_is_refused_before_it_is_opened() {
+fn a_plugin_built_to_abort_on_panic_is_refused_in_process_and_runs_isolated() {
     build_plugins();
     // The faulty test plugin, its own crate compiled with panic=abort (its
     // manifest records the strategy the export macro saw), into a target
@@ -240,9 +240,37 @@ fn a_plugin_built_to_abort_on_panic_is_refused_before_it_is_opened() {
         format!(
             "error: layer '0': {}: built with panic = \"abort\", so a panic in it would end the \
              host; it is not loaded in-process. Rebuild it with panic = \"unwind\" (cargo's \
-             default)\n",
+             default), or run it in a worker process with --isolate\n",
             lib.display()
         )
+    );
+    // In a worker it runs (its output as the unwinding build's in
+    // process), and its panic ends only the worker.
+    let run_with = |layers: &str, plugins: &Path, isolate: bool| {
+        let model = model_with_layers(layers);
+        let mut args = vec![
+            "run".to_string(),
+            path_str(&model.path().join("m.json")).to_string(),
+            "--input".to_string(),
+            "models/centered-input.npy".to_string(),
+            "--plugin-dir".to_string(),
+            path_str(plugins).to_string(),
+        ];
+        if isolate {
+            args.push("--isolate".to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        host(&args)
+    };
+    let identity = r#"[{"type": "faulty"}]"#;
+    assert_eq!(
+        run_with(identity, dir.path(), true).ok(),
+        run_with(identity, &plugin_dir(), false).ok()
+    );
+    let panics = r#"[{"type": "faulty", "config": {"fail": "panic_in_forward"}}]"#;
+    assert_eq!(
+        run_with(panics, dir.path(), true).failed(),
+        "error: layer '0' (plugin 'faulty') aborted in forward\n"
     );
 }
 

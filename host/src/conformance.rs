@@ -67,12 +67,12 @@ use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use serde_json::Value;
 
 use crate::error::Error;
+use crate::isolate::{self, CallError, Reply, Request, Worker};
 use crate::param_file::{FileTensor, ParamFile, ParamFormat};
 use crate::params::ParamStore;
-use crate::isolate::{self, CallError, Reply, Request, Worker};
 use crate::registry::{self, library_file_name, CheckedPlugin, PluginRegistry};
-use crate::runtime::PluginMeta;
 use crate::runtime::dtype_list;
+use crate::runtime::PluginMeta;
 use crate::runtime::{LayerPlan, ModelLayer, Signature, TensorSpec};
 use crate::tensor::Tensor;
 
@@ -370,12 +370,10 @@ fn bad_config_refused(worker: &Worker) -> Result<String, String> {
         }) => Err(format!(
             "{BAD_CONFIG} made the plugin panic instead of returning an error: {message}"
         )),
-        Err(CallError::Layer { message, .. }) => {
-            Ok(format!("{BAD_CONFIG} was refused: {message}"))
+        Err(CallError::Layer { message, .. }) => Ok(format!("{BAD_CONFIG} was refused: {message}")),
+        Err(CallError::Worker { message, .. }) => {
+            Err(format!("given {BAD_CONFIG}, the plugin {message}"))
         }
-        Err(CallError::Worker { message, .. }) => Err(format!(
-            "given {BAD_CONFIG}, the plugin {message}"
-        )),
     }
 }
 

@@ -740,7 +740,7 @@ mod tests {
             ),
             (
                 r#"{"format": 1, "layer": []}"#,
-                "unknown field `layer`, expected one of `format`, `name`, `layers`, `params`, `seed`",
+                "unknown field `layer`, expected one of `format`, `name`, `layers`, `params`, `seed`, `isolate`",
             ),
             (
                 r#"{"format": 1, "layers": [{"type": "x", "confg": {}}]}"#,

@@ -84,7 +84,8 @@ pub enum PluginError {
     MissingCapability { path: PathBuf, missing: Vec<String> },
     #[error(
         "{}: built with panic = \"abort\", so a panic in it would end the host; it is not \
-         loaded in-process. Rebuild it with panic = \"unwind\" (cargo's default)",
+         loaded in-process. Rebuild it with panic = \"unwind\" (cargo's default), or run it \
+         in a worker process with --isolate",
         .path.display()
     )]
     PanicAbort { path: PathBuf },
@@ -96,6 +97,10 @@ pub enum PluginError {
     },
     #[error("{}: the plugin failed to load: {message}", .path.display())]
     Init { path: PathBuf, message: String },
+    /// What an isolation worker said when it checked or opened the library
+    /// (the same text the host would give, path included).
+    #[error("{0}")]
+    InWorker(String),
     #[error(
         "plugin library {} has sha256 {actual}, but the model pins {expected}; it was not \
          loaded. If the new library is trusted, run `host lock` on the model to pin it",
@@ -148,6 +153,16 @@ fn writable_text(what: &Writable, path: &Path) -> String {
             path.display()
         ),
     }
+}
+
+/// Whether this process is an isolation worker, where a plugin built with
+/// `panic = "abort"` may be opened: its panic ends the worker, which the
+/// host reports, not the host.
+static IN_WORKER: AtomicBool = AtomicBool::new(false);
+
+/// Lets plugins built with `panic = "abort"` load: for worker processes.
+pub fn allow_panic_abort() {
+    IN_WORKER.store(true, Ordering::Relaxed);
 }
 
 /// Whether a plugin library or directory writable by others is refused
@@ -489,16 +504,16 @@ fn manifest_bytes<'a>(
 /// it: everything the host can know about a plugin before running its code.
 pub fn inspect(path: &Path) -> Result<Inspected, PluginError> {
     let bytes = read_library(path)?;
-    inspect_bytes(path, &bytes)
+    inspect_bytes(path, &bytes, false)
 }
 
-fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<Inspected, PluginError> {
+fn inspect_bytes(path: &Path, bytes: &[u8], allow_abort: bool) -> Result<Inspected, PluginError> {
     let (manifest_bytes, table_symbol_size) = manifest_bytes(path, bytes)?;
     let manifest = Manifest::parse(manifest_bytes).map_err(|reason| PluginError::BadManifest {
         path: path.to_path_buf(),
         reason,
     })?;
-    check_manifest(path, &manifest)?;
+    check_manifest(path, &manifest, allow_abort)?;
     Ok(Inspected {
         path: path.to_path_buf(),
         manifest,
@@ -507,7 +522,7 @@ fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<Inspected, PluginError> {
 }
 
 /// The checks a manifest must pass before its library is opened.
-fn check_manifest(path: &Path, m: &Manifest) -> Result<(), PluginError> {
+fn check_manifest(path: &Path, m: &Manifest, allow_abort: bool) -> Result<(), PluginError> {
     if m.abi.0 != abi::ABI_MAJOR {
         return Err(PluginError::Incompatible {
             path: path.to_path_buf(),
@@ -541,6 +556,8 @@ fn check_manifest(path: &Path, m: &Manifest) -> Result<(), PluginError> {
     }
     match m.panic.as_str() {
         "unwind" => {}
+        // A panic in a worker ends only the worker.
+        "abort" if allow_abort => {}
         "abort" => {
             return Err(PluginError::PanicAbort {
                 path: path.to_path_buf(),
@@ -639,7 +656,8 @@ pub fn check(
     expected_name: Option<&str>,
     pin: Option<&str>,
 ) -> Result<CheckedPlugin, PluginError> {
-    let (_, sha256, inspected) = read_and_check(path, pin)?;
+    // Checked for a worker, where a panic that aborts ends only the worker.
+    let (_, sha256, inspected) = read_and_check(path, pin, true)?;
     if let Some(expected) = expected_name {
         if inspected.manifest.name != expected {
             return Err(PluginError::NameMismatch {
@@ -661,6 +679,7 @@ pub fn check(
 fn read_and_check(
     path: &Path,
     pin: Option<&str>,
+    allow_abort: bool,
 ) -> Result<(Vec<u8>, String, Inspected), PluginError> {
     check_not_writable_by_others(path)?;
     let bytes = read_library(path)?;
@@ -675,7 +694,7 @@ fn read_and_check(
             });
         }
     }
-    let inspected = inspect_bytes(path, &bytes)?;
+    let inspected = inspect_bytes(path, &bytes, allow_abort)?;
     // The table must be in the file, and hold at least the 1.0 core, before
     // the library is opened.
     match inspected.table_symbol_size {
@@ -706,7 +725,7 @@ fn read_and_check(
 /// bytes that were checked into a sealed in-memory file and opens that: a
 /// file swapped or rewritten at `path` after the read is never what runs.
 fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
-    let (bytes, sha256, inspected) = read_and_check(path, pin)?;
+    let (bytes, sha256, inspected) = read_and_check(path, pin, IN_WORKER.load(Ordering::Relaxed))?;
     let sealed = sealed_copy(&inspected.manifest.name, &bytes).map_err(|e| PluginError::Init {
         path: path.to_path_buf(),
         message: format!("cannot make a sealed in-memory copy to load: {e}"),

@@ -703,7 +703,7 @@ fn run_node(
                 outputs: p.outputs.clone(),
             })
             .collect();
-        return layer.forward_isolated(plan, prepared, inputs, outputs, pieces);
+        return layer.forward_isolated(plan, prepared, inputs, outputs, pieces, false);
     }
     fn input_ref<'a>(
         view: &Option<TensorView<'a>>,

@@ -717,7 +717,14 @@ impl ModelLayer {
                 .iter()
                 .map(|t| t.as_ref().map(Tensor::view))
                 .collect();
-            self.forward_isolated(plan, prepared.handle, &views, &mut outputs, Vec::new())?;
+            self.forward_isolated(
+                plan,
+                prepared.handle,
+                &views,
+                &mut outputs,
+                Vec::new(),
+                true,
+            )?;
         } else {
             let mut output_muts: Vec<TensorMut<'_>> = outputs
                 .iter_mut()
@@ -775,7 +782,7 @@ impl ModelLayer {
 
     /// One `forward` call of an isolated layer, run in its worker (`pieces`
     /// on the worker's threads); the worker uses the parameters it was
-    /// given with `prepared`.
+    /// given with `prepared`. `prefill`: see [`Worker::forward`].
     pub(crate) fn forward_isolated(
         &self,
         plan: &LayerPlan,
@@ -783,6 +790,7 @@ impl ModelLayer {
         inputs: &[Option<TensorView<'_>>],
         outputs: &mut [Tensor],
         pieces: Vec<isolate::Piece>,
+        prefill: bool,
     ) -> Result<(), Error> {
         let (Link::Isolated { worker, id, .. }, Prepared::Isolated(prepared)) =
             (&self.link, prepared)
@@ -797,7 +805,7 @@ impl ModelLayer {
             .map(|(t, spec)| (spec.dtype.0, spec.shape.as_slice(), t.bytes_mut()))
             .collect();
         worker
-            .forward(*id, prepared, inputs, &mut outputs, pieces)
+            .forward(*id, prepared, inputs, &mut outputs, pieces, prefill)
             .map_err(|e| self.call_error(e))
     }
 

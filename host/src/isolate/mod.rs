@@ -188,7 +188,7 @@ impl Worker {
         let reply = worker
             .call(&start, &[], "opening the library")
             .map_err(|e| match e {
-                CallError::Layer { message, .. } => init_error(format!("in its worker: {message}")),
+                CallError::Layer { message, .. } => PluginError::InWorker(message),
                 CallError::Worker { message, .. } => init_error(format!("its worker {message}")),
             })?;
         let Reply::Started {
@@ -244,7 +244,9 @@ impl Worker {
     /// Runs `forward` in the worker: copies the inputs into the shared
     /// input region, sends where each tensor lies, and copies the outputs
     /// back from the shared output region. Pieces are row ranges run on
-    /// the worker's threads.
+    /// the worker's threads. With `prefill`, the outputs' present contents
+    /// are copied in first, so that elements the layer leaves unwritten
+    /// come back as they were (what `check-plugin` looks for).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -253,6 +255,7 @@ impl Worker {
         inputs: &[Option<TensorView<'_>>],
         outputs: &mut [(u32, &[usize], &mut [u8])],
         pieces: Vec<Piece>,
+        prefill: bool,
     ) -> Result<(), CallError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut offset = 0;
@@ -306,6 +309,12 @@ impl Worker {
                 if let (Some(slot), Some(v)) = (slot, input) {
                     region[slot.bytes.clone()].copy_from_slice(v.bytes);
                 }
+            }
+        }
+        if prefill {
+            let region = state.output.as_mut().expect("made above").bytes_mut();
+            for (slot, (_, _, out)) in out_slots.iter().zip(outputs.iter()) {
+                region[slot.bytes.clone()].copy_from_slice(out);
             }
         }
         let mut fds: Vec<OwnedFd> = Vec::new();

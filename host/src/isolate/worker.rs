@@ -83,6 +83,7 @@ pub fn main() -> i32 {
         };
         let _ = rustix::process::setrlimit(rustix::process::Resource::As, limit);
     }
+    registry::allow_panic_abort();
     let missing = if sandbox {
         super::sandbox::enter(&path)
     } else {

@@ -58,7 +58,8 @@ pub enum Failure {
     Exit,
     /// Never returns.
     InfiniteLoop,
-    /// Allocates (and touches) 64 MiB blocks without end.
+    /// Allocates 64 MiB blocks without end (zeroed, so fast: the address
+    /// space, not touched memory, is what runs out under `RLIMIT_AS`).
     UnboundedAllocation,
     /// Reads /etc/passwd; fails saying whether it could.
     ReadPasswd,
@@ -178,7 +179,7 @@ impl Layer for Faulty {
             Failure::UnboundedAllocation => {
                 let mut blocks: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    blocks.push(vec![1u8; 64 << 20]);
+                    blocks.push(vec![0u8; 64 << 20]);
                     std::hint::black_box(&blocks);
                 }
             }
