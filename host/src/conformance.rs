@@ -342,10 +342,11 @@ fn identity(path: &Path, plugin: &CheckedPlugin) -> Result<String, String> {
         return Err("the plugin declares an empty version".to_string());
     }
     Ok(format!(
-        "{} {}, interface {} (this host speaks {}.{}): {}",
+        "{} {}, interface {}.{} (this host speaks {}.{}): {}",
         plugin.name,
         plugin.version,
-        format!("{}.{}", plugin.abi.0, plugin.abi.1),
+        plugin.abi.0,
+        plugin.abi.1,
         layer_api::abi::ABI_MAJOR,
         layer_api::abi::ABI_MINOR,
         plugin.description
