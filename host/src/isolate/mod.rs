@@ -444,7 +444,11 @@ impl State {
         let sent = protocol::send(conn.socket.as_fd(), request, fds);
         let answer = match sent {
             Err(_) => None,
-            Ok(()) => match protocol::readable(conn.socket.as_fd(), self.timeout) {
+            // Without a timeout, the read itself waits: one system call
+            // fewer per call.
+            Ok(()) => match self.timeout.map_or(Ok(true), |t| {
+                protocol::readable(conn.socket.as_fd(), Some(t))
+            }) {
                 Ok(true) => protocol::receive::<Reply>(conn.socket.as_fd())
                     .ok()
                     .flatten()
