@@ -395,6 +395,7 @@ fn main() -> ExitCode {
             SandboxArg::Warn => host::isolate::SandboxPolicy::Warn,
             SandboxArg::Require => host::isolate::SandboxPolicy::Require,
         },
+        worker_exe: None,
     });
     let result = match cli.command {
         Command::Run(args) => run(args),

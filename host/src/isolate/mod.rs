@@ -45,6 +45,11 @@ pub struct Settings {
     /// The longest one call into an isolated plugin may take.
     pub timeout: Option<Duration>,
     pub sandbox: SandboxPolicy,
+    /// The executable started as a worker (`host`, which turns worker when
+    /// its first argument is [`WORKER_ARG`]); `None`: this process's own,
+    /// which is right for the `host` command line. A program that embeds
+    /// the host as a library names a `host` binary here.
+    pub worker_exe: Option<std::path::PathBuf>,
 }
 
 static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
@@ -119,11 +124,14 @@ impl Worker {
             path: plugin.path.clone(),
             message,
         };
-        let exe = std::env::current_exe().map_err(|e| {
-            init_error(format!(
-                "cannot find the host executable to start its worker: {e}"
-            ))
-        })?;
+        let exe = match &settings.worker_exe {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe().map_err(|e| {
+                init_error(format!(
+                    "cannot find the host executable to start its worker: {e}"
+                ))
+            })?,
+        };
         let (ours, theirs) = rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
             rustix::net::SocketType::STREAM,
