@@ -13,7 +13,7 @@ pub mod worker;
 
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -145,6 +145,10 @@ impl Worker {
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            // A group of its own: Ctrl-C reaches the host, which cleans up
+            // and exits; the worker then dies with it (its parent-death
+            // signal), instead of racing it to report an interrupted call.
+            .process_group(0)
             .spawn()
             .map_err(|e| init_error(format!("cannot start its worker process: {e}")))?;
         let stderr = Arc::new(Mutex::new(Vec::new()));

@@ -41,6 +41,11 @@ const REFUSED_SYSCALLS: [i64; 9] = [
 /// Returns the protections that could not be applied, each with why.
 pub fn enter(library: &Path) -> Vec<String> {
     let mut missing = Vec::new();
+    // Neither part may be undone by running a set-user-ID program, and
+    // seccomp requires this of a process without CAP_SYS_ADMIN.
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        missing.push(format!("no_new_privs: {e}"));
+    }
     if let Err(why) = landlock(library) {
         missing.push(why);
     }

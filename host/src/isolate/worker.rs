@@ -55,7 +55,9 @@ fn from_layer_error(e: LayerError) -> Reply {
 
 /// The worker's `main`: returns the process's exit status.
 pub fn main() -> i32 {
-    // Die with the host, whatever ends it.
+    // Die with the host, whatever ends it. (The signal is tied to the
+    // thread that started the worker: the host starts workers from the
+    // thread that loads the model, which lives as long as the model.)
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let socket: OwnedFd = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => fd,
