@@ -57,7 +57,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 
 use abi_stable::std_types::ROption;
 use half::{bf16, f16};
@@ -778,26 +778,10 @@ fn probe_checks(layer: &ModelLayer, probed: &Probed, label: Option<&str>, checks
         same_outputs(outputs, first, &again).map_err(|e| format!("a second run differs: {e}"))
     }));
     checks.push(every_probe("threads", label, probed, |p, first| {
-        let barrier = Barrier::new(THREADS);
-        let results: Vec<Result<Vec<Tensor>, String>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..THREADS)
-                .map(|_| {
-                    scope.spawn(|| {
-                        barrier.wait();
-                        run(layer, &p.plan, &p.params, &p.input_refs())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("the thread panicked".to_string()))
-                })
-                .collect()
-        });
-        for (i, result) in results.into_iter().enumerate() {
-            let output = result.map_err(|e| format!("thread {i}: {e}"))?;
+        let runs = layer
+            .run_together(&p.plan, &p.input_refs(), &p.params, THREADS, fill_unwritten)
+            .map_err(|e| format!("{THREADS} threads at once: {e}"))?;
+        for (i, output) in runs.into_iter().enumerate() {
             same_outputs(outputs, first, &output).map_err(|e| {
                 format!("thread {i} of {THREADS} running at once differs from one thread: {e}")
             })?;

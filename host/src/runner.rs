@@ -703,7 +703,8 @@ fn run_node(
                 outputs: p.outputs.clone(),
             })
             .collect();
-        return layer.forward_isolated(plan, prepared, inputs, outputs, pieces, false);
+        let mode = crate::isolate::CallMode::default();
+        return layer.forward_isolated(plan, prepared, inputs, outputs, pieces, mode);
     }
     fn input_ref<'a>(
         view: &Option<TensorView<'a>>,

@@ -723,7 +723,10 @@ impl ModelLayer {
                 &views,
                 &mut outputs,
                 Vec::new(),
-                true,
+                isolate::CallMode {
+                    prefill: true,
+                    together: false,
+                },
             )?;
         } else {
             let mut output_muts: Vec<TensorMut<'_>> = outputs
@@ -736,6 +739,111 @@ impl ModelLayer {
         prepared.close()?;
         self.check_outputs(&outputs)?;
         Ok(outputs)
+    }
+
+    /// Runs the layer `n` times at once on the same inputs: `n` threads
+    /// released into `forward` together (in its worker, for an isolated
+    /// layer), each run's outputs starting as `fill` gives them. What
+    /// `check-plugin`'s `threads` check compares with one run.
+    pub fn run_together(
+        &self,
+        plan: &LayerPlan,
+        inputs: &[Option<&Tensor>],
+        params: &ParamStore,
+        n: usize,
+        fill: impl Fn(&mut Tensor) + Sync,
+    ) -> Result<Vec<Vec<Tensor>>, Error> {
+        let Link::Isolated { worker, id, .. } = &self.link else {
+            let barrier = std::sync::Barrier::new(n);
+            return std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..n)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            self.run_once(plan, inputs, params, &fill)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(self.plain_error("a thread running it panicked".to_string()))
+                        })
+                    })
+                    .collect()
+            });
+        };
+        let refs = param_refs(plan, params)?;
+        let prepared = self.prepare(plan, &refs)?;
+        let Prepared::Isolated(prepared_id) = prepared.handle else {
+            return Err(self.plain_error("prepared in process while isolated (a bug)".into()));
+        };
+        let template = plan
+            .outputs
+            .iter()
+            .map(|spec| {
+                let mut t =
+                    Tensor::zeros(spec.dtype, &spec.shape).map_err(|m| self.plain_error(m))?;
+                fill(&mut t);
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let standard: Vec<Option<Tensor>> = inputs
+            .iter()
+            .map(|t| t.map(|t| t.clone().into_standard()))
+            .collect();
+        let views: Vec<Option<TensorView<'_>>> = standard
+            .iter()
+            .map(|t| t.as_ref().map(Tensor::view))
+            .collect();
+        // One buffer per output holding the `n` runs' copies one after the
+        // other; run `k` writes the `k`-th, the inputs whole.
+        let mut buffers: Vec<Vec<u8>> = template.iter().map(|t| t.bytes().repeat(n)).collect();
+        let pieces = (0..n)
+            .map(|k| isolate::Piece {
+                inputs: vec![None; inputs.len()],
+                outputs: template
+                    .iter()
+                    .zip(&plan.outputs)
+                    .map(|(t, spec)| {
+                        let len = t.bytes().len();
+                        (spec.shape.clone(), k * len..(k + 1) * len)
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut outputs: Vec<(u32, &[usize], &mut [u8])> = buffers
+            .iter_mut()
+            .zip(&plan.outputs)
+            .map(|(b, spec)| (spec.dtype.0, spec.shape.as_slice(), b.as_mut_slice()))
+            .collect();
+        let mode = isolate::CallMode {
+            prefill: true,
+            together: true,
+        };
+        worker
+            .forward(*id, prepared_id, &views, &mut outputs, pieces, mode)
+            .map_err(|e| self.call_error(e))?;
+        prepared.close()?;
+        let runs = (0..n)
+            .map(|k| {
+                template
+                    .iter()
+                    .zip(&buffers)
+                    .map(|(t, b)| {
+                        let len = t.bytes().len();
+                        let mut copy = t.clone();
+                        copy.bytes_mut().copy_from_slice(&b[k * len..(k + 1) * len]);
+                        copy
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        for run in &runs {
+            self.check_outputs(run)?;
+        }
+        Ok(runs)
     }
 
     /// Refuses boolean outputs holding bytes other than 0 and 1.
@@ -782,7 +890,7 @@ impl ModelLayer {
 
     /// One `forward` call of an isolated layer, run in its worker (`pieces`
     /// on the worker's threads); the worker uses the parameters it was
-    /// given with `prepared`. `prefill`: see [`Worker::forward`].
+    /// given with `prepared`. `mode`: see [`Worker::forward`].
     pub(crate) fn forward_isolated(
         &self,
         plan: &LayerPlan,
@@ -790,7 +898,7 @@ impl ModelLayer {
         inputs: &[Option<TensorView<'_>>],
         outputs: &mut [Tensor],
         pieces: Vec<isolate::Piece>,
-        prefill: bool,
+        mode: isolate::CallMode,
     ) -> Result<(), Error> {
         let (Link::Isolated { worker, id, .. }, Prepared::Isolated(prepared)) =
             (&self.link, prepared)
@@ -805,7 +913,7 @@ impl ModelLayer {
             .map(|(t, spec)| (spec.dtype.0, spec.shape.as_slice(), t.bytes_mut()))
             .collect();
         worker
-            .forward(*id, prepared, inputs, &mut outputs, pieces, prefill)
+            .forward(*id, prepared, inputs, &mut outputs, pieces, mode)
             .map_err(|e| self.call_error(e))
     }
 

@@ -68,6 +68,13 @@ pub fn settings() -> Settings {
         .unwrap_or_default()
 }
 
+/// How [`Worker::forward`] runs a call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallMode {
+    pub prefill: bool,
+    pub together: bool,
+}
+
 /// A call into an isolated plugin that did not succeed.
 #[derive(Debug, Clone)]
 pub enum CallError {
@@ -256,9 +263,10 @@ impl Worker {
     /// Runs `forward` in the worker: copies the inputs into the shared
     /// input region, sends where each tensor lies, and copies the outputs
     /// back from the shared output region. Pieces are row ranges run on
-    /// the worker's threads. With `prefill`, the outputs' present contents
-    /// are copied in first, so that elements the layer leaves unwritten
-    /// come back as they were (what `check-plugin` looks for).
+    /// the worker's threads. With `mode.prefill`, the outputs' present
+    /// contents are copied in first, so that elements the layer leaves
+    /// unwritten come back as they were (what `check-plugin` looks for);
+    /// with `mode.together`, the pieces enter `forward` at once.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -267,7 +275,7 @@ impl Worker {
         inputs: &[Option<TensorView<'_>>],
         outputs: &mut [(u32, &[usize], &mut [u8])],
         pieces: Vec<Piece>,
-        prefill: bool,
+        mode: CallMode,
     ) -> Result<(), CallError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut offset = 0;
@@ -323,7 +331,7 @@ impl Worker {
                 }
             }
         }
-        if prefill {
+        if mode.prefill {
             let region = state.output.as_mut().expect("made above").bytes_mut();
             for (slot, (_, _, out)) in out_slots.iter().zip(outputs.iter()) {
                 region[slot.bytes.clone()].copy_from_slice(out);
@@ -355,6 +363,7 @@ impl Worker {
             inputs: in_slots,
             outputs: out_slots.clone(),
             pieces,
+            together: mode.together,
             new_input_region: new_input,
             new_output_region: new_output,
         };

@@ -102,6 +102,10 @@ pub enum Request {
         inputs: Vec<Option<Slot>>,
         outputs: Vec<Slot>,
         pieces: Vec<Piece>,
+        /// Run the pieces on threads of their own that enter `forward` at
+        /// the same moment (`check-plugin`'s `threads` check), instead of
+        /// on the worker's pool.
+        together: bool,
         new_input_region: bool,
         new_output_region: bool,
     },

@@ -336,6 +336,7 @@ impl Worker {
                 inputs,
                 outputs,
                 pieces,
+                together,
                 new_input_region,
                 new_output_region,
             } => {
@@ -349,7 +350,7 @@ impl Worker {
                     let fd = fds.next().ok_or_else(|| failed("no output region came"))?;
                     self.output = Some(Mapped::writable(fd).map_err(map_failed)?);
                 }
-                self.forward(layer, prepared, &inputs, &outputs, &pieces)?;
+                self.forward(layer, prepared, &inputs, &outputs, &pieces, together)?;
                 Reply::Done
             }
             Request::DropLayer { layer } => {
@@ -372,6 +373,7 @@ impl Worker {
         inputs: &[Option<Slot>],
         outputs: &[Slot],
         pieces: &[Piece],
+        together: bool,
     ) -> Result<(), Reply> {
         let entry = self
             .prepared
@@ -436,6 +438,44 @@ impl Worker {
                 per_piece[k].push(part);
             }
         }
+        let failure: std::sync::Mutex<Option<LayerError>> = std::sync::Mutex::new(None);
+        let run_piece = |piece: &Piece, refs: Vec<TensorRef<'_>>, ys: Vec<&mut [u8]>| {
+            let mut muts: Vec<TensorMut<'_>> = ys
+                .into_iter()
+                .zip(&piece.outputs)
+                .zip(outputs)
+                .map(|((y, (shape, _)), s)| TensorMut {
+                    dtype: DType(s.dtype),
+                    shape: RSlice::from_slice(shape),
+                    data: RSliceMut::from_mut_slice(y),
+                })
+                .collect();
+            if let Err(e) = call(&refs, &mut muts) {
+                let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+            }
+        };
+        if together {
+            // Threads of their own, released into `forward` at once.
+            let barrier = std::sync::Barrier::new(pieces.len());
+            let all_refs = pieces
+                .iter()
+                .map(|p| piece_refs(&input_bytes, p))
+                .collect::<Result<Vec<_>, Reply>>()?;
+            std::thread::scope(|scope| {
+                for ((piece, ys), refs) in pieces.iter().zip(per_piece).zip(all_refs) {
+                    let (barrier, run_piece) = (&barrier, &run_piece);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        run_piece(piece, refs, ys);
+                    });
+                }
+            });
+            return match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(e) => Err(from_layer_error(e)),
+                None => Ok(()),
+            };
+        }
         let pool = match self.pool.take() {
             Some(pool) if pool.current_num_threads() >= pieces.len() => pool,
             _ => rayon::ThreadPoolBuilder::new()
@@ -443,41 +483,11 @@ impl Worker {
                 .build()
                 .map_err(|e| failed(format!("cannot start threads: {e}")))?,
         };
-        let failure: std::sync::Mutex<Option<LayerError>> = std::sync::Mutex::new(None);
         let outcome: Result<(), Reply> = pool.scope(|scope| {
             for (piece, ys) in pieces.iter().zip(per_piece) {
-                let failure = &failure;
-                let input_bytes = &input_bytes;
-                let call = &call;
-                let refs: Result<Vec<TensorRef<'_>>, Reply> = input_bytes
-                    .iter()
-                    .zip(&piece.inputs)
-                    .map(|(i, p)| match (i, p) {
-                        (Some((s, b)), Some((shape, range))) => Ok(TensorRef {
-                            dtype: DType(s.dtype),
-                            shape: RSlice::from_slice(shape),
-                            data: RSlice::from_slice(b.get(range.clone()).ok_or_else(bad)?),
-                        }),
-                        (i, _) => Ok(whole_ref(i)),
-                    })
-                    .collect();
-                let refs = refs?;
-                scope.spawn(move |_| {
-                    let mut muts: Vec<TensorMut<'_>> = ys
-                        .into_iter()
-                        .zip(&piece.outputs)
-                        .zip(outputs)
-                        .map(|((y, (shape, _)), s)| TensorMut {
-                            dtype: DType(s.dtype),
-                            shape: RSlice::from_slice(shape),
-                            data: RSliceMut::from_mut_slice(y),
-                        })
-                        .collect();
-                    if let Err(e) = call(&refs, &mut muts) {
-                        let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert(e);
-                    }
-                });
+                let refs = piece_refs(&input_bytes, piece)?;
+                let run_piece = &run_piece;
+                scope.spawn(move |_| run_piece(piece, refs, ys));
             }
             Ok(())
         });
@@ -488,6 +498,29 @@ impl Worker {
             None => Ok(()),
         }
     }
+}
+
+/// The inputs of one piece: its rows of each input, or the whole input.
+fn piece_refs<'a>(
+    inputs: &[Option<(&'a Slot, &'a [u8])>],
+    piece: &'a Piece,
+) -> Result<Vec<TensorRef<'a>>, Reply> {
+    inputs
+        .iter()
+        .zip(&piece.inputs)
+        .map(|(i, p)| match (i, p) {
+            (Some((s, b)), Some((shape, range))) => {
+                Ok(TensorRef {
+                    dtype: DType(s.dtype),
+                    shape: RSlice::from_slice(shape),
+                    data: RSlice::from_slice(b.get(range.clone()).ok_or_else(|| {
+                        failed("a piece lies outside its input (a bug in the host)")
+                    })?),
+                })
+            }
+            (i, _) => Ok(whole_ref(i)),
+        })
+        .collect()
 }
 
 /// A whole input as the plugin sees it.
