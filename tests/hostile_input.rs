@@ -14,10 +14,6 @@
 mod support;
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use ndarray::{ArrayD, IxDyn};
 use support::*;
@@ -26,73 +22,6 @@ use support::*;
 /// the binary, its libraries, the plugins and its threads, far below the
 /// sizes the hostile inputs ask for.
 const ADDRESS_SPACE: u64 = 2 << 30;
-
-/// How long a case may take before it counts as a hang.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Runs `host` with `args` from the repository root (plugins built, no
-/// plugin path from the environment), with `env` set, under `RLIMIT_AS` of
-/// `address_space` bytes, and kills it if it outlives [`DEADLINE`].
-fn host_with(args: &[&str], env: &[(&str, &Path)], address_space: Option<u64>) -> Run {
-    build_plugins();
-    let mut cmd = Command::new(host_exe());
-    cmd.current_dir(repo_root())
-        .env_remove("LAYER_PLUGIN_PATH")
-        .env("RUST_BACKTRACE", "0")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    if let Some(limit) = address_space {
-        let rlimit = rustix::process::Rlimit {
-            current: Some(limit),
-            maximum: Some(limit),
-        };
-        // SAFETY: between fork and exec only setrlimit runs, a single
-        // system call that allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                rustix::process::setrlimit(rustix::process::Resource::As, rlimit)
-                    .map_err(std::io::Error::from)
-            });
-        }
-    }
-    let mut child = cmd.spawn().expect("host starts");
-    // Read the pipes on threads, so that a large output never blocks the
-    // child while the deadline is watched.
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        std::io::Read::read_to_end(&mut stdout, &mut s).ok();
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        std::io::Read::read_to_end(&mut stderr, &mut s).ok();
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for host") {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("host {args:?} hung: killed after {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        code: status.code(),
-        stdout: String::from_utf8_lossy(&out.join().expect("stdout reader")).into_owned(),
-        stderr: String::from_utf8_lossy(&err.join().expect("stderr reader")).into_owned(),
-    }
-}
 
 /// [`host_with`] under the [`ADDRESS_SPACE`] limit, with no environment.
 fn limited(args: &[&str]) -> Run {

@@ -11,8 +11,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -20,54 +18,10 @@ use support::*;
 /// all of it: a case the sandbox decides is then not asserted.
 const INCOMPLETE_SANDBOX: &str = "warning: isolated plugins run with an incomplete sandbox";
 
-/// How long a case may take before it counts as a hang of the host itself.
-const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Runs `host` from the repository root with the plugins built, killing it
-/// if it outlives [`DEADLINE`]; `env` is added to its environment.
+/// Runs `host` with `env` added, under no memory limit of the test's own
+/// (the worker's is the case under test), killed if it hangs.
 fn host_env(args: &[&str], env: &[(&str, &Path)]) -> Run {
-    build_plugins();
-    let mut cmd = Command::new(host_exe());
-    cmd.current_dir(repo_root())
-        .env_remove("LAYER_PLUGIN_PATH")
-        .env("RUST_BACKTRACE", "0")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    let mut child = cmd.spawn().expect("host starts");
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        std::io::Read::read_to_end(&mut stdout, &mut s).ok();
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        std::io::Read::read_to_end(&mut stderr, &mut s).ok();
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for host") {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("host {args:?} hung: killed after {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        code: status.code(),
-        stdout: String::from_utf8_lossy(&out.join().expect("stdout reader")).into_owned(),
-        stderr: String::from_utf8_lossy(&err.join().expect("stderr reader")).into_owned(),
-    }
+    host_with(args, env, None)
 }
 
 /// The names in `dir`, sorted.

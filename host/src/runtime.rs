@@ -437,18 +437,7 @@ impl ModelLayer {
                         .iter()
                         .map(|o| (o.dtype, o.shape.to_vec()))
                         .collect(),
-                    params: answer
-                        .params
-                        .into_iter()
-                        .map(|p| isolate::ParamDecl {
-                            name: p.name.into_string(),
-                            dtype: p.dtype.0,
-                            shape: p.shape.into_vec(),
-                            fan_in: p.fan_in,
-                            fan_out: p.fan_out,
-                            init: p.init.into_string(),
-                        })
-                        .collect(),
+                    params: answer.params.iter().map(isolate::ParamDecl::from).collect(),
                 })
             }
             Link::Isolated { id, .. } => {
@@ -696,20 +685,8 @@ impl ModelLayer {
     ) -> Result<Vec<Tensor>, Error> {
         let refs = param_refs(plan, params)?;
         let prepared = self.prepare(plan, &refs)?;
-        let mut outputs = plan
-            .outputs
-            .iter()
-            .map(|spec| {
-                let mut t =
-                    Tensor::zeros(spec.dtype, &spec.shape).map_err(|m| self.plain_error(m))?;
-                fill(&mut t);
-                Ok(t)
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let standard: Vec<Option<Tensor>> = inputs
-            .iter()
-            .map(|t| t.map(|t| t.clone().into_standard()))
-            .collect();
+        let mut outputs = self.filled_outputs(plan, &fill)?;
+        let standard = standard_inputs(inputs);
         let input_refs: Vec<TensorRef<'_>> =
             standard.iter().map(|t| tensor_ref(t.as_ref())).collect();
         if self.is_isolated() {
@@ -779,20 +756,8 @@ impl ModelLayer {
         let Prepared::Isolated(prepared_id) = prepared.handle else {
             return Err(self.plain_error("prepared in process while isolated (a bug)".into()));
         };
-        let template = plan
-            .outputs
-            .iter()
-            .map(|spec| {
-                let mut t =
-                    Tensor::zeros(spec.dtype, &spec.shape).map_err(|m| self.plain_error(m))?;
-                fill(&mut t);
-                Ok(t)
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let standard: Vec<Option<Tensor>> = inputs
-            .iter()
-            .map(|t| t.map(|t| t.clone().into_standard()))
-            .collect();
+        let template = self.filled_outputs(plan, &fill)?;
+        let standard = standard_inputs(inputs);
         let views: Vec<Option<TensorView<'_>>> = standard
             .iter()
             .map(|t| t.as_ref().map(Tensor::view))
@@ -844,6 +809,23 @@ impl ModelLayer {
             self.check_outputs(run)?;
         }
         Ok(runs)
+    }
+
+    /// New outputs as `plan` declares them, each as `fill` leaves it.
+    fn filled_outputs(
+        &self,
+        plan: &LayerPlan,
+        fill: &impl Fn(&mut Tensor),
+    ) -> Result<Vec<Tensor>, Error> {
+        plan.outputs
+            .iter()
+            .map(|spec| {
+                let mut t =
+                    Tensor::zeros(spec.dtype, &spec.shape).map_err(|m| self.plain_error(m))?;
+                fill(&mut t);
+                Ok(t)
+            })
+            .collect()
     }
 
     /// Refuses boolean outputs holding bytes other than 0 and 1.
@@ -945,6 +927,14 @@ impl ModelLayer {
             error
         })
     }
+}
+
+/// Copies of `inputs` in standard (C) layout, as a layer is lent them.
+fn standard_inputs(inputs: &[Option<&Tensor>]) -> Vec<Option<Tensor>> {
+    inputs
+        .iter()
+        .map(|t| t.map(|t| t.clone().into_standard()))
+        .collect()
 }
 
 /// The inputs of `plan` as a worker request gives them.

@@ -133,6 +133,19 @@ pub struct ParamDecl {
     pub init: String,
 }
 
+impl From<&layer_api::abi::ParamDecl> for ParamDecl {
+    fn from(p: &layer_api::abi::ParamDecl) -> ParamDecl {
+        ParamDecl {
+            name: p.name.to_string(),
+            dtype: p.dtype.0,
+            shape: p.shape.to_vec(),
+            fan_in: p.fan_in,
+            fan_out: p.fan_out,
+            init: p.init.to_string(),
+        }
+    }
+}
+
 /// One input of a probe (see `layer_abi::ProbeInput`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeInput {

@@ -225,18 +225,7 @@ impl Worker {
                             shape: o.shape.to_vec(),
                         })
                         .collect(),
-                    params: plan
-                        .params
-                        .iter()
-                        .map(|p| protocol::ParamDecl {
-                            name: p.name.to_string(),
-                            dtype: p.dtype.0,
-                            shape: p.shape.to_vec(),
-                            fan_in: p.fan_in,
-                            fan_out: p.fan_out,
-                            init: p.init.to_string(),
-                        })
-                        .collect(),
+                    params: plan.params.iter().map(protocol::ParamDecl::from).collect(),
                 }
             }
             Request::Flops { layer, inputs } => match self.plugin.table.flops() {
