@@ -97,7 +97,6 @@ const MIN_ADDRESS_SPACE: u64 = 512 << 20;
 pub struct Worker {
     pub plugin: String,
     pub has_flops: bool,
-    pub has_prepare: bool,
     state: Mutex<State>,
 }
 
@@ -182,7 +181,6 @@ impl Worker {
         let worker = Worker {
             plugin: plugin.manifest.name.clone(),
             has_flops: false,
-            has_prepare: false,
             state: Mutex::new(State {
                 conn: Some(Connection {
                     child,
@@ -202,7 +200,6 @@ impl Worker {
             name: plugin.manifest.name.clone(),
             sha256: plugin.sha256.clone(),
             memory_limit,
-            sandbox: true,
         };
         let reply = worker
             .call(&start, &[], "opening the library")
@@ -210,12 +207,7 @@ impl Worker {
                 CallError::Layer { message, .. } => PluginError::InWorker(message),
                 CallError::Worker { message, .. } => init_error(format!("its worker {message}")),
             })?;
-        let Reply::Started {
-            sandbox,
-            has_flops,
-            has_prepare,
-        } = reply
-        else {
+        let Reply::Started { sandbox, has_flops } = reply else {
             return Err(init_error(
                 "its worker gave an unexpected answer when started".into(),
             ));
@@ -234,7 +226,6 @@ impl Worker {
         }
         Ok(Worker {
             has_flops,
-            has_prepare,
             ..worker
         })
     }

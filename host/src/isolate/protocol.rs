@@ -56,13 +56,13 @@ pub struct Piece {
 /// What the host asks of a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    /// The first message: which library to check and open, and how.
+    /// The first message: which library to check and open, and the
+    /// address-space limit to run it under.
     Start {
         path: PathBuf,
         name: String,
         sha256: String,
         memory_limit: u64,
-        sandbox: bool,
     },
     Create {
         config: String,
@@ -168,7 +168,6 @@ pub enum Reply {
     Started {
         sandbox: SandboxReport,
         has_flops: bool,
-        has_prepare: bool,
     },
     Created(u64),
     Signature {

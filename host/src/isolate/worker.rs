@@ -70,7 +70,6 @@ pub fn main() -> i32 {
             name,
             sha256,
             memory_limit,
-            sandbox,
         },
         _,
     ))) = protocol::receive::<Request>(socket)
@@ -78,19 +77,16 @@ pub fn main() -> i32 {
         eprintln!("layer worker: started without a Start request (it is run by the host)");
         return 2;
     };
-    if memory_limit > 0 {
-        let limit = rustix::process::Rlimit {
-            current: Some(memory_limit),
-            maximum: Some(memory_limit),
-        };
-        let _ = rustix::process::setrlimit(rustix::process::Resource::As, limit);
+    let limit = rustix::process::Rlimit {
+        current: Some(memory_limit),
+        maximum: Some(memory_limit),
+    };
+    let mut missing = Vec::new();
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::As, limit) {
+        missing.push(format!("the address-space limit (RLIMIT_AS): {e}"));
     }
     registry::allow_panic_abort();
-    let missing = if sandbox {
-        super::sandbox::enter(&path)
-    } else {
-        Vec::new()
-    };
+    missing.extend(super::sandbox::enter(&path));
     let plugin = match registry::load(&path, Some(&name), Some(&sha256)) {
         Ok(plugin) => plugin,
         Err(e) => {
@@ -101,7 +97,6 @@ pub fn main() -> i32 {
     let started = Reply::Started {
         sandbox: protocol::SandboxReport { missing },
         has_flops: plugin.table.flops().is_some(),
-        has_prepare: plugin.table.prepare().is_some() && plugin.table.drop_prepared().is_some(),
     };
     if protocol::send(socket, &started, &[]).is_err() {
         return 0;
