@@ -51,9 +51,9 @@ struct Cli {
     #[arg(long, global = true)]
     isolate: bool,
 
-    /// The longest one call into an isolated plugin may take, in seconds (e.g. 30, 0.5); a
-    /// worker that takes longer is killed and the run fails. Applies to isolated plugins
-    /// only. Default: no limit.
+    /// The longest one call into an isolated plugin may take (opening its library
+    /// included), in seconds (e.g. 30, 0.5); a worker that takes longer is killed and the
+    /// run fails. Applies to isolated plugins only. Default: no limit (check-plugin: 60).
     #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_timeout)]
     timeout: Option<std::time::Duration>,
 
