@@ -43,7 +43,7 @@ struct Case {
     sandboxed: bool,
 }
 
-const CASES: [Case; 9] = [
+const CASES: [Case; 10] = [
     Case {
         mode: "segfault",
         message: "layer '0' (plugin 'faulty') crashed: SIGSEGV (segmentation fault) in forward",
@@ -74,6 +74,11 @@ const CASES: [Case; 9] = [
         mode: "unbounded_allocation",
         message: "layer '0' (plugin 'faulty') ran out of memory (limit 1073741824 bytes) in \
                   forward",
+        sandboxed: false,
+    },
+    Case {
+        mode: "garbage_to_host",
+        message: "layer '0' (plugin 'faulty') sent something that is not an answer in forward",
         sandboxed: false,
     },
     Case {

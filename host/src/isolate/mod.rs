@@ -453,50 +453,48 @@ impl State {
             });
         }
         let conn = self.conn.as_mut().expect("alive while not dead");
-        let sent = protocol::send(conn.socket.as_fd(), request, fds);
-        let answer = match sent {
+        // What ended the call, when no answer came: the worker's end (a
+        // closed socket), or something the host killed it for.
+        let killed_for = match protocol::send(conn.socket.as_fd(), request, fds) {
             Err(_) => None,
             // Without a timeout, the read itself waits: one system call
             // fewer per call.
             Ok(()) => match self.timeout.map_or(Ok(true), |t| {
                 protocol::readable(conn.socket.as_fd(), Some(t))
             }) {
-                Ok(true) => protocol::receive::<Reply>(conn.socket.as_fd())
-                    .ok()
-                    .flatten()
-                    .map(|(reply, _)| reply),
-                Ok(false) => {
-                    let timeout = self.timeout.unwrap_or_default();
-                    let _ = conn.child.kill();
-                    let death = self.bury(during);
-                    let message = format!(
-                        "exceeded --timeout {} in {during} (its worker was killed)",
-                        seconds(timeout)
-                    );
-                    let error = CallError::Worker {
-                        message,
-                        stderr: match death {
-                            CallError::Worker { stderr, .. } => stderr,
-                            _ => String::new(),
-                        },
-                    };
-                    self.dead = Some(error.clone());
-                    return Err(error);
-                }
+                Ok(true) => match protocol::receive::<Reply>(conn.socket.as_fd()) {
+                    Ok(Some((Reply::Failed { panicked, message }, _))) => {
+                        return Err(CallError::Layer { panicked, message })
+                    }
+                    Ok(Some((reply, _))) => return Ok(reply),
+                    Ok(None) => None,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+                    Err(e) if e.raw_os_error().is_some() => None,
+                    // Bytes that are no message: whatever wrote them, the
+                    // worker can no longer be trusted to answer.
+                    Err(e) => Some(format!(
+                        "sent something that is not an answer in {during} ({e}; its worker was \
+                         killed)"
+                    )),
+                },
+                Ok(false) => Some(format!(
+                    "exceeded --timeout {} in {during} (its worker was killed)",
+                    seconds(self.timeout.unwrap_or_default())
+                )),
                 Err(_) => None,
             },
         };
-        match answer {
-            Some(Reply::Failed { panicked, message }) => {
-                Err(CallError::Layer { panicked, message })
-            }
-            Some(reply) => Ok(reply),
-            None => {
-                let error = self.bury(during);
-                self.dead = Some(error.clone());
-                Err(error)
-            }
+        if killed_for.is_some() {
+            let _ = conn.child.kill();
         }
+        let error = match (self.bury(during), killed_for) {
+            (CallError::Worker { stderr, .. }, Some(message)) => {
+                CallError::Worker { message, stderr }
+            }
+            (error, _) => error,
+        };
+        self.dead = Some(error.clone());
+        Err(error)
     }
 
     /// Reaps a worker that closed its socket or is being killed, and says
@@ -527,26 +525,34 @@ impl Drop for State {
             // Closing the socket tells the worker to exit; one that does not
             // is killed.
             drop(conn.socket);
-            if wait_at_most(&mut conn.child, Duration::from_secs(1)).is_none() {
-                let _ = conn.child.kill();
-                let _ = conn.child.wait();
-            }
+            wait_at_most(&mut conn.child, Duration::from_secs(1));
         }
     }
 }
 
+/// How a worker ended.
+enum End {
+    /// By itself, with this status.
+    Exited(ExitStatus),
+    /// Alive past the limit: the host killed it.
+    Killed,
+    /// Its status could not be read.
+    Unknown,
+}
+
 /// Waits for `child` to end, killing it if it has not within `limit`.
-fn wait_at_most(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+fn wait_at_most(child: &mut Child, limit: Duration) -> End {
     let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
+            Ok(Some(status)) => return End::Exited(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
             Ok(None) => {
                 let _ = child.kill();
-                return child.wait().ok();
+                let _ = child.wait();
+                return End::Killed;
             }
-            Err(_) => return None,
+            Err(_) => return End::Unknown,
         }
     }
 }
@@ -561,15 +567,22 @@ fn seconds(d: Duration) -> String {
 }
 
 /// What a worker's end says, as the tail of "layer 'x' (plugin 'y') …".
-fn describe_death(status: Option<ExitStatus>, stderr: &str, limit: u64, during: &str) -> String {
+fn describe_death(end: End, stderr: &str, limit: u64, during: &str) -> String {
     if stderr.contains(worker::OUT_OF_MEMORY_TEXT) {
         return format!("ran out of memory (limit {limit} bytes) in {during}");
     }
     if stderr.contains("has overflowed its stack") {
         return format!("overflowed its stack in {during}");
     }
-    let Some(status) = status else {
-        return format!("ended in {during}, and its exit status could not be read");
+    let status = match end {
+        End::Exited(status) => status,
+        End::Killed => {
+            return format!(
+                "stopped answering in {during}: it closed its connection to the host or sent \
+                 something that is not an answer (its worker was killed)"
+            )
+        }
+        End::Unknown => return format!("ended in {during}, and its exit status could not be read"),
     };
     if let Some(code) = status.code() {
         return format!("exited with status {code} during {during}");

@@ -69,6 +69,9 @@ pub enum Failure {
     /// Opens a TCP connection to 127.0.0.1:9; fails saying whether it
     /// could make the socket.
     OpenSocket,
+    /// Writes bytes that are no message to its standard input, which in a
+    /// worker is the socket to the host, then works.
+    GarbageToHost,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +205,17 @@ impl Layer for Faulty {
                 }
                 Err(e) => format!("faulty: cannot open a socket: {e}"),
             }),
+            Failure::GarbageToHost => {
+                use std::io::Write;
+                use std::os::fd::FromRawFd;
+                // SAFETY: none needed beyond the test's: fd 0 is open, and
+                // the File is forgotten so it is never closed here.
+                let mut stdin = unsafe { std::fs::File::from_raw_fd(0) };
+                let _ = stdin.write_all(&[0xff; 64]);
+                std::mem::forget(stdin);
+                output.assign(&input);
+                Ok(())
+            }
             Failure::TruncateFile => {
                 static CALLS: AtomicU32 = AtomicU32::new(0);
                 output.assign(&input);
