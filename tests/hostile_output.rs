@@ -408,6 +408,46 @@ fn run_output_naming_an_input_is_refused_streamed_or_not() {
 }
 
 #[test]
+fn two_outputs_naming_one_file_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("g.json");
+    std::fs::write(
+        &model,
+        r#"{"format": 2, "inputs": [{"name": "x", "dtype": "float32", "shape": ["b", 3]}],
+            "nodes": [{"name": "a", "type": "relu", "inputs": ["x"]},
+                      {"name": "b", "type": "relu", "inputs": ["a"]}],
+            "outputs": ["a", "b"]}"#,
+    )
+    .unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy_f32(&x, &uniform(&[2, 3], 4));
+    let (m, xs) = (path_str(&model), path_str(&x));
+    let y = dir.path().join("y.npy");
+    let ys = path_str(&y);
+    // Not there yet, and named two ways.
+    let other_name = format!("{}/../{}/y.npy", dir.path().display(), {
+        dir.path().file_name().unwrap().to_str().unwrap()
+    });
+    let (a, b) = (format!("a={ys}"), format!("b={other_name}"));
+    assert_refused(
+        &[
+            "run",
+            m,
+            "--input",
+            &format!("x={xs}"),
+            "--output",
+            &a,
+            "--output",
+            &b,
+        ],
+        &format!("--output {ys} and --output {other_name} name the same file"),
+        &[&x],
+    );
+    assert!(!y.exists());
+    assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+}
+
+#[test]
 fn host_lock_on_a_symlinked_model_pins_the_real_file_and_keeps_its_mode() {
     let dir = temp_dir_with(&[(
         "real.json",

@@ -225,11 +225,33 @@ fn check_outputs(
         InputFiles::Npy(paths) => others.extend(paths.iter().map(|p| (p.as_path(), "an input"))),
         InputFiles::Npz(path) => others.push((path, "the input")),
     }
-    for output in outputs {
+    for (k, output) in outputs.iter().enumerate() {
         refuse_overwriting("--output", output, &others)?;
+        if let Some(earlier) = outputs[..k].iter().find(|e| names_same_file(e, output)) {
+            return Err(Error::Usage(format!(
+                "--output {} and --output {} name the same file; each output needs a file of \
+                 its own",
+                earlier.display(),
+                output.display()
+            )));
+        }
         check_writable(output)?;
     }
     Ok(())
+}
+
+/// Whether two output paths name one file, existing or not: the same file
+/// now, or the same name in the same directory (links resolved).
+fn names_same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some((dir.canonicalize().ok()?, p.file_name()?.to_os_string()))
+    };
+    crate::atomic_file::same_file(a, b)
+        || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The file given for each of `names` (the model's inputs or outputs,
