@@ -3,10 +3,11 @@
 //! [`matmul`] is a safe matrix product over `ndarray` views, backed by the
 //! `gemm` crate's blocked driver and microkernels. It runs on one of
 //! several kernel paths ([`Isa`]): AVX-512 where the CPU has it, AVX2 + FMA
-//! where it has those, a baseline elsewhere, chosen at run time, so one
-//! binary is fast on each machine. The `LAYER_KERNELS_ISA` environment
-//! variable forces a path (`avx2` on an AVX-512 machine, to measure it), and
-//! `LAYER_KERNELS_REPORT=1` prints the path chosen on stderr. A single row
+//! where it has those, a baseline elsewhere, chosen at run time for each
+//! product's shape ([`Policy`]), so one binary is fast on each machine. The
+//! `LAYER_KERNELS_ISA` environment variable forces one path for every
+//! product (`avx2` on an AVX-512 machine, to measure it), and
+//! `LAYER_KERNELS_REPORT=1` prints each path as it is first used. A single row
 //! (batch 1) takes the driver's matrix-vector path, where a general GEMM
 //! blocked for large matrices is several times slower.
 //!
@@ -20,39 +21,48 @@
 mod driver;
 mod isa;
 
-pub use isa::{Isa, ISA_VARIABLE};
+pub use isa::{Isa, Policy, ISA_VARIABLE};
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 use std::sync::Once;
 
-/// Set to `1` to have the first product print the kernel path it runs on
-/// (one stderr line per library holding this crate, so per plugin).
+/// Set to `1` to have the kernels print, on stderr, each path the first
+/// time a product runs on it (once per library holding this crate, so per
+/// plugin): how benchmarks learn which kernels ran.
 pub const REPORT_VARIABLE: &str = "LAYER_KERNELS_REPORT";
 
 /// `out = x · w`, for `x` of shape `(m, k)`, `w` of shape `(k, n)` and `out`
-/// of shape `(m, n)`, on the path [`Isa::selected`] names. Any strides are
-/// accepted (a transposed view costs nothing); `out` is overwritten.
+/// of shape `(m, n)`, on the path [`Policy::from_env`] picks for the shape.
+/// Any strides are accepted (a transposed view costs nothing); `out` is
+/// overwritten.
 pub fn matmul(
     x: ArrayView2<'_, f32>,
     w: ArrayView2<'_, f32>,
     out: ArrayViewMut2<'_, f32>,
 ) -> Result<(), String> {
-    let isa = Isa::selected()?;
-    static REPORT: Once = Once::new();
-    REPORT.call_once(|| {
+    let policy = Policy::from_env()?;
+    let isa = policy.path_for(x.nrows(), w.ncols());
+    report_first_use(policy, isa, x.dim(), w.ncols());
+    matmul_on(isa, x, w, out)
+}
+
+fn report_first_use(policy: Policy, isa: Isa, (m, k): (usize, usize), n: usize) {
+    static REPORTED: [Once; Isa::ALL.len()] = [const { Once::new() }; Isa::ALL.len()];
+    let index = Isa::ALL.iter().position(|i| *i == isa).unwrap_or(0);
+    REPORTED[index].call_once(|| {
         if std::env::var(REPORT_VARIABLE).is_ok_and(|v| v == "1") {
-            let how = match std::env::var(ISA_VARIABLE) {
-                Ok(v) if !v.trim().is_empty() => format!("forced by {ISA_VARIABLE}={v}"),
-                _ => "the best this CPU has".to_string(),
+            let why = match policy {
+                Policy::Auto => "the best for the shape".to_string(),
+                Policy::Forced(_) => format!("forced by {ISA_VARIABLE}"),
             };
             let have: Vec<_> = Isa::supported().iter().map(|i| i.name()).collect();
             eprintln!(
-                "layer-kernels: matmul runs on {isa} ({how}; this CPU runs: {})",
+                "layer-kernels: matmul runs on {isa} (first: ({m}, {k}) · ({k}, {n}); {why}; \
+                 this CPU runs {})",
                 have.join(", ")
             );
         }
     });
-    matmul_on(isa, x, w, out)
 }
 
 /// [`matmul`] on a given path; an error if this CPU cannot run it.
@@ -261,16 +271,16 @@ mod tests {
     }
 
     #[test]
-    fn the_selected_path_is_one_this_cpu_has() {
+    fn the_policy_of_the_environment_runs_or_refuses_with_a_message() {
         // Whatever LAYER_KERNELS_ISA says in the test's environment, matmul
         // either runs on a supported path or refuses with a message.
-        match Isa::selected() {
-            Ok(isa) => {
-                assert!(isa.is_supported());
+        match Policy::from_env() {
+            Ok(policy) => {
+                assert!(policy.path_for(3, 2).is_supported());
                 let (x, w) = (values(3, 4, 1), values(4, 2, 2));
                 let mut out = Array2::zeros((3, 2));
                 matmul(x.view(), w.view(), out.view_mut()).unwrap();
-                assert_close(out.view(), x.view(), w.view(), "selected");
+                assert_close(out.view(), x.view(), w.view(), "from the environment");
             }
             Err(err) => assert!(err.contains(ISA_VARIABLE), "{err}"),
         }
