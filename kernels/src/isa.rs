@@ -93,6 +93,16 @@ impl Policy {
             .clone()
     }
 
+    /// The path for element-by-element and row-by-row kernels: the forced
+    /// one, or the best (their rows are long and contiguous, so every
+    /// lane is used).
+    pub fn elementwise_path(self) -> Isa {
+        match self {
+            Policy::Forced(isa) => isa,
+            Policy::Auto => Isa::best(),
+        }
+    }
+
     /// The path for a product of `rows × depth` by `depth × columns`.
     ///
     /// Auto takes the best path, except AVX2 instead of AVX-512 for fewer

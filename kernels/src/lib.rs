@@ -19,6 +19,7 @@
 //! oversubscription).
 
 mod driver;
+pub mod elementwise;
 mod isa;
 
 pub use isa::{Isa, Policy, ISA_VARIABLE};
