@@ -1,5 +1,5 @@
-//! Element-by-element and row-by-row kernels (relu, add, softmax, layer
-//! normalization), compiled once per kernel path and run on the widest one
+//! Element-by-element and row-by-row kernels (relu, add, GELU, softmax,
+//! layer normalization), compiled once per kernel path and run on the widest one
 //! the CPU has (or the one `LAYER_KERNELS_ISA` forces).
 //!
 //! Each kernel is a plain loop over slices that the compiler vectorizes;
@@ -142,7 +142,7 @@ pub(crate) fn layer_norm_on(
     eps: f64,
 ) -> Result<(), String> {
     same_length("layer_norm", x.len(), y.len())?;
-    if features == 0 || x.len() % features != 0 {
+    if features == 0 || !x.len().is_multiple_of(features) {
         return Err(format!(
             "layer_norm: {} values are not rows of {features}",
             x.len()
@@ -188,22 +188,18 @@ pub(crate) fn layer_norm_on(
     )
 }
 
-/// `eˣ` in f64 for `x ≤ 0` (and NaN), within a few units of 1e-13
-/// relative; below -700 the result is about 1e-304 instead of smaller
-/// (which rounds to 0 in f32 all the same). Branch-free, so it vectorizes:
-/// `eˣ = 2ᵏ · eʳ` with `k = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, `eʳ` by its
-/// Taylor series to the 11th power, `2ᵏ` made from its exponent bits.
+/// `eˣ` in f64, within a few units of 1e-13 relative, branch-free so that
+/// it vectorizes: `eˣ = 2ᵏ · eʳ` with `k = round(x / ln 2)`, `|r| ≤ ln 2 /
+/// 2`, `eʳ` by its Taylor series to the 11th power, `2ᵏ` made from its
+/// exponent bits. Below -708 it gives 0 (the true value is under 1e-307,
+/// 0 once rounded to f32), above 709 infinity (instead of up to 1.8e308);
+/// a NaN stays NaN.
 #[inline(always)]
-pub(crate) fn exp_nonpositive(x: f64) -> f64 {
-    // Split ln 2 so that k · LN2_HI is exact for |k| < 2¹¹.
+pub(crate) fn exp(x: f64) -> f64 {
+    // ln 2 split so that k · LN2_HI is exact for every k used here.
     const LN2_HI: f64 = 0.693_147_180_369_123_8;
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    // A NaN fails the comparison and stays NaN.
-    let x = if x < -700.0 { -700.0 } else { x };
-    let k = (x * std::f64::consts::LOG2_E).round();
-    let r = (x - k * LN2_HI) - k * LN2_LO;
-    let mut p = 1.0 / 39_916_800.0; // 1/11!
-    for inverse_factorial in [
+    const INVERSE_FACTORIALS: [f64; 11] = [
         1.0 / 3_628_800.0,
         1.0 / 362_880.0,
         1.0 / 40_320.0,
@@ -215,12 +211,214 @@ pub(crate) fn exp_nonpositive(x: f64) -> f64 {
         0.5,
         1.0,
         1.0,
-    ] {
-        p = p * r + inverse_factorial;
+    ];
+    // Clamped so that 2ᵏ is a normal number; a NaN fails both comparisons
+    // and stays NaN.
+    let clamped = x.clamp(-708.0, 709.0);
+    let k = (clamped * std::f64::consts::LOG2_E).round();
+    let r = (clamped - k * LN2_HI) - k * LN2_LO;
+    let mut p = 1.0 / 39_916_800.0; // 1/11!
+    for c in INVERSE_FACTORIALS {
+        p = p * r + c;
     }
-    // k is in [-1010, 0] (or NaN, which casts to 0 and leaves p NaN).
-    let two_to_k = f64::from_bits(((k as i64 + 1023) as u64) << 52);
-    p * two_to_k
+    // 2ᵏ from its biased exponent k + 1023, an integer in [2, 2046]: added
+    // to 2⁵² it sits in the low mantissa bits, and shifting those into the
+    // exponent field gives 2ᵏ. (No float-to-integer conversion, which
+    // AVX2 cannot vectorize.) A NaN gives -0, and p is NaN anyway.
+    const TWO_TO_52: f64 = 4_503_599_627_370_496.0;
+    let two_to_k = f64::from_bits((k + 1023.0 + TWO_TO_52).to_bits() << 52);
+    let e = p * two_to_k;
+    if x < -708.0 {
+        0.0
+    } else if x > 709.0 {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+/// Where the complementary error function switches from `1 - erf` by the
+/// series to the continued fraction.
+const ERFC_SWITCH: f64 = 2.5;
+/// Terms of each: enough for 1e-13 relative at the switch, where both
+/// converge slowest (the series' remainder after 40 terms at 2.5 is below
+/// 1e-19 of its sum; the fraction's error after 40 is about 1e-13).
+const ERF_SERIES_TERMS: usize = 40;
+const ERFC_FRACTION_TERMS: usize = 40;
+const FRAC_1_SQRT_PI: f64 = 0.564_189_583_547_756_3;
+
+/// The continued fraction's numerators `k/2`, innermost (`k` =
+/// [`ERFC_FRACTION_TERMS`]) first. (A constant array rather than a
+/// reversed inclusive range, which the compiler would not unroll, leaving
+/// the loop scalar.)
+const FRACTION_NUMERATORS: [f64; ERFC_FRACTION_TERMS] = {
+    let mut table = [0.0; ERFC_FRACTION_TERMS];
+    let mut i = 0;
+    while i < ERFC_FRACTION_TERMS {
+        table[i] = 0.5 * (ERFC_FRACTION_TERMS - i) as f64;
+        i += 1;
+    }
+    table
+};
+
+/// `1/(1·3·…·(2n+1))`, the series' coefficients.
+const SERIES_COEFFICIENTS: [f64; ERF_SERIES_TERMS + 1] = {
+    let mut table = [1.0; ERF_SERIES_TERMS + 1];
+    let mut n = 1;
+    while n <= ERF_SERIES_TERMS {
+        table[n] = table[n - 1] / (2 * n + 1) as f64;
+        n += 1;
+    }
+    table
+};
+
+/// Values per block of the GELU kernel: each regime of [`erfc_block`] runs
+/// over a whole block, as a loop the compiler vectorizes.
+const BLOCK: usize = 64;
+
+/// `1 - erf(t)` with `erf(t) = 2/√π · e^(-t²) · t · Σ cₙ (2t²)ⁿ`, `cₙ =
+/// 1/(1·3·…·(2n+1))` (Abramowitz & Stegun 7.1.6, all terms positive, so
+/// nothing cancels), a fixed number of terms, for `0 ≤ t <`
+/// [`ERFC_SWITCH`]. The polynomial in `u = 2t²` is summed as four
+/// interleaved Horner chains in `u⁴` (Estrin's scheme), which a CPU runs
+/// side by side instead of one long chain of dependent steps.
+#[inline(always)]
+fn erfc_by_series(t: f64) -> f64 {
+    let u = 2.0 * t * t;
+    let u2 = u * u;
+    let u4 = u2 * u2;
+    let c = &SERIES_COEFFICIENTS;
+    let mut chains = [0.0f64; 4];
+    for (r, chain) in chains.iter_mut().enumerate() {
+        // Σ c[4j + r] u4ʲ, highest j first.
+        let mut j = (ERF_SERIES_TERMS - r) / 4;
+        let mut p = c[4 * j + r];
+        while j > 0 {
+            j -= 1;
+            p = p * u4 + c[4 * j + r];
+        }
+        *chain = p;
+    }
+    let [p0, p1, p2, p3] = chains;
+    let sum = (p0 + u * p1) + u2 * (p2 + u * p3);
+    1.0 - 2.0 * FRAC_1_SQRT_PI * exp(-t * t) * t * sum
+}
+
+/// Laplace's continued fraction, `erfc(t) = e^(-t²)/√π · 1/(t + ½/(t +
+/// 1/(t + 3⁄2/(t + …))))` (A&S 7.1.14), for `t ≥` [`ERFC_SWITCH`], evaluated from
+/// the bottom as a ratio `n / d` updated by multiplications only (`t +
+/// a/(n/d) = (t·n + a·d) / n`), one division at the end.
+#[inline(always)]
+fn erfc_by_fraction(t: f64) -> f64 {
+    // Large t only scales n and d alike; capped so that they stay finite
+    // (e^(-t²) is 0 there anyway). A NaN becomes the cap, but its lane
+    // takes neither regime.
+    let z = if t < 1e6 { t } else { 1e6 };
+    let (mut n, mut d) = (z, 1.0);
+    for a in FRACTION_NUMERATORS {
+        let next = z * n + a * d;
+        d = n;
+        n = next;
+    }
+    exp(-t * t) * FRAC_1_SQRT_PI * d / n
+}
+
+/// `erfc(t)` for each `t ≥ 0` of a block (at most [`BLOCK`] values),
+/// accurate to about 1e-13 relative: by the series below
+/// [`ERFC_SWITCH`], by the continued fraction above. Each regime runs over
+/// the whole block, and only if some value needs it (activations seldom
+/// reach the fraction's |x| > 3.5); each value then takes its own regime's
+/// result, so it never depends on its neighbours. A NaN gives NaN.
+#[inline(always)]
+fn erfc_block(t: &[f64], out: &mut [f64]) {
+    let mut series = [0.0; BLOCK];
+    let mut fraction = [0.0; BLOCK];
+    let (series, fraction) = (&mut series[..t.len()], &mut fraction[..t.len()]);
+    if t.iter().any(|&t| t < ERFC_SWITCH) {
+        for (s, &t) in series.iter_mut().zip(t) {
+            *s = erfc_by_series(t);
+        }
+    }
+    if t.iter().any(|&t| t >= ERFC_SWITCH) {
+        for (f, &t) in fraction.iter_mut().zip(t) {
+            *f = erfc_by_fraction(t);
+        }
+    }
+    for (((out, &t), &s), &f) in out.iter_mut().zip(t).zip(&*series).zip(&*fraction) {
+        *out = if t < ERFC_SWITCH {
+            s
+        } else if t >= ERFC_SWITCH {
+            f
+        } else {
+            f64::NAN
+        };
+    }
+}
+
+/// The complementary error function `1 - erf(z)`, accurate in both tails
+/// (to about 1e-13 relative); the scalar face of the GELU kernel's.
+pub fn erfc(z: f64) -> f64 {
+    let mut e = [0.0];
+    erfc_block(&[z.abs()], &mut e);
+    if z < 0.0 {
+        2.0 - e[0]
+    } else {
+        e[0]
+    }
+}
+
+/// The exact GELU, `y = x · Φ(x) = 0.5 · x · erfc(-x/√2)`, in f64 (as
+/// `torch.nn.GELU()`, but keeping the far negative tail's digits: `-10`
+/// gives `-7.6e-23`, not `-0`). `+∞` gives `+∞`, `-∞` NaN, as the formula.
+pub fn gelu(x: &[f32], y: &mut [f32]) -> Result<(), String> {
+    gelu_on(path()?, x, y)
+}
+
+pub(crate) fn gelu_on(isa: Isa, x: &[f32], y: &mut [f32]) -> Result<(), String> {
+    same_length("gelu", x.len(), y.len())?;
+    vectorized(
+        isa,
+        #[inline(always)]
+        || {
+            let (mut t, mut e) = ([0.0; BLOCK], [0.0; BLOCK]);
+            for (x, y) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)) {
+                let (t, e) = (&mut t[..x.len()], &mut e[..x.len()]);
+                for (t, &x) in t.iter_mut().zip(x) {
+                    *t = f64::from(x).abs() * std::f64::consts::FRAC_1_SQRT_2;
+                }
+                erfc_block(t, e);
+                for ((y, &x), &e) in y.iter_mut().zip(x).zip(&*e) {
+                    let x = f64::from(x);
+                    // erfc(-x/√2): erfc(t) for x ≤ 0, 2 - erfc(t) above.
+                    let erfc_z = if x > 0.0 { 2.0 - e } else { e };
+                    *y = (0.5 * x * erfc_z) as f32;
+                }
+            }
+        },
+    )
+}
+
+/// GELU's tanh approximation, `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715
+/// x³)))`, in f64 as the equal `x / (1 + e^(-2u))` (`1 + tanh u = 2σ(2u)`),
+/// which does not cancel for large negative `x`.
+pub fn gelu_tanh(x: &[f32], y: &mut [f32]) -> Result<(), String> {
+    gelu_tanh_on(path()?, x, y)
+}
+
+pub(crate) fn gelu_tanh_on(isa: Isa, x: &[f32], y: &mut [f32]) -> Result<(), String> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    same_length("gelu_tanh", x.len(), y.len())?;
+    vectorized(
+        isa,
+        #[inline(always)]
+        || {
+            for (y, &x) in y.iter_mut().zip(x) {
+                let x = f64::from(x);
+                let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+                *y = (x / (1.0 + exp(-2.0 * u))) as f32;
+            }
+        },
+    )
 }
 
 /// Softmax of each row of `len` values: `exp(x - max) / Σ exp(x - max)`,
@@ -232,7 +430,7 @@ pub fn softmax(x: &[f32], y: &mut [f32], len: usize) -> Result<(), String> {
 
 pub(crate) fn softmax_on(isa: Isa, x: &[f32], y: &mut [f32], len: usize) -> Result<(), String> {
     same_length("softmax", x.len(), y.len())?;
-    if len == 0 || x.len() % len != 0 {
+    if len == 0 || !x.len().is_multiple_of(len) {
         return Err(format!("softmax: {} values are not rows of {len}", x.len()));
     }
     let mut exps = vec![0.0f64; len];
@@ -243,7 +441,7 @@ pub(crate) fn softmax_on(isa: Isa, x: &[f32], y: &mut [f32], len: usize) -> Resu
             for (x, y) in x.chunks_exact(len).zip(y.chunks_exact_mut(len)) {
                 let max = f64::from(row_max(x));
                 for (e, &v) in exps.iter_mut().zip(x) {
-                    *e = exp_nonpositive(f64::from(v) - max);
+                    *e = exp(f64::from(v) - max);
                 }
                 let mut partial = [0.0f64; LANES];
                 let mut chunks = exps.chunks_exact(LANES);
@@ -297,23 +495,26 @@ mod tests {
 
     #[test]
     fn exp_matches_std_across_its_range() {
-        let mut x = -745.0f64;
-        while x <= 0.0 {
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            if x >= -700.0 {
+        let mut x = -720.0f64;
+        while x <= 720.0 {
+            let (got, want) = (exp(x), x.exp());
+            if (-708.0..=709.0).contains(&x) {
                 assert!(
                     (got - want).abs() <= 1e-13 * want,
                     "exp({x}) = {got}, not {want}"
                 );
+            } else if x < 0.0 {
+                assert_eq!(got, 0.0, "exp({x})");
             } else {
-                assert!(got <= 1e-303, "exp({x}) = {got}");
+                assert_eq!(got, f64::INFINITY, "exp({x})");
             }
             x += 0.0137;
         }
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-0.0), 1.0);
-        assert!(exp_nonpositive(f64::NAN).is_nan());
-        assert!(exp_nonpositive(f64::NEG_INFINITY) < 1e-303);
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-0.0), 1.0);
+        assert!(exp(f64::NAN).is_nan());
+        assert_eq!(exp(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f64::INFINITY), f64::INFINITY);
     }
 
     #[test]
@@ -429,5 +630,67 @@ mod tests {
         assert!(y[..3].iter().all(|v| v.is_nan()));
         assert_eq!(y[3], 0.0);
         assert!((y[5] - 0.993_307_2).abs() < 1e-6, "{}", y[5]);
+    }
+    #[test]
+    fn erfc_matches_known_values_in_both_regimes() {
+        // mpmath erfc at 30 digits; 2.4 and 2.6 sit either side of the
+        // series/fraction switch at 2.5.
+        let cases = [
+            (0.0, 1.0),
+            (0.1, 0.887537083981715),
+            (1.0, 0.15729920705028513),
+            (2.4, 0.0006885138966450789),
+            (2.5, 0.000_406_952_017_444_959),
+            (2.6, 0.00023603441652934908),
+            (3.0, 2.209049699858544e-05),
+            (5.0, 1.537459794428035e-12),
+            (10.0, 2.088487583762545e-45),
+            (-0.5, 1.5204998778130465),
+            (-3.0, 1.999977909503001),
+        ];
+        for (z, want) in cases {
+            let got = erfc(z);
+            assert!(
+                ((got - want) / want).abs() < 1e-12,
+                "erfc({z}) = {got}, not {want}"
+            );
+        }
+        assert!(erfc(f64::NAN).is_nan());
+        assert_eq!(erfc(40.0), 0.0);
+        assert_eq!(erfc(f64::INFINITY), 0.0);
+        assert_eq!(erfc(f64::NEG_INFINITY), 2.0);
+    }
+
+    #[test]
+    fn gelu_matches_its_formulas_on_every_path() {
+        // Values either side of the switch (|x| = 2.5·√2 ≈ 3.54), mixed in
+        // one group of lanes and alone.
+        let x: Vec<f32> = (0..403).map(|i| (i as f32 - 201.0) * 0.05).collect();
+        for isa in Isa::supported() {
+            let mut y = vec![f32::NAN; x.len()];
+            gelu_on(isa, &x, &mut y).unwrap();
+            let mut y_tanh = vec![f32::NAN; x.len()];
+            gelu_tanh_on(isa, &x, &mut y_tanh).unwrap();
+            for ((&x, &g), &g_tanh) in x.iter().zip(&y).zip(&y_tanh) {
+                let x = f64::from(x);
+                let want = 0.5 * x * erfc(-x * std::f64::consts::FRAC_1_SQRT_2);
+                assert_eq!(g, want as f32, "{isa}: gelu({x})");
+                let u = 0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x);
+                // 0.5·x·(1 + tanh u), which cancels for negative x.
+                let want = x / (1.0 + (-2.0 * u).exp());
+                assert!(
+                    (f64::from(g_tanh) - want).abs() <= 2e-7 * want.abs().max(1e-30),
+                    "{isa}: gelu_tanh({x}) = {g_tanh}, not {want}"
+                );
+            }
+            let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -100.0, 100.0];
+            let mut y = [0.0f32; 5];
+            gelu_on(isa, &special, &mut y).unwrap();
+            assert!(y[0].is_nan() && y[2].is_nan(), "{isa}: {y:?}");
+            assert_eq!((y[1], y[3], y[4]), (f32::INFINITY, -0.0, 100.0));
+            gelu_tanh_on(isa, &special, &mut y).unwrap();
+            assert!(y[0].is_nan(), "{isa}: {y:?}");
+            assert_eq!((y[1], y[3], y[4]), (f32::INFINITY, -0.0, 100.0));
+        }
     }
 }
