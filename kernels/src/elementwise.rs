@@ -101,6 +101,58 @@ pub(crate) fn add_on(isa: Isa, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()
     )
 }
 
+/// `y[i, j] += bias[j]` for every row `i` of `y` (rows of `bias.len()`
+/// values): the bias of a dense layer, in one vectorized pass.
+pub fn add_bias(y: &mut [f32], bias: &[f32]) -> Result<(), String> {
+    add_bias_then::<false>(path()?, y, bias)
+}
+
+/// `y[i, j] = relu(y[i, j] + bias[j])`, a NaN kept as NaN: a dense layer's
+/// bias and ReLU in one vectorized pass.
+pub fn add_bias_relu(y: &mut [f32], bias: &[f32]) -> Result<(), String> {
+    add_bias_then::<true>(path()?, y, bias)
+}
+
+pub(crate) fn add_bias_then<const RELU: bool>(
+    isa: Isa,
+    y: &mut [f32],
+    bias: &[f32],
+) -> Result<(), String> {
+    if bias.is_empty() || !y.len().is_multiple_of(bias.len()) {
+        return Err(format!(
+            "add_bias: {} values are not rows of {}",
+            y.len(),
+            bias.len()
+        ));
+    }
+    #[inline(always)]
+    fn finish<const RELU: bool>(v: f32) -> f32 {
+        if RELU && v <= 0.0 {
+            0.0
+        } else {
+            v
+        }
+    }
+    vectorized(
+        isa,
+        #[inline(always)]
+        || {
+            if let [b] = *bias {
+                // One column: a flat loop, rather than rows of one.
+                for v in y.iter_mut() {
+                    *v = finish::<RELU>(*v + b);
+                }
+            } else {
+                for row in y.chunks_exact_mut(bias.len()) {
+                    for (v, &b) in row.iter_mut().zip(bias) {
+                        *v = finish::<RELU>(*v + b);
+                    }
+                }
+            }
+        },
+    )
+}
+
 /// `Σ f(v)` over `x` in f64, as [`LANES`] partial sums added pairwise.
 #[inline(always)]
 fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
@@ -692,5 +744,28 @@ mod tests {
             assert!(y[0].is_nan(), "{isa}: {y:?}");
             assert_eq!((y[1], y[3], y[4]), (f32::INFINITY, -0.0, 100.0));
         }
+    }
+    #[test]
+    fn bias_is_added_to_every_row_then_relu_keeps_nan() {
+        for isa in Isa::supported() {
+            for units in [1, 3, 8, 33] {
+                let y0 = irregular(5 * units, units);
+                let bias = irregular(units, 9);
+                let (mut plain, mut relu) = (y0.clone(), y0.clone());
+                add_bias_then::<false>(isa, &mut plain, &bias).unwrap();
+                add_bias_then::<true>(isa, &mut relu, &bias).unwrap();
+                for (i, ((&v, &p), &r)) in y0.iter().zip(&plain).zip(&relu).enumerate() {
+                    let want = v + bias[i % units];
+                    assert_eq!(p, want, "{isa}");
+                    assert_eq!(r, want.max(0.0), "{isa}");
+                }
+            }
+            let mut y = [f32::NAN, -1.0, 2.0];
+            add_bias_then::<true>(isa, &mut y, &[0.5]).unwrap();
+            assert!(y[0].is_nan(), "{isa}");
+            assert_eq!(&y[1..], &[0.0, 2.5]);
+        }
+        assert!(add_bias(&mut [0.0; 5], &[1.0, 2.0]).is_err());
+        assert!(add_bias_relu(&mut [0.0; 5], &[]).is_err());
     }
 }

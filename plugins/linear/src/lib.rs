@@ -19,7 +19,8 @@ use layer_api::{
     export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec,
     Params, Prepared,
 };
-use ndarray::{Array2, Axis, Ix1, Ix2};
+use layer_kernels::elementwise::add_bias;
+use ndarray::{Array2, Ix1, Ix2};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -174,9 +175,11 @@ impl Layer for Linear {
         layer_kernels::matmul(x, weight_t.view(), y.view_mut())?;
         if self.bias {
             let bias = params.get::<Ix1>("bias")?;
-            for mut row in y.axis_iter_mut(Axis(0)) {
-                row += &bias;
-            }
+            let y = y
+                .as_slice_mut()
+                .ok_or("the host lent an output that is not contiguous")?;
+            let bias = bias.as_slice().ok_or("the bias is not contiguous")?;
+            add_bias(y, bias)?;
         }
         Ok(())
     }
