@@ -155,16 +155,16 @@ pub(crate) fn add_bias_then<const RELU: bool>(
 
 /// `Σ f(v)` over `x` in f64, as [`LANES`] partial sums added pairwise.
 #[inline(always)]
-fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+fn sum_f64<T: Copy + Into<f64>>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let mut partial = [0.0f64; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (p, &v) in partial.iter_mut().zip(chunk) {
-            *p += f(f64::from(v));
+            *p += f(v.into());
         }
     }
     for (p, &v) in partial.iter_mut().zip(chunks.remainder()) {
-        *p += f(f64::from(v));
+        *p += f(v.into());
     }
     let [a, b, c, d, e, f, g, h] = partial;
     ((a + e) + (b + f)) + ((c + g) + (d + h))
@@ -495,18 +495,7 @@ pub(crate) fn softmax_on(isa: Isa, x: &[f32], y: &mut [f32], len: usize) -> Resu
                 for (e, &v) in exps.iter_mut().zip(x) {
                     *e = exp(f64::from(v) - max);
                 }
-                let mut partial = [0.0f64; LANES];
-                let mut chunks = exps.chunks_exact(LANES);
-                for chunk in &mut chunks {
-                    for (p, &e) in partial.iter_mut().zip(chunk) {
-                        *p += e;
-                    }
-                }
-                for (p, &e) in partial.iter_mut().zip(chunks.remainder()) {
-                    *p += e;
-                }
-                let [a, b, c, d, e, f, g, h] = partial;
-                let sum = ((a + e) + (b + f)) + ((c + g) + (d + h));
+                let sum = sum_f64(&exps, |e| e);
                 for (y, &e) in y.iter_mut().zip(&exps) {
                     *y = (e / sum) as f32;
                 }
