@@ -22,7 +22,7 @@ fn path() -> Result<Isa, String> {
 
 /// Runs `body` compiled for `isa`. `body` and whatever it calls must be
 /// `#[inline(always)]` to be compiled with the path's features.
-fn vectorized(isa: Isa, body: impl FnOnce()) -> Result<(), String> {
+pub(crate) fn vectorized(isa: Isa, body: impl FnOnce()) -> Result<(), String> {
     if !isa.is_supported() {
         return Err(format!("this CPU cannot run the {isa} kernels"));
     }

@@ -8,8 +8,9 @@
 //! `LAYER_KERNELS_ISA` environment variable forces one path for every
 //! product (`avx2` on an AVX-512 machine, to measure it), and
 //! `LAYER_KERNELS_REPORT=1` prints each path as it is first used. A single row
-//! (batch 1) takes the driver's matrix-vector path, where a general GEMM
-//! blocked for large matrices is several times slower.
+//! (batch 1) takes a matrix-vector loop of its own (or the driver's
+//! matrix-vector path, for weights that are not row-major), where a
+//! general GEMM blocked for large matrices is several times slower.
 //!
 //! A row's result depends only on that row, the weights and the path, not
 //! on how many rows share the call: the host splits batches into pieces of
@@ -21,6 +22,7 @@
 mod driver;
 pub mod elementwise;
 mod isa;
+mod vector_matrix;
 
 pub use isa::{Isa, Policy, ISA_VARIABLE};
 
@@ -93,6 +95,13 @@ pub fn matmul_on(
     if k == 0 {
         out.fill(0.0);
         return Ok(());
+    }
+    // A single row against a row-major matrix: a plain loop beats the
+    // driver's matrix-vector path (see vector_matrix).
+    if m == 1 {
+        if let (Some(x), Some(w), Some(y)) = (x.as_slice(), w.as_slice(), out.as_slice_mut()) {
+            return vector_matrix::row_times_matrix(isa, x, w, y);
+        }
     }
     let mut p = oriented(&x, &w, &mut out);
     // Depth blocks of equal size, a function of k alone, so the order in
