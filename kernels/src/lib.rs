@@ -336,6 +336,17 @@ mod tests {
                 wv,
                 &format!("{isa} reversed"),
             );
+            // A single row against transposed weights: not the row-major
+            // case of the kernels' own matrix-vector loop.
+            let mut row = Array2::zeros((1, 11));
+            let x_row = x.slice(s![4..5, ..]);
+            matmul_on(isa, x_row, w_t.t(), row.view_mut()).unwrap();
+            assert_close(
+                row.view(),
+                x_row,
+                w_t.t(),
+                &format!("{isa} one row, transposed"),
+            );
         }
     }
 
