@@ -11,6 +11,9 @@
 //! (batch 1) takes a matrix-vector loop of its own (or the driver's
 //! matrix-vector path, for weights that are not row-major), where a
 //! general GEMM blocked for large matrices is several times slower.
+//! [`elementwise`] holds the element-by-element and row-by-row kernels
+//! (relu, add, a dense layer's bias, GELU, softmax, layer normalization),
+//! vectorized on the same paths.
 //!
 //! A row's result depends only on that row, the weights and the path, not
 //! on how many rows share the call: the host splits batches into pieces of
