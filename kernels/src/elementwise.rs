@@ -3,11 +3,11 @@
 //! the CPU has (or the one `LAYER_KERNELS_ISA` forces).
 //!
 //! Each kernel is a plain loop over slices that the compiler vectorizes;
-//! [`vectorized`] runs it inside a function compiled for AVX-512 or AVX2,
+//! `vectorized` runs it inside a function compiled for AVX-512 or AVX2,
 //! so the same source becomes 16- or 8-wide code. The arithmetic is written
 //! so that every path gives the same bits: no fused multiply-adds (Rust
 //! never fuses `a * b + c` on its own) and sums taken over a fixed number
-//! of partial sums, [`LANES`], in a fixed order, whatever the vector width.
+//! of partial sums, `LANES`, in a fixed order, whatever the vector width.
 
 use crate::{Isa, Policy};
 
