@@ -63,9 +63,11 @@ impl Isa {
             .collect()
     }
 
-    /// The fastest path this CPU can run on wide products.
+    /// The fastest path this CPU can run on wide products (found once: every
+    /// product asks).
     pub fn best() -> Isa {
-        Isa::supported()[0]
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| Isa::supported()[0])
     }
 }
 
