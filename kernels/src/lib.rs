@@ -99,10 +99,11 @@ pub fn matmul_on(
         out.fill(0.0);
         return Ok(());
     }
-    // A single row against a row-major matrix: a plain loop beats the
+    // A single row against a matrix whose columns are next to each other
+    // (row-major, or a block of columns of one): a plain loop beats the
     // driver's matrix-vector path (see vector_matrix).
-    if m == 1 {
-        if let (Some(x), Some(w), Some(y)) = (x.as_slice(), w.as_slice(), out.as_slice_mut()) {
+    if m == 1 && (n == 1 || w.strides()[1] == 1) {
+        if let (Some(x), Some(y)) = (x.as_slice(), out.as_slice_mut()) {
             return vector_matrix::row_times_matrix(isa, x, w, y);
         }
     }
@@ -391,6 +392,45 @@ mod tests {
                         same,
                         "{isa}: ({rows},{k},{n}, transposed {transposed}): rows {start}..{end} differ from the whole batch"
                     );
+                }
+            }
+        }
+    }
+
+    /// Splitting the output's columns (as threads could, for batches too
+    /// small to split by rows) must not change a bit either: each element
+    /// is reduced over k in the same order whatever the other columns.
+    #[test]
+    fn column_blocks_match_the_whole_product_bit_for_bit() {
+        for isa in Isa::supported() {
+            for (rows, k, n, transposed) in [
+                (64, 784, 1024, false),
+                (2, 300, 200, true),
+                (1, 784, 1024, false),
+            ] {
+                let x = irregular(rows, k, 7);
+                let w = irregular(k, n, 8);
+                let w_t = w.t().as_standard_layout().to_owned();
+                let weights = if transposed { w_t.t() } else { w.view() };
+                let mut whole = Array2::zeros((rows, n));
+                matmul_on(isa, x.view(), weights, whole.view_mut()).unwrap();
+                for width in [16, 37, 48, 64, 100] {
+                    let mut blocks = Array2::zeros((rows, n));
+                    for start in (0..n).step_by(width) {
+                        let cols = start..(start + width).min(n);
+                        matmul_on(
+                            isa,
+                            x.view(),
+                            weights.slice(s![.., cols.clone()]),
+                            blocks.slice_mut(s![.., cols]),
+                        )
+                        .unwrap();
+                    }
+                    let same = blocks
+                        .iter()
+                        .zip(whole.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa}: ({rows},{k},{n}) in blocks of {width} columns");
                 }
             }
         }

@@ -9,46 +9,68 @@
 
 use crate::elementwise::vectorized;
 use crate::Isa;
+use ndarray::ArrayView2;
 
-/// Rows of `W` per step.
-const ROWS: usize = 4;
-
-/// `y = x · w`, `x` of `k` values, `w` of `k` rows of `y.len()` values,
-/// row-major.
+/// `y = x · w`, `x` of `k` values, `w` of shape `(k, y.len())` with its
+/// columns next to each other (a unit column stride; any row stride, so a
+/// block of columns of a larger weight qualifies and gives the same bits as
+/// the whole).
 pub(crate) fn row_times_matrix(
     isa: Isa,
     x: &[f32],
-    w: &[f32],
+    w: ArrayView2<'_, f32>,
     y: &mut [f32],
 ) -> Result<(), String> {
-    let n = y.len();
-    if w.len() != x.len() * n {
+    let (k, n) = w.dim();
+    if x.len() != k || y.len() != n {
         return Err(format!(
-            "row_times_matrix: {} weights are not {} rows of {n}",
-            w.len(),
-            x.len()
+            "row_times_matrix: {} values times {k} × {n} into {}",
+            x.len(),
+            y.len()
         ));
+    }
+    // Row views of a unit-column-stride matrix are slices; checked once
+    // here rather than per row.
+    if (0..k).any(|p| w.row(p).to_slice().is_none()) {
+        return Err("row_times_matrix: the weight's rows are not contiguous".into());
     }
     vectorized(
         isa,
         #[inline(always)]
-        || {
-            y.fill(0.0);
-            let mut rows = w.chunks_exact(n * ROWS);
-            let mut xs = x.chunks_exact(ROWS);
-            for (block, c) in (&mut rows).zip(&mut xs) {
-                let (r0, rest) = block.split_at(n);
-                let (r1, rest) = rest.split_at(n);
-                let (r2, r3) = rest.split_at(n);
-                for ((((y, &a), &b), &c2), &d) in y.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
-                    *y = *y + c[0] * a + c[1] * b + c[2] * c2 + c[3] * d;
-                }
-            }
-            for (row, &c) in rows.remainder().chunks_exact(n).zip(xs.remainder()) {
-                for (y, &a) in y.iter_mut().zip(row) {
-                    *y += c * a;
-                }
-            }
+        || match w.as_slice() {
+            // Row-major: its rows straight from the slice, no views made.
+            Some(all) if n > 0 => accumulate_rows(x, all.chunks_exact(n), y),
+            _ => accumulate_rows(
+                x,
+                w.rows()
+                    .into_iter()
+                    .map(|r| r.to_slice().unwrap_or_default()),
+                y,
+            ),
         },
     )
+}
+
+/// `y = Σ_p x[p] · row_p`, four rows per pass over `y`, in order of `p`.
+#[inline(always)]
+fn accumulate_rows<'a>(x: &[f32], rows: impl Iterator<Item = &'a [f32]>, y: &mut [f32]) {
+    y.fill(0.0);
+    let mut rows = rows.zip(x);
+    loop {
+        match [rows.next(), rows.next(), rows.next(), rows.next()] {
+            [Some((r0, &c0)), Some((r1, &c1)), Some((r2, &c2)), Some((r3, &c3))] => {
+                for ((((y, &a), &b), &c), &d) in y.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+                    *y = *y + c0 * a + c1 * b + c2 * c + c3 * d;
+                }
+            }
+            rest => {
+                for (row, c) in rest.into_iter().flatten() {
+                    for (y, &a) in y.iter_mut().zip(row) {
+                        *y += c * a;
+                    }
+                }
+                return;
+            }
+        }
+    }
 }
