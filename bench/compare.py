@@ -1,13 +1,26 @@
 """Runs the same models with the same weights in ONNX Runtime, numpy and
 `host bench`, in one go, and prints time-per-forward ratios.
 
-    pip install numpy safetensors onnx onnxruntime
+    pip install numpy safetensors onnx onnxruntime threadpoolctl
     cargo build --release
     python3 bench/compare.py [--threads 1 2] [--min-time 1.0]
+        [--isa auto avx2] [--baseline OLD/host] [--repeat 3]
 
 Optional, not run by CI. Ratios are host time / other time: below 1 means
 the host is faster. Measured in one run, so they compare like with like on
 a shared, noisy machine; absolute times from different runs do not.
+
+It prints the CPU (model, family, the vector features that matter) and the
+matrix-kernel path each host run took, as the kernels report it
+(LAYER_KERNELS_REPORT=1). `--isa` times the host once per kernel path
+(`auto` is the best the CPU has; `avx2` forces AVX2 on an AVX-512 CPU),
+`--baseline` also times another build of the host (for before/after in the
+same run), and `--repeat` runs the host variants that many times in turn
+and keeps each one's median.
+
+numpy's OpenBLAS may be slowed on purpose by OPENBLAS_CORETYPE or
+OPENBLAS_L2_SIZE in the environment; for a fair sgemm figure run this
+script with both unset (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`).
 """
 import argparse
 import json
@@ -83,13 +96,63 @@ def numpy_forward(dims, params, centered):
     return forward
 
 
-def host_bench(model_json, params_file, batch, features, threads, min_time):
-    cmd = [str(HOST), "bench", str(model_json), "--batch", str(batch), "--features", str(features),
-           "--threads", str(threads), "--min-time", str(min_time), "--json"]
-    if params_file:
-        cmd += ["--params", str(params_file)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out)
+# The features that decide which matrix kernels can run, as /proc/cpuinfo
+# spells them.
+VECTOR_FLAGS = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile"]
+
+
+def cpu_description():
+    """The CPU's model name, family/model and the vector features present."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown CPU (no /proc/cpuinfo)"
+    flags = set(info.get("flags", "").split())
+    present = [f for f in VECTOR_FLAGS if f in flags]
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')}), {os.cpu_count()} logical CPUs; "
+            f"vector features: {' '.join(present) or 'none of ' + ' '.join(VECTOR_FLAGS)}")
+
+
+class HostVariant:
+    """One host binary and kernel path to time: the same build with
+    LAYER_KERNELS_ISA set, or another build (an older commit)."""
+
+    def __init__(self, label, host, isa):
+        self.label, self.host, self.isa = label, host, isa
+        self.paths = set()  # kernel paths the runs reported
+
+    def bench(self, model_json, params_file, batch, features, threads, min_time):
+        cmd = [str(self.host), "bench", str(model_json), "--batch", str(batch), "--features",
+               str(features), "--threads", str(threads), "--min-time", str(min_time), "--json"]
+        if params_file:
+            cmd += ["--params", str(params_file)]
+        env = dict(os.environ, LAYER_KERNELS_REPORT="1")
+        env.pop("LAYER_KERNELS_ISA", None)
+        if self.isa != "auto":
+            env["LAYER_KERNELS_ISA"] = self.isa
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
+        for line in run.stderr.splitlines():
+            if line.startswith("layer-kernels: matmul runs on "):
+                self.paths.add(line.split()[4])
+        return json.loads(run.stdout)
+
+
+def host_benches(variants, repeat, *args):
+    """Each variant's report with the median time of `repeat` runs, the
+    variants run in turn so that each sees the same machine."""
+    runs = {v.label: [] for v in variants}
+    for _ in range(repeat):
+        for v in variants:
+            runs[v.label].append(v.bench(*args))
+    return {label: sorted(reports, key=lambda r: r["seconds"])[len(reports) // 2]
+            for label, reports in runs.items()}
 
 
 def mlp_model(dims, centered):
@@ -104,16 +167,34 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--isa", nargs="+", default=["auto"],
+                    help="kernel paths to time the host on: auto (the best the CPU has), "
+                         "avx512, avx2, baseline; the first one is compared with the others")
+    ap.add_argument("--baseline", type=Path,
+                    help="another build's host binary (its plugins beside it), timed in the same "
+                         "run on the CPU's best path")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each host variant per row, in turn; the median is kept")
     args = ap.parse_args()
     if not HOST.exists():
         sys.exit(f"{HOST} not found: run `cargo build --release` first")
     import onnxruntime as ort
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    variants = [HostVariant("host" if i == 0 else isa, HOST, isa) for i, isa in enumerate(args.isa)]
+    if args.baseline:
+        variants.append(HostVariant("base", args.baseline, "auto"))
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="layer-bench-"))
+    print(f"CPU: {cpu_description()}")
     print(f"onnxruntime {ort.__version__}, numpy {np.__version__}, "
           f"BLAS {[i.get('internal_api') + ' ' + str(i.get('architecture')) for i in threadpool_info()]}")
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in os.environ:
+            print(f"note: {var}={os.environ[var]} is set and may slow numpy's OpenBLAS")
+    print("host variants: " + "; ".join(
+        f"{v.label} = {v.host}" + ("" if v.isa == "auto" else f" with LAYER_KERNELS_ISA={v.isa}")
+        for v in variants))
 
     # The machine's sgemm rate, through numpy's BLAS on float32.
     a = rng.random((4096, 784), dtype=np.float32)
@@ -123,8 +204,11 @@ def main():
             t = timed(lambda: a @ b, args.min_time)
         print(f"numpy sgemm 4096x784x1024, {threads} thread(s): {2 * 4096 * 784 * 1024 / t / 1e9:.1f} GFLOP/s")
 
+    extra = variants[1:]
     print(f"{'model':32s} {'batch':>5s} {'thr':>3s} {'host us':>10s} {'ort us':>10s} {'numpy us':>10s}"
-          f" {'host/ort':>8s} {'host/np':>8s} {'host GF/s':>9s}")
+          f" {'host/ort':>8s} {'host/np':>8s} {'host GF/s':>9s}"
+          + "".join(f" {v.label + ' us':>10s} {v.label + '/ort':>9s} {'host/' + v.label:>9s}"
+                    for v in extra))
     for name, dims, centered in [("seed-mlp 64-8-1", [64, 8, 1], False),
                                  ("mlp 784-1024-1024-10 +centered", [784, 1024, 1024, 10], True)]:
         params = dense_weights(dims, rng)
@@ -140,11 +224,16 @@ def main():
                 t_ort = timed(lambda: session.run(None, {"x": x}), args.min_time)
                 with threadpool_limits(threads):
                     t_np = timed(lambda: np_forward(x), args.min_time)
-                report = host_bench(model_json, params_file, batch, dims[0], threads, args.min_time)
+                reports = host_benches(variants, args.repeat, model_json, params_file, batch,
+                                       dims[0], threads, args.min_time)
+                report = reports["host"]
                 t_host = report["seconds"]
                 print(f"{name:32s} {batch:5d} {threads:3d} {t_host * 1e6:10.1f} {t_ort * 1e6:10.1f} "
                       f"{t_np * 1e6:10.1f} {t_host / t_ort:8.3f} {t_host / t_np:8.3f} "
-                      f"{report['flops'] / t_host / 1e9:9.2f}")
+                      f"{report['flops'] / t_host / 1e9:9.2f}"
+                      + "".join(f" {reports[v.label]['seconds'] * 1e6:10.1f}"
+                                f" {reports[v.label]['seconds'] / t_ort:9.3f}"
+                                f" {t_host / reports[v.label]['seconds']:9.3f}" for v in extra))
                 for layer in report["layers"]:
                     if layer["flops"] and batch == 4096 and layer["plugin"] == "mydense":
                         print(f"{'':34s}layer {layer['name']} ({layer['plugin']}): "
@@ -172,10 +261,14 @@ def main():
         for threads in args.threads:
             with threadpool_limits(threads):
                 t_np = timed(lambda: np_fn(x), args.min_time)
-            report = host_bench(model_json, params_file, 4096, features, threads, args.min_time)
+            report = variants[0].bench(model_json, params_file, 4096, features, threads,
+                                       args.min_time)
             t_host = report["seconds"]
             print(f"{name:32s} {4096:5d} {threads:3d} {t_host * 1e6:10.1f} {t_np * 1e6:10.1f} "
                   f"{t_host / t_np:8.3f}")
+
+    for v in variants:
+        print(f"matrix kernels that ran in {v.label}: {', '.join(sorted(v.paths)) or 'not reported'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 //! each vector `x` along the last axis becomes
 //! `(x - mean(x)) / √(var(x) + eps) · weight + bias`, with the biased
 //! variance (divided by the axis' size, as PyTorch). The mean and the
-//! variance are computed in `f64`, in two passes. Any leading axes are kept.
+//! variance are computed in `f64`, in two passes, and the rest in `f64`,
+//! vectorized (`layer_kernels::elementwise::layer_norm`). Any leading axes
+//! are kept.
 //!
 //! Config:
 //!
@@ -21,10 +23,11 @@
 //! | `weight` | `(normalized_shape,)` | `ones` | when `elementwise_affine` |
 //! | `bias` | `(normalized_shape,)` | `zeros` | when `elementwise_affine` and `bias` |
 
-use layer_api::ndarray::{Axis, Ix1};
+use layer_api::ndarray::Ix1;
 use layer_api::{
     export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
 };
+use layer_kernels::elementwise::layer_norm;
 use serde::Deserialize;
 
 /// `64` or `[64]`.
@@ -138,28 +141,19 @@ impl Layer for LayerNorm {
             .then(|| params.get::<Ix1>("weight"))
             .transpose()?;
         let bias = self.bias.then(|| params.get::<Ix1>("bias")).transpose()?;
-        let last = Axis(input.ndim() - 1);
-        let n = self.features as f64;
-        for (x, mut y) in input.lanes(last).into_iter().zip(output.lanes_mut(last)) {
-            let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-            let var = x
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / n;
-            let scale = 1.0 / (var + self.eps).sqrt();
-            for (i, (y, &x)) in y.iter_mut().zip(&x).enumerate() {
-                let mut v = (f64::from(x) - mean) * scale;
-                if let Some(w) = &weight {
-                    v *= f64::from(w[i]);
-                }
-                if let Some(b) = &bias {
-                    v += f64::from(b[i]);
-                }
-                *y = v as f32;
-            }
-        }
-        Ok(())
+        let contiguous = "layernorm needs contiguous tensors (standard layout)";
+        let weight = weight
+            .as_ref()
+            .map(|w| w.as_slice().ok_or(contiguous))
+            .transpose()?;
+        let bias = bias
+            .as_ref()
+            .map(|b| b.as_slice().ok_or(contiguous))
+            .transpose()?;
+        let input = input.as_standard_layout();
+        let x = input.as_slice().ok_or(contiguous)?;
+        let y = output.as_slice_mut().ok_or(contiguous)?;
+        layer_norm(x, y, self.features, weight, bias, self.eps)
     }
 }
 

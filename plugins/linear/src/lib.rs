@@ -4,7 +4,8 @@
 //! does, so a `state_dict` of `nn.Sequential(nn.Linear(…), …)` saved with
 //! safetensors loads as it is. The last input axis holds the features; any
 //! leading axes are kept. `in_features` may be left out of the config and is
-//! then taken from the input.
+//! then taken from the input. `prepare` stores `Wᵀ` once per parameter set,
+//! in the layout the matrix kernels read without repacking.
 //!
 //! Parameters and their default initializers, PyTorch's; a model file may
 //! override either with `"init"`:
@@ -16,9 +17,10 @@
 
 use layer_api::{
     export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec,
-    Params,
+    Params, Prepared,
 };
-use ndarray::{Axis, Ix1, Ix2};
+use layer_kernels::elementwise::add_bias;
+use ndarray::{Array2, Ix1, Ix2};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +52,15 @@ impl Linear {
         last_axis_features(input_shape, self.in_features, "in_features")
     }
 }
+
+/// What `prepare` derives from the weight: `Wᵀ`, stored `(in_features,
+/// out_features)` row-major, which the matrix kernels read in place.
+/// PyTorch's `(out_features, in_features)` layout, viewed transposed, makes
+/// them repack the whole weight on every call: on a Zen 4 EPYC, one thread,
+/// 784 → 1024 ran at 90 GFLOP/s instead of 105 at 64 rows, and at 12
+/// instead of 44 at 2 rows. The same products, so the same bits (a single
+/// row, computed as a matrix-vector product, may round differently).
+struct TransposedWeight(Array2<f32>);
 
 impl Layer for Linear {
     const DESCRIPTION: &'static str =
@@ -116,14 +127,40 @@ impl Layer for Linear {
         (2 * rows * in_features * self.out_features + bias) as u64
     }
 
+    fn prepare(
+        &self,
+        input_shape: &[usize],
+        params: &Params<'_>,
+    ) -> Result<Option<Prepared>, String> {
+        let in_features = self.in_features(input_shape)?;
+        let weight = params.get::<Ix2>("weight")?;
+        let expected = (self.out_features, in_features);
+        if weight.dim() != expected {
+            return Err(format!(
+                "parameter `weight` has shape {:?}, not {expected:?}",
+                weight.shape()
+            ));
+        }
+        Ok(Some(Box::new(TransposedWeight(
+            weight.t().as_standard_layout().into_owned(),
+        ))))
+    }
+
     fn forward(
         &self,
         input: ArrayViewD<'_, f32>,
         params: &Params<'_>,
         output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String> {
-        let weight = params.get::<Ix2>("weight")?;
-        let in_features = weight.ncols();
+        let TransposedWeight(weight_t) = params.prepared::<TransposedWeight>()?;
+        let in_features = weight_t.nrows();
+        if input.shape().last() != Some(&in_features) {
+            return Err(format!(
+                "the weight was prepared for {in_features} input features, but the input has \
+                 shape {:?}",
+                input.shape()
+            ));
+        }
         // The leading axes, not len / in_features: an input with no
         // features still has its rows.
         let rows: usize = input.shape()[..input.ndim().saturating_sub(1)]
@@ -135,12 +172,14 @@ impl Layer for Linear {
         let mut y = output
             .into_shape_with_order((rows, self.out_features))
             .map_err(|e| format!("output as ({rows}, {}): {e}", self.out_features))?;
-        layer_kernels::matmul(x, weight.t(), y.view_mut())?;
+        layer_kernels::matmul(x, weight_t.view(), y.view_mut())?;
         if self.bias {
             let bias = params.get::<Ix1>("bias")?;
-            for mut row in y.axis_iter_mut(Axis(0)) {
-                row += &bias;
-            }
+            let y = y
+                .as_slice_mut()
+                .ok_or("the host lent an output that is not contiguous")?;
+            let bias = bias.as_slice().ok_or("the bias is not contiguous")?;
+            add_bias(y, bias)?;
         }
         Ok(())
     }

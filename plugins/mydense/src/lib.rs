@@ -16,7 +16,8 @@
 use layer_api::{
     export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
 };
-use ndarray::{Axis, Ix1, Ix2};
+use layer_kernels::elementwise::add_bias_relu;
+use ndarray::{Ix1, Ix2};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -27,18 +28,6 @@ pub struct MyDenseConfig {
     /// Number of input features; inferred from the input when absent.
     #[serde(default)]
     pub in_units: Option<usize>,
-}
-
-/// `max(x, 0)` with NaN kept, as torch's `relu(NaN)` is NaN (`f32::max`
-/// would return 0): `NaN <= 0` is false, so a NaN is returned as it is. One
-/// compare and a select, as cheap as `max`.
-#[inline]
-fn relu(x: f32) -> f32 {
-    if x <= 0.0 {
-        0.0
-    } else {
-        x
-    }
 }
 
 pub struct MyDense {
@@ -120,10 +109,11 @@ impl Layer for MyDense {
             .into_shape_with_order((rows, self.units))
             .map_err(|e| format!("output as ({rows}, {}): {e}", self.units))?;
         layer_kernels::matmul(x, weight, y.view_mut())?;
-        for mut row in y.axis_iter_mut(Axis(0)) {
-            row.zip_mut_with(&bias, |v, &b| *v = relu(*v + b));
-        }
-        Ok(())
+        let y = y
+            .as_slice_mut()
+            .ok_or("the host lent an output that is not contiguous")?;
+        let bias = bias.as_slice().ok_or("the bias is not contiguous")?;
+        add_bias_relu(y, bias)
     }
 }
 

@@ -1,22 +1,14 @@
 //! `relu`: `y = max(x, 0)` element by element, as `torch.nn.ReLU()` (and
 //! `torch.relu`). A NaN stays NaN, as in PyTorch, rather than becoming 0.
-//! Any input shape, the output has the same.
+//! Any input shape, the output has the same. Vectorized
+//! (`layer_kernels::elementwise::relu`).
 //!
 //! Config: none (`{}`). Parameters: none.
 
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params};
+use layer_kernels::elementwise::relu;
 
 pub struct Relu;
-
-/// `max(x, 0)`, NaN propagated: `NaN <= 0` is false, so a NaN is returned
-/// as it is.
-fn relu(x: f32) -> f32 {
-    if x <= 0.0 {
-        0.0
-    } else {
-        x
-    }
-}
 
 impl Layer for Relu {
     const DESCRIPTION: &'static str = "y = max(x, 0), NaN kept, as torch.nn.ReLU";
@@ -44,8 +36,14 @@ impl Layer for Relu {
         _params: &Params<'_>,
         mut output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String> {
-        output.zip_mut_with(&input, |y, &x| *y = relu(x));
-        Ok(())
+        match (input.as_slice(), output.as_slice_mut()) {
+            (Some(x), Some(y)) => relu(x, y),
+            // Not what the host lends, but a view may be strided.
+            _ => {
+                output.zip_mut_with(&input, |y, &x| *y = if x <= 0.0 { 0.0 } else { x });
+                Ok(())
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! `softmax`: `y = exp(x - max) / Σ exp(x - max)` along one axis, as
 //! `torch.nn.Softmax(dim)`: every vector along that axis becomes positive
 //! values summing to 1. Subtracting the vector's maximum keeps `exp` from
-//! overflowing; `exp` and the sum are computed in `f64`. Any input shape of
+//! overflowing; `exp` and the sum are computed in `f64`, vectorized
+//! (`layer_kernels::elementwise::softmax`). Any input shape of
 //! rank 1 or more; the output has the same.
 //!
 //! Config: `dim` (required, as PyTorch recommends), the axis: `0` is the
@@ -21,8 +22,9 @@
 //! A NaN in a vector makes all of it NaN, and a vector of only `-∞` gives
 //! NaN, as in PyTorch.
 
-use layer_api::ndarray::{ArrayView1, ArrayViewMut1, Axis, Zip};
+use layer_api::ndarray::{Axis, Zip};
 use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, Params};
+use layer_kernels::elementwise::softmax;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -59,14 +61,6 @@ impl Softmax {
 }
 
 /// Softmax of one vector `x` into `y`.
-fn softmax(x: ArrayView1<'_, f32>, mut y: ArrayViewMut1<'_, f32>) {
-    // f32::max skips NaNs, but a NaN in `x` makes its exp, the sum, and so
-    // every output NaN anyway.
-    let max = f64::from(x.fold(f32::NEG_INFINITY, |m, &v| m.max(v)));
-    let sum: f64 = x.iter().map(|&v| (f64::from(v) - max).exp()).sum();
-    y.zip_mut_with(&x, |y, &v| *y = ((f64::from(v) - max).exp() / sum) as f32);
-}
-
 impl Layer for Softmax {
     const DESCRIPTION: &'static str =
         "y = exp(x - max) / Σ exp(x - max) along axis `dim`, as torch.nn.Softmax";
@@ -99,11 +93,30 @@ impl Layer for Softmax {
         _params: &Params<'_>,
         mut output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String> {
-        let axis = Axis(self.axis(input.ndim())?);
-        Zip::from(input.lanes(axis))
-            .and(output.lanes_mut(axis))
-            .for_each(softmax);
-        Ok(())
+        let axis = self.axis(input.ndim())?;
+        let len = input.shape()[axis];
+        if input.is_empty() {
+            return Ok(());
+        }
+        if axis + 1 == input.ndim() {
+            if let (Some(x), Some(y)) = (input.as_slice(), output.as_slice_mut()) {
+                return softmax(x, y, len);
+            }
+        }
+        // Along another axis (or, against the host's promise, strided
+        // tensors): one vector at a time, through contiguous copies.
+        let (mut x, mut y) = (vec![0.0f32; len], vec![0.0f32; len]);
+        let mut result = Ok(());
+        Zip::from(input.lanes(Axis(axis)))
+            .and(output.lanes_mut(Axis(axis)))
+            .for_each(|lane_x, mut lane_y| {
+                if result.is_ok() {
+                    x.iter_mut().zip(lane_x).for_each(|(x, &v)| *x = v);
+                    result = softmax(&x, &mut y, len);
+                    lane_y.iter_mut().zip(&y).for_each(|(out, &v)| *out = v);
+                }
+            });
+        result
     }
 }
 
