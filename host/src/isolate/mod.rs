@@ -248,7 +248,7 @@ impl Worker {
         during: &str,
     ) -> Result<Reply, CallError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.call(request, fds, during)
+        state.call(request, fds, during, true)
     }
 
     /// Runs `forward` in the worker: copies the inputs into the shared
@@ -269,6 +269,9 @@ impl Worker {
         mode: CallMode,
     ) -> Result<(), CallError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // The run's threads copy large tensors in and out, while the
+        // worker waits (as many as the call's pieces: `--threads` at most).
+        let ways = pieces.len().max(1);
         let mut offset = 0;
         let in_slots: Vec<Option<Slot>> = inputs
             .iter()
@@ -318,7 +321,7 @@ impl Worker {
             let region = state.input.as_mut().expect("made above").bytes_mut();
             for (slot, input) in in_slots.iter().zip(inputs) {
                 if let (Some(slot), Some(v)) = (slot, input) {
-                    region[slot.bytes.clone()].copy_from_slice(v.bytes);
+                    copy(&mut region[slot.bytes.clone()], v.bytes, ways);
                 }
             }
         }
@@ -348,6 +351,9 @@ impl Worker {
                 .map_err(region_error)?;
             fds.push(fd);
         }
+        // While the worker runs pieces on every core, polling for its
+        // answer would take a core from it.
+        let spin = pieces.len() <= 1;
         let request = Request::Forward {
             layer,
             prepared,
@@ -359,13 +365,13 @@ impl Worker {
             new_output_region: new_output,
         };
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        match state.call(&request, &borrowed, "forward")? {
+        match state.call(&request, &borrowed, "forward", spin)? {
             Reply::Done => {}
             other => return Err(unexpected(other)),
         }
         let region = state.output.as_ref().expect("made above").bytes();
         for (slot, (_, _, out)) in out_slots.iter().zip(outputs.iter_mut()) {
-            out.copy_from_slice(&region[slot.bytes.clone()]);
+            copy(out, &region[slot.bytes.clone()], ways);
         }
         Ok(())
     }
@@ -409,6 +415,23 @@ impl Worker {
     }
 }
 
+/// Tensors smaller than this are copied on one thread.
+const PARALLEL_COPY_BYTES: usize = 4 << 20;
+
+/// `dst.copy_from_slice(src)`, on up to `ways` threads for large tensors.
+fn copy(dst: &mut [u8], src: &[u8], ways: usize) {
+    if ways < 2 || src.len() < PARALLEL_COPY_BYTES {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let chunk = src.len().div_ceil(ways).next_multiple_of(shm::ALIGN);
+    std::thread::scope(|scope| {
+        for (d, s) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            scope.spawn(move || d.copy_from_slice(s));
+        }
+    });
+}
+
 /// An answer of the wrong kind: the worker is not the host's own code
 /// running as expected.
 pub fn unexpected(reply: Reply) -> CallError {
@@ -437,11 +460,14 @@ fn reply_kind(reply: &Reply) -> &'static str {
 }
 
 impl State {
+    /// One request and its answer; with `spin`, the answer is polled for a
+    /// moment before the host sleeps waiting for it.
     fn call(
         &mut self,
         request: &Request,
         fds: &[BorrowedFd<'_>],
         during: &str,
+        spin: bool,
     ) -> Result<Reply, CallError> {
         if let Some(dead) = &self.dead {
             return Err(match dead {
@@ -457,11 +483,15 @@ impl State {
         // closed socket), or something the host killed it for.
         let killed_for = match protocol::send(conn.socket.as_fd(), request, fds) {
             Err(_) => None,
-            // Without a timeout, the read itself waits: one system call
-            // fewer per call.
-            Ok(()) => match self.timeout.map_or(Ok(true), |t| {
-                protocol::readable(conn.socket.as_fd(), Some(t))
-            }) {
+            // A short call's answer is caught while polling; without a
+            // timeout, the read itself waits after that.
+            Ok(()) => match match (
+                spin && protocol::spin_until_readable(conn.socket.as_fd()),
+                self.timeout,
+            ) {
+                (true, _) | (false, None) => Ok(true),
+                (false, Some(t)) => protocol::readable(conn.socket.as_fd(), Some(t)),
+            } {
                 Ok(true) => match protocol::receive::<Reply>(conn.socket.as_fd()) {
                     Ok(Some((Reply::Failed { panicked, message }, _))) => {
                         return Err(CallError::Layer { panicked, message })

@@ -282,6 +282,28 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
     Ok(Some((message, fds)))
 }
 
+/// How long a side polls for the other's message before it sleeps in the
+/// kernel. An idle core that sleeps takes tens of microseconds to wake (on
+/// the 2-core development VM, 45 us per call, against 14 us when the
+/// cores stayed busy), more than a small layer's whole call; polling this
+/// long costs at most this much of a core per call.
+pub const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Polls `fd` for up to [`SPIN`] without sleeping; true once it has
+/// something to read (or was closed).
+pub fn spin_until_readable(fd: BorrowedFd<'_>) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if readable(fd, Some(std::time::Duration::ZERO)).unwrap_or(true) {
+            return true;
+        }
+        if started.elapsed() >= SPIN {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Whether `fd` has something to read within `timeout` (`None`: wait as
 /// long as it takes).
 pub fn readable(fd: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> std::io::Result<bool> {
