@@ -170,6 +170,26 @@ def test_params_are_the_files_tensors_as_copies():
         assert np.array_equal(params[name], values)
     params["0.weight"][:] = 0
     assert np.array_equal(m.params((2, 64))["0.weight"], stored["0.weight"])
+    # Shapes that depend on the input are taken from the file, as `host
+    # params` does without --input-shape.
+    assert all(np.array_equal(m.params()[k], v) for k, v in stored.items())
+
+
+def test_a_graph_models_params_are_its_state_dict():
+    params = layerhost.Model(MODELS / "encoder.json").params()
+    stored = read_safetensors(MODELS / "encoder.safetensors")
+    assert sorted(params) == sorted(stored)
+    for name, values in stored.items():
+        assert np.array_equal(params[name], values), name
+
+
+def test_params_whose_shape_depends_on_an_unknown_input_are_refused():
+    m = layerhost.Model(MODELS / "dense-centered.json")
+    with pytest.raises(layerhost.ParamsError) as err:
+        m.params()
+    expected = host_error("params", MODELS / "dense-centered.json")
+    assert str(err.value) == expected
+    assert m.params((3, 64))["0.weight"].shape == (64, 128)
 
 
 def test_initialized_params_are_what_host_params_prints(tmp_path):
