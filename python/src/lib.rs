@@ -2,8 +2,9 @@
 //! extension module. The `layerhost` package (python/layerhost) wraps it in
 //! the API users see; this crate only moves values across: numpy arrays in
 //! (lent without a copy where they already are what the model takes),
-//! numpy arrays out (handed over without a copy), host errors as the
-//! package's exception classes. The GIL is released while a model runs.
+//! numpy arrays out (the host's owned arrays, handed over without another
+//! copy), host errors as the package's exception classes. The GIL is
+//! released while a model loads and runs.
 
 use std::path::PathBuf;
 use std::time::Duration;
