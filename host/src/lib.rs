@@ -17,6 +17,7 @@ pub mod binding;
 pub mod budget;
 pub mod commands;
 pub mod conformance;
+pub mod embed;
 pub mod error;
 pub mod graph;
 pub mod inspect;
