@@ -486,7 +486,7 @@ impl State {
             // A short call's answer is caught while polling; without a
             // timeout, the read itself waits after that.
             Ok(()) => match match (
-                spin && protocol::spin_until_readable(conn.socket.as_fd()),
+                spin && protocol::spin_until_readable(conn.socket.as_fd(), protocol::SPIN),
                 self.timeout,
             ) {
                 (true, _) | (false, None) => Ok(true),

@@ -289,15 +289,21 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
 /// long costs at most this much of a core per call.
 pub const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
-/// Polls `fd` for up to [`SPIN`] without sleeping; true once it has
+/// How long a worker polls for the next request, after a call that was
+/// shorter than this on one thread: long enough for a host that goes
+/// straight on to its next call, short enough that an idle worker takes
+/// little from a busy one.
+pub const WORKER_SPIN: std::time::Duration = std::time::Duration::from_micros(30);
+
+/// Polls `fd` for up to `limit` without sleeping; true once it has
 /// something to read (or was closed).
-pub fn spin_until_readable(fd: BorrowedFd<'_>) -> bool {
+pub fn spin_until_readable(fd: BorrowedFd<'_>, limit: std::time::Duration) -> bool {
     let started = std::time::Instant::now();
     loop {
         if readable(fd, Some(std::time::Duration::ZERO)).unwrap_or(true) {
             return true;
         }
-        if started.elapsed() >= SPIN {
+        if started.elapsed() >= limit {
             return false;
         }
         std::hint::spin_loop();

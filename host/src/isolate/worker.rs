@@ -110,7 +110,16 @@ pub fn main() -> i32 {
         output: None,
         pool: None,
     };
+    // Whether this worker is in a run of short calls on one thread that
+    // follow each other at once (a small batch through its layers): then
+    // the next request is polled for before sleeping. A worker whose calls
+    // are far apart sleeps at once, and takes nothing from a busy one.
+    let mut latency_bound = false;
+    let mut replied_at: Option<std::time::Instant> = None;
     loop {
+        if latency_bound {
+            protocol::spin_until_readable(socket, protocol::WORKER_SPIN);
+        }
         let (request, fds) = match protocol::receive::<Request>(socket) {
             Ok(Some(got)) => got,
             // The host closed the socket: its run is over.
@@ -120,10 +129,18 @@ pub fn main() -> i32 {
                 return 2;
             }
         };
+        let one_thread = match &request {
+            Request::Forward { pieces, .. } => pieces.len() <= 1,
+            _ => true,
+        };
+        let started = std::time::Instant::now();
+        let chained = replied_at.is_some_and(|t| started - t < protocol::SPIN);
         let reply = worker.serve(request, fds);
+        latency_bound = one_thread && chained && started.elapsed() < protocol::WORKER_SPIN;
         if protocol::send(socket, &reply, &[]).is_err() {
             return 0;
         }
+        replied_at = Some(std::time::Instant::now());
     }
 }
 
