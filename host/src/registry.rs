@@ -789,15 +789,23 @@ fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginE
             ),
         });
     }
-    check_layout_compatibility(abi::CORE_LAYOUT, table.core_layout()).map_err(|errors| {
-        let detail = errors.to_string();
-        let summary = layout_summary(&detail);
-        PluginError::Layout {
-            path: path.to_path_buf(),
-            summary,
-            detail,
-        }
-    })?;
+    // A plugin built against layer-api 1.0, when the core types were
+    // defined in layer-api rather than layer-abi, describes the same layout
+    // under that package's name: accepted as well.
+    check_layout_compatibility(abi::CORE_LAYOUT, table.core_layout())
+        .or_else(|errors| {
+            check_layout_compatibility(layer_api::core_1_0::CORE_LAYOUT, table.core_layout())
+                .map_err(|_| errors)
+        })
+        .map_err(|errors| {
+            let detail = errors.to_string();
+            let summary = layout_summary(&detail);
+            PluginError::Layout {
+                path: path.to_path_buf(),
+                summary,
+                detail,
+            }
+        })?;
     Ok(LoadedPlugin {
         path: path.to_path_buf(),
         name: manifest.name.clone(),

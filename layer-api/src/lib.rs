@@ -52,6 +52,8 @@
 pub use layer_abi::abi;
 mod adapter;
 mod authoring;
+#[doc(hidden)]
+pub mod core_1_0;
 mod init;
 /// The plugin manifest (the `layer-abi` crate): for hosts.
 pub use layer_abi::manifest;

@@ -48,13 +48,11 @@
 //! export_layer!(Negate);
 //! ```
 
-/// The binary interface (the `layer-abi` crate): for hosts.
-pub use layer_abi::abi;
+pub mod abi;
 mod adapter;
 mod authoring;
 mod init;
-/// The plugin manifest (the `layer-abi` crate): for hosts.
-pub use layer_abi::manifest;
+pub mod manifest;
 pub mod testing;
 
 pub use abi::DType;
@@ -76,8 +74,7 @@ pub use half;
 
 /// The version of this crate, recorded in each plugin's manifest for
 /// information. Compatibility is decided by the interface version
-/// ([`abi::ABI_MAJOR`], [`abi::ABI_MINOR`]), which is `layer-abi`'s, not by
-/// this.
+/// ([`abi::ABI_MAJOR`], [`abi::ABI_MINOR`]), not by this.
 pub const LAYER_API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the export macro expands to; not part of the public API.

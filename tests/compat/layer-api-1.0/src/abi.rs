@@ -203,7 +203,7 @@ pub struct ParamDecl {
     /// Fan-in and fan-out, for the Xavier and Kaiming initializers.
     pub fan_in: usize,
     pub fan_out: usize,
-    /// The default initializer, as the JSON form of layer-api's `Init`
+    /// The default initializer, as the JSON form of [`crate::Init`]
     /// (the same text a model file uses to override it).
     pub init: RString,
 }
