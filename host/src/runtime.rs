@@ -870,6 +870,64 @@ impl ModelLayer {
         .map_err(|e| self.error(e))
     }
 
+    /// Whether the layer can be trained through: its plugin offers
+    /// `backward` (interface 1.2) and it runs in the host's process.
+    pub fn has_backward(&self) -> bool {
+        match &self.link {
+            Link::InProcess { plugin, .. } => plugin.table.backward().is_some(),
+            Link::Isolated { .. } => false,
+        }
+    }
+
+    /// One in-process `backward` call: the gradients of the `forward` call
+    /// that was given `inputs`, `params` and `prepared` and wrote `outputs`,
+    /// for `output_grads`; see [`layer_api::abi::PluginTable::backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn call_backward(
+        &self,
+        prepared: Prepared,
+        inputs: &[TensorRef<'_>],
+        params: &[ParamRef<'_>],
+        outputs: &[TensorRef<'_>],
+        output_grads: &[TensorRef<'_>],
+        input_grads: &mut [TensorMut<'_>],
+        param_grads: &mut [TensorMut<'_>],
+    ) -> Result<(), Error> {
+        let (Link::InProcess { plugin, handle }, Prepared::InProcess(prepared)) =
+            (&self.link, prepared)
+        else {
+            return Err(self.plain_error(
+                "runs in a worker process; training runs layers in the host's process \
+                 (leave out --isolate and the model's \"isolate\")"
+                    .to_string(),
+            ));
+        };
+        let Some(backward) = plugin.table.backward() else {
+            return Err(self.plain_error(format!(
+                "plugin '{}' {} offers no backward (it is forward-only)",
+                self.plugin.name, self.plugin.version
+            )));
+        };
+        let guard = handle.read().unwrap_or_else(|p| p.into_inner());
+        let Some(handle) = guard.as_ref() else {
+            return Err(
+                self.plain_error("was used after it was closed (a bug in the host)".to_string())
+            );
+        };
+        backward(
+            handle,
+            prepared,
+            RSlice::from_slice(inputs),
+            RSlice::from_slice(params),
+            RSlice::from_slice(outputs),
+            RSlice::from_slice(output_grads),
+            RSliceMut::from_mut_slice(input_grads),
+            RSliceMut::from_mut_slice(param_grads),
+        )
+        .into_result()
+        .map_err(|e| self.error(e))
+    }
+
     /// One `forward` call of an isolated layer, run in its worker (`pieces`
     /// on the worker's threads); the worker uses the parameters it was
     /// given with `prepared`. `mode`: see [`Worker::forward`].

@@ -40,8 +40,9 @@ use abi_stable::{
 /// The interface's major version: plugins and host must agree on it.
 pub const ABI_MAJOR: u32 = 1;
 /// The interface's minor version as this copy of layer-api defines it.
-/// 1.0: the core; 1.1: `flops`, `prepare` and `drop_prepared`.
-pub const ABI_MINOR: u32 = 1;
+/// 1.0: the core; 1.1: `flops`, `prepare` and `drop_prepared`; 1.2:
+/// `backward`.
+pub const ABI_MINOR: u32 = 2;
 
 /// The abi_stable release series whose layout descriptions
 /// (`core_layout`) the table carries. A host reads a plugin's description
@@ -372,7 +373,33 @@ pub struct PluginTable {
     pub drop_prepared: Option<
         extern "C" fn(layer: &LayerHandle, prepared: PreparedHandle) -> RResult<(), LayerError>,
     >,
+
+    // ---- 1.2 ----
+    /// The gradients of one `forward`: given what that call was given and
+    /// wrote (`inputs`, `params`, `prepared`, `outputs`) and the gradient of
+    /// a scalar loss with respect to each output (`output_grads`, one per
+    /// output, shaped and typed as it; [`DType::ABSENT`] for an output that
+    /// is not a float), writes the gradient with respect to each input
+    /// (`input_grads`, one per input, of the input's shape and type) and
+    /// each parameter (`param_grads`, in the plan's order, `float32`). A
+    /// gradient the host does not want (an integer input, data, a frozen
+    /// parameter) has [`DType::ABSENT`] and no data. Every gradient buffer
+    /// starts at zero: a layer may add into it or write it whole (an
+    /// embedding writes only the rows it read).
+    pub backward: Option<BackwardFn>,
 }
+
+/// The type of [`PluginTable::backward`].
+pub type BackwardFn = extern "C" fn(
+    layer: &LayerHandle,
+    prepared: PreparedHandle,
+    inputs: RSlice<'_, TensorRef<'_>>,
+    params: RSlice<'_, ParamRef<'_>>,
+    outputs: RSlice<'_, TensorRef<'_>>,
+    output_grads: RSlice<'_, TensorRef<'_>>,
+    input_grads: RSliceMut<'_, TensorMut<'_>>,
+    param_grads: RSliceMut<'_, TensorMut<'_>>,
+) -> RResult<(), LayerError>;
 
 // SAFETY: the table is immutable static data: a size, numbers, a pointer to
 // static layout data and function pointers.
@@ -381,7 +408,7 @@ unsafe impl Sync for PluginTable {}
 /// The table's capabilities by name, with the minor version that added each
 /// and whether this host understands it. Manifests list capabilities by
 /// these names.
-pub const CAPABILITIES: &[(&str, u32)] = &[("flops", 1), ("prepare", 1)];
+pub const CAPABILITIES: &[(&str, u32)] = &[("flops", 1), ("prepare", 1), ("backward", 2)];
 
 /// The layout the host compares a plugin's `core_layout` with.
 pub const CORE_LAYOUT: &TypeLayout = <CoreTable as StableAbi>::LAYOUT;
@@ -509,5 +536,9 @@ impl TableRef {
         drop_prepared: Option<
             extern "C" fn(&LayerHandle, PreparedHandle) -> RResult<(), LayerError>,
         >
+    );
+    appended_entry!(
+        /// 1.2: `backward`, if the plugin's table has it.
+        backward: Option<BackwardFn>
     );
 }

@@ -17,7 +17,7 @@ use crate::abi::{
     self, CoreTable, DType, LayerError, LayerHandle, ParamRef, PluginTable, PortDecl,
     PreparedHandle, ProbeCase, TensorDesc, TensorMut, TensorRef, ABI_MAJOR, ABI_MINOR,
 };
-use crate::authoring::{Inputs, MultiLayer, Outputs, Params, Prepared, TensorInfo};
+use crate::authoring::{Grads, Inputs, MultiLayer, Outputs, Params, Prepared, TensorInfo};
 
 /// A created layer, with the names of its ports fixed at creation.
 pub(crate) struct Instance<L> {
@@ -194,20 +194,73 @@ extern "C" fn forward<L: MultiLayer>(
             }
         };
         let params = Params::with_prepared(params, prepared);
-        let outputs = outputs.into_mut_slice();
-        // SAFETY: shortens the tensors' lifetime to the slice's. The only
-        // values written into the slice are empty `RSliceMut`s, which live
-        // for 'static, so nothing shorter-lived than the host's buffers
-        // is ever stored where the host will read it.
-        let outputs: &mut [TensorMut<'_>] = unsafe {
-            std::slice::from_raw_parts_mut(
-                outputs.as_mut_ptr().cast::<TensorMut<'_>>(),
-                outputs.len(),
-            )
-        };
+        // SAFETY: `Outputs` only ever writes empty `RSliceMut`s into it.
+        let outputs = unsafe { lent(outputs) };
         let inputs = Inputs::new(&inst.input_names, inputs);
         let mut outputs = Outputs::new(&inst.output_names, outputs);
         inst.layer.forward(&inputs, &params, &mut outputs)
+    })
+}
+
+/// Shortens the lifetime of tensors lent for one call to the slice's.
+///
+/// # Safety
+/// The only values written into the slice must be empty `RSliceMut`s, which
+/// live for 'static, so nothing shorter-lived than the host's buffers is
+/// ever stored where the host will read it.
+unsafe fn lent<'a>(items: RSliceMut<'a, TensorMut<'_>>) -> &'a mut [TensorMut<'a>] {
+    let items = items.into_mut_slice();
+    // SAFETY: see the function's contract.
+    unsafe {
+        std::slice::from_raw_parts_mut(items.as_mut_ptr().cast::<TensorMut<'a>>(), items.len())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+extern "C" fn backward<L: MultiLayer>(
+    handle: &LayerHandle,
+    prepared: PreparedHandle,
+    inputs: RSlice<'_, TensorRef<'_>>,
+    params: RSlice<'_, ParamRef<'_>>,
+    outputs: RSlice<'_, TensorRef<'_>>,
+    output_grads: RSlice<'_, TensorRef<'_>>,
+    input_grads: RSliceMut<'_, TensorMut<'_>>,
+    param_grads: RSliceMut<'_, TensorMut<'_>>,
+) -> RResult<(), LayerError> {
+    guard(|| {
+        let inst = instance::<L>(handle);
+        let param_items = params.as_slice();
+        // A host that calls `backward` has `prepare` (both are 1.x
+        // entries, `prepare` the older); null means nothing was prepared
+        // for this call, so prepare here as `forward` does.
+        let local;
+        let prepared = match prepared_ref(prepared) {
+            Ok(p) => p,
+            Err(()) => {
+                let descs: Vec<Option<TensorInfo>> = inputs
+                    .iter()
+                    .map(|t| {
+                        (t.dtype != DType::ABSENT)
+                            .then(|| TensorInfo::new(t.dtype, t.shape.to_vec()))
+                    })
+                    .collect();
+                local = inst.layer.prepare(&descs, &Params::new(param_items))?;
+                local.as_deref()
+            }
+        };
+        let params = Params::with_prepared(param_items, prepared);
+        // SAFETY: `Grads` only ever writes empty `RSliceMut`s into them.
+        let (input_grads, param_grads) = unsafe { (lent(input_grads), lent(param_grads)) };
+        let mut grads = Grads::new(&inst.input_names, input_grads, param_items, param_grads);
+        let inputs = Inputs::new(&inst.input_names, inputs.as_slice());
+        let outputs = Inputs::of("output", &inst.output_names, outputs.as_slice());
+        let output_grads = Inputs::of(
+            "output gradient",
+            &inst.output_names,
+            output_grads.as_slice(),
+        );
+        inst.layer
+            .backward(&inputs, &outputs, &params, &output_grads, &mut grads)
     })
 }
 
@@ -269,12 +322,24 @@ pub const fn plugin_table<L: MultiLayer>() -> PluginTable {
         flops: Some(flops::<L>),
         prepare: Some(prepare::<L>),
         drop_prepared: Some(drop_prepared),
+        backward: if L::BACKWARD {
+            Some(backward::<L>)
+        } else {
+            None
+        },
     }
 }
 
-/// The capabilities [`plugin_table`] offers beyond the core, by name.
+/// The capabilities [`plugin_table`] offers for `L` beyond the core, by
+/// name, as the manifest lists them.
 #[doc(hidden)]
-pub const OFFERS: &[&str] = &["flops", "prepare"];
+pub const fn offers<L: MultiLayer>() -> &'static [&'static str] {
+    if L::BACKWARD {
+        &["flops", "prepare", "backward"]
+    } else {
+        &["flops", "prepare"]
+    }
+}
 
 /// Parses a layer config, refusing fields the config type does not know even
 /// when its author forgot `deny_unknown_fields`.
@@ -400,7 +465,7 @@ macro_rules! export_layer {
                     description: <$layer as $crate::MultiLayer>::DESCRIPTION,
                     layer_api: $crate::LAYER_API_VERSION,
                     abi: ($crate::abi::ABI_MAJOR, $crate::abi::ABI_MINOR),
-                    offers: $crate::__private::OFFERS,
+                    offers: $crate::__private::offers::<$layer>(),
                     needs: &[],
                     abi_stable: $crate::abi::ABI_STABLE_VERSION,
                     panic_abort: cfg!(panic = "abort"),

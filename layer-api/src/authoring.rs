@@ -87,7 +87,33 @@ pub trait Layer: Sized + Send + Sync + 'static {
     ) -> Result<Option<Prepared>, String> {
         Ok(None)
     }
+
+    /// Whether the layer implements [`Layer::backward`]: the export macro
+    /// offers the `backward` capability (and the layer can be trained
+    /// through) only when this is `true`.
+    const BACKWARD: bool = false;
+
+    /// The gradients of one `forward`: given its `input`, its `output`,
+    /// the parameters (with what `prepare` made of them) and `grad_output`,
+    /// the gradient of a scalar loss with respect to each element of
+    /// `output`, writes into `grads` the gradient with respect to the input
+    /// (`grads.input::<f32>(INPUT)`) and to each parameter
+    /// (`grads.param(name)`). Each is `None` when the host does not want
+    /// it (the model's data, a frozen parameter); each buffer starts at
+    /// zero. Set [`Layer::BACKWARD`] to `true` when implementing this.
+    fn backward(
+        &self,
+        _input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        _grad_output: ArrayViewD<'_, f32>,
+        _grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        Err(NO_BACKWARD.into())
+    }
 }
+
+const NO_BACKWARD: &str = "this layer has no backward (it is forward-only)";
 
 /// A layer with several named inputs and outputs of any element type.
 ///
@@ -147,6 +173,25 @@ pub trait MultiLayer: Sized + Send + Sync + 'static {
     ) -> Result<Option<Prepared>, String> {
         Ok(None)
     }
+
+    /// As [`Layer::BACKWARD`].
+    const BACKWARD: bool = false;
+
+    /// As [`Layer::backward`], with every input and output by name:
+    /// `outputs` holds what `forward` wrote, `grad_outputs` the gradient of
+    /// each output (a non-float output's is absent: `optional` gives
+    /// `None`), and `grads` takes the gradient of each float input and each
+    /// parameter.
+    fn backward(
+        &self,
+        _inputs: &Inputs<'_>,
+        _outputs: &Inputs<'_>,
+        _params: &Params<'_>,
+        _grad_outputs: &Inputs<'_>,
+        _grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        Err(NO_BACKWARD.into())
+    }
 }
 
 /// The name of a one-input layer's input.
@@ -198,6 +243,22 @@ impl<L: Layer> MultiLayer for L {
         params: &Params<'_>,
     ) -> Result<Option<Prepared>, String> {
         Layer::prepare(self, &single_input(inputs)?.shape, params)
+    }
+
+    const BACKWARD: bool = L::BACKWARD;
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        outputs: &Inputs<'_>,
+        params: &Params<'_>,
+        grad_outputs: &Inputs<'_>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let input = inputs.get_at::<f32>(0, INPUT)?;
+        let output = outputs.get_at::<f32>(0, OUTPUT)?;
+        let grad_output = grad_outputs.get_at::<f32>(0, OUTPUT)?;
+        Layer::backward(self, input, output, params, grad_output, grads)
     }
 }
 
@@ -526,27 +587,43 @@ fn view_mut<'a, T: Element>(
     Ok(unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), ptr) })
 }
 
-/// The inputs lent to one `forward` call, found by the names the signature
-/// gave them.
+/// Read-only tensors lent to one call, found by the names the signature
+/// gave them: the inputs of `forward`; in `backward` also the outputs
+/// `forward` wrote and their gradients.
 pub struct Inputs<'a> {
     names: &'a [String],
     items: &'a [TensorRef<'a>],
+    /// What the tensors are, for messages: `input`, `output`, `output gradient`.
+    what: &'static str,
 }
 
 impl<'a> Inputs<'a> {
     pub(crate) fn new(names: &'a [String], items: &'a [TensorRef<'a>]) -> Inputs<'a> {
-        Inputs { names, items }
+        Inputs {
+            names,
+            items,
+            what: "input",
+        }
+    }
+
+    pub(crate) fn of(
+        what: &'static str,
+        names: &'a [String],
+        items: &'a [TensorRef<'a>],
+    ) -> Inputs<'a> {
+        Inputs { names, items, what }
     }
 
     fn find(&self, name: &str) -> Result<&TensorRef<'a>, String> {
+        let what = self.what;
         let index = self
             .names
             .iter()
             .position(|n| n == name)
-            .ok_or_else(|| format!("the layer's signature has no input `{name}`"))?;
+            .ok_or_else(|| format!("the layer's signature has no {what} `{name}`"))?;
         self.items
             .get(index)
-            .ok_or_else(|| format!("the host passed no input `{name}`"))
+            .ok_or_else(|| format!("the host passed no {what} `{name}`"))
     }
 
     /// The element type of input `name` (`None`: an optional input left out).
@@ -558,7 +635,7 @@ impl<'a> Inputs<'a> {
     /// Input `name` as a view of `T`s.
     pub fn get<T: Element>(&self, name: &str) -> Result<ArrayViewD<'a, T>, String> {
         self.optional(name)?
-            .ok_or_else(|| format!("required input `{name}` was left out"))
+            .ok_or_else(|| format!("required {} `{name}` was left out", self.what))
     }
 
     /// Input number `index` (called `name`, for messages), required.
@@ -567,14 +644,15 @@ impl<'a> Inputs<'a> {
         index: usize,
         name: &str,
     ) -> Result<ArrayViewD<'a, T>, String> {
+        let what = self.what;
         let t = self
             .items
             .get(index)
-            .ok_or_else(|| format!("the host passed no input `{name}`"))?;
+            .ok_or_else(|| format!("the host passed no {what} `{name}`"))?;
         if t.dtype == DType::ABSENT {
-            return Err(format!("required input `{name}` was left out"));
+            return Err(format!("required {what} `{name}` was left out"));
         }
-        view(t).map_err(|e| format!("input `{name}` {e}"))
+        view(t).map_err(|e| format!("{what} `{name}` {e}"))
     }
 
     /// Optional input `name`, or `None` if it was left out.
@@ -583,7 +661,118 @@ impl<'a> Inputs<'a> {
         if t.dtype == DType::ABSENT {
             return Ok(None);
         }
-        view(t).map(Some).map_err(|e| format!("input `{name}` {e}"))
+        view(t)
+            .map(Some)
+            .map_err(|e| format!("{} `{name}` {e}", self.what))
+    }
+}
+
+/// Where one `backward` call writes its gradients: one buffer per input
+/// and per parameter the host wants a gradient of, each taken once by name.
+/// Every buffer starts at zero.
+pub struct Grads<'a> {
+    input_names: &'a [String],
+    inputs: &'a mut [TensorMut<'a>],
+    params: &'a [ParamRef<'a>],
+    param_grads: &'a mut [TensorMut<'a>],
+    /// Bit `i` set: input `i`'s (low 64) or parameter `i`'s (high 64)
+    /// gradient was taken.
+    taken: u128,
+}
+
+impl<'a> Grads<'a> {
+    pub(crate) fn new(
+        input_names: &'a [String],
+        inputs: &'a mut [TensorMut<'a>],
+        params: &'a [ParamRef<'a>],
+        param_grads: &'a mut [TensorMut<'a>],
+    ) -> Grads<'a> {
+        Grads {
+            input_names,
+            inputs,
+            params,
+            param_grads,
+            taken: 0,
+        }
+    }
+
+    fn take(
+        items: &mut [TensorMut<'a>],
+        taken: &mut u128,
+        index: usize,
+        bit_base: u32,
+        what: &str,
+    ) -> Result<Option<TensorMut<'a>>, String> {
+        let bit = 1u128
+            .checked_shl(bit_base + index as u32)
+            .filter(|_| index < 64)
+            .ok_or_else(|| format!("a layer has at most 64 inputs and 64 parameters ({what})"))?;
+        if *taken & bit != 0 {
+            return Err(format!("the gradient of {what} was already taken"));
+        }
+        let item = items
+            .get_mut(index)
+            .ok_or_else(|| format!("the host lent no gradient for {what}"))?;
+        if item.dtype == DType::ABSENT {
+            return Ok(None);
+        }
+        *taken |= bit;
+        let data = std::mem::take(&mut item.data);
+        Ok(Some(TensorMut {
+            dtype: item.dtype,
+            shape: item.shape,
+            data,
+        }))
+    }
+
+    /// The gradient of input `name`, of the input's shape and element type
+    /// `T`; `None` when the host does not want it.
+    pub fn input<T: Element>(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<ArrayViewMutD<'a, T>>, String> {
+        let index = self
+            .input_names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| format!("the layer's signature has no input `{name}`"))?;
+        let what = format!("input `{name}`");
+        let Some(t) = Self::take(self.inputs, &mut self.taken, index, 0, &what)? else {
+            return Ok(None);
+        };
+        if t.dtype != T::DTYPE {
+            return Err(format!(
+                "the gradient of {what} is {}, not {}",
+                t.dtype,
+                T::DTYPE
+            ));
+        }
+        view_mut(t.shape.as_slice(), t.data.into_mut_slice())
+            .map(Some)
+            .map_err(|e| format!("the gradient of {what}: {e}"))
+    }
+
+    /// The gradient of parameter `name`, of its shape; `None` when the host
+    /// does not want it (a frozen parameter).
+    pub fn param(&mut self, name: &str) -> Result<Option<ArrayViewMutD<'a, f32>>, String> {
+        let index = self
+            .params
+            .iter()
+            .position(|p| p.name.as_str() == name)
+            .ok_or_else(|| format!("the host passed no parameter `{name}`"))?;
+        let what = format!("parameter `{name}`");
+        let Some(t) = Self::take(self.param_grads, &mut self.taken, index, 64, &what)? else {
+            return Ok(None);
+        };
+        if t.dtype != DType::F32 {
+            return Err(format!(
+                "the gradient of {what} is {}, not float32",
+                t.dtype
+            ));
+        }
+        view_mut(t.shape.as_slice(), t.data.into_mut_slice())
+            .map(Some)
+            .map_err(|e| format!("the gradient of {what}: {e}"))
     }
 }
 

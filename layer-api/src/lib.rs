@@ -61,7 +61,7 @@ pub mod testing;
 
 pub use abi::DType;
 pub use authoring::{
-    last_axis_features, Element, InputPort, Inputs, Layer, MultiLayer, NoConfig, Outputs,
+    last_axis_features, Element, Grads, InputPort, Inputs, Layer, MultiLayer, NoConfig, Outputs,
     ParamSpec, Params, Plan, Prepared, Probe, ProbeInput, Signature, TensorInfo, INPUT, OUTPUT,
 };
 pub use init::{FanMode, Init};
@@ -85,6 +85,6 @@ pub const LAYER_API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// What the export macro expands to; not part of the public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::adapter::{plugin_table, OFFERS};
+    pub use crate::adapter::{offers, plugin_table};
     pub use crate::manifest::{build_manifest, ManifestParts};
 }

@@ -207,6 +207,143 @@ impl Harness {
         inputs: Vec<(&str, Tensor)>,
         params: &[(&str, ArrayD<f32>)],
     ) -> Result<Vec<(String, Tensor)>, String> {
+        let bound = self.bind(inputs, params)?;
+        let param_refs = bound.param_refs();
+        let prepared = self.prepare(&bound, &param_refs)?;
+        let outputs = self.forward(&bound, &param_refs, prepared);
+        self.drop_prepared(prepared)?;
+        Ok(self.outputs.iter().cloned().zip(outputs?).collect())
+    }
+
+    /// Runs the layer forward, then `backward` with `grad_outputs` (by
+    /// output name; a float output left out gets a gradient of zeros), and
+    /// returns the outputs and the gradient of every float input (`None`
+    /// for others and for inputs left out) and every parameter.
+    pub fn gradients(
+        &self,
+        inputs: Vec<(&str, Tensor)>,
+        params: &[(&str, ArrayD<f32>)],
+        grad_outputs: Vec<(&str, Tensor)>,
+    ) -> Result<Gradients, String> {
+        let backward = self
+            .table
+            .backward
+            .ok_or("the layer does not offer `backward` (set `BACKWARD = true`)")?;
+        let bound = self.bind(inputs, params)?;
+        let param_refs = bound.param_refs();
+        let prepared = self.prepare(&bound, &param_refs)?;
+        let outputs = match self.forward(&bound, &param_refs, prepared) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                self.drop_prepared(prepared)?;
+                return Err(e);
+            }
+        };
+        let mut given: Vec<Option<Tensor>> = self.outputs.iter().map(|_| None).collect();
+        for (name, t) in grad_outputs {
+            let i = self.outputs.iter().position(|n| n == name).ok_or_else(|| {
+                format!(
+                    "the layer has no output `{name}`; its outputs are: {}",
+                    self.outputs.join(", ")
+                )
+            })?;
+            if t.shape() != outputs[i].shape() || t.dtype() != outputs[i].dtype() {
+                return Err(format!(
+                    "the gradient of output `{name}` is {} {:?}, but the output is {} {:?}",
+                    t.dtype(),
+                    t.shape(),
+                    outputs[i].dtype(),
+                    outputs[i].shape()
+                ));
+            }
+            given[i] = Some(t.standard());
+        }
+        let output_grads: Vec<Option<Tensor>> = given
+            .into_iter()
+            .zip(&outputs)
+            .map(|(g, out)| match g {
+                Some(g) => Ok(Some(g)),
+                None if is_float(out.dtype()) => Tensor::zeros(out.dtype(), out.shape()).map(Some),
+                None => Ok(None),
+            })
+            .collect::<Result<_, String>>()?;
+        let mut input_grads: Vec<Option<Tensor>> = bound
+            .inputs
+            .iter()
+            .map(|t| match t {
+                Some(t) if is_float(t.dtype()) => Tensor::zeros(t.dtype(), t.shape()).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, String>>()?;
+        let mut param_grads: Vec<Tensor> = bound
+            .params
+            .iter()
+            .map(|p| Tensor::zeros(DType::F32, p.shape()))
+            .collect::<Result<_, String>>()?;
+        let called = {
+            let input_refs: Vec<TensorRef<'_>> = bound
+                .inputs
+                .iter()
+                .map(|t| tensor_ref(t.as_ref()))
+                .collect();
+            let output_refs: Vec<TensorRef<'_>> =
+                outputs.iter().map(|t| tensor_ref(Some(t))).collect();
+            let grad_refs: Vec<TensorRef<'_>> = output_grads
+                .iter()
+                .map(|t| tensor_ref(t.as_ref()))
+                .collect();
+            let input_shapes: Vec<Vec<usize>> = input_grads
+                .iter()
+                .map(|t| t.as_ref().map_or(Vec::new(), |t| t.shape().to_vec()))
+                .collect();
+            let param_shapes: Vec<Vec<usize>> =
+                param_grads.iter().map(|t| t.shape().to_vec()).collect();
+            let mut input_muts: Vec<TensorMut<'_>> = input_grads
+                .iter_mut()
+                .zip(&input_shapes)
+                .map(|(t, shape)| tensor_mut(shape, t.as_mut()))
+                .collect();
+            let mut param_muts: Vec<TensorMut<'_>> = param_grads
+                .iter_mut()
+                .zip(&param_shapes)
+                .map(|(t, shape)| tensor_mut(shape, Some(t)))
+                .collect();
+            result(backward(
+                self.handle(),
+                prepared,
+                RSlice::from_slice(&input_refs),
+                RSlice::from_slice(&param_refs),
+                RSlice::from_slice(&output_refs),
+                RSlice::from_slice(&grad_refs),
+                RSliceMut::from_mut_slice(&mut input_muts),
+                RSliceMut::from_mut_slice(&mut param_muts),
+            ))
+        };
+        self.drop_prepared(prepared)?;
+        called?;
+        Ok(Gradients {
+            outputs: self.outputs.iter().cloned().zip(outputs).collect(),
+            inputs: self.inputs.iter().cloned().zip(input_grads).collect(),
+            params: bound
+                .plan
+                .params
+                .iter()
+                .map(|d| d.name.to_string())
+                .zip(param_grads.into_iter().map(|g| match g {
+                    Tensor::F32(a) => a,
+                    _ => unreachable!("parameter gradients are float32"),
+                }))
+                .collect(),
+        })
+    }
+
+    /// Checks `inputs` against the signature, plans, and checks `params`
+    /// against the plan.
+    fn bind(
+        &self,
+        inputs: Vec<(&str, Tensor)>,
+        params: &[(&str, ArrayD<f32>)],
+    ) -> Result<Bound, String> {
         for (name, _) in &inputs {
             if !self.inputs.iter().any(|n| n == name) {
                 return Err(format!(
@@ -220,25 +357,11 @@ impl Harness {
             let i = self.inputs.iter().position(|n| n == name).expect("checked");
             by_position[i] = Some(t.standard());
         }
-        let descs: Vec<TensorDesc<'_>> = by_position
-            .iter()
-            .map(|t| match t {
-                Some(t) => TensorDesc {
-                    dtype: t.dtype(),
-                    shape: RSlice::from_slice(t.shape()),
-                },
-                None => TensorDesc {
-                    dtype: DType::ABSENT,
-                    shape: RSlice::from_slice(&[]),
-                },
-            })
-            .collect();
         let plan = result((self.table.core.plan)(
             self.handle(),
-            RSlice::from_slice(&descs),
+            RSlice::from_slice(&descs(&by_position)),
         ))?;
-
-        let params: Vec<ArrayD<f32>> = plan
+        let params: Vec<Tensor> = plan
             .params
             .iter()
             .map(|decl| {
@@ -260,61 +383,66 @@ impl Harness {
                         value.shape()
                     ));
                 }
-                Ok(value.as_standard_layout().into_owned())
+                Ok(Tensor::F32(value.as_standard_layout().into_owned()))
             })
             .collect::<Result<_, String>>()?;
-        let param_tensors: Vec<Tensor> = params.into_iter().map(Tensor::F32).collect();
-        let param_refs: Vec<ParamRef<'_>> = plan
-            .params
-            .iter()
-            .zip(&param_tensors)
-            .map(|(decl, t)| ParamRef {
-                name: decl.name.as_rstr(),
-                tensor: tensor_ref(Some(t)),
-            })
-            .collect();
+        Ok(Bound {
+            inputs: by_position,
+            plan,
+            params,
+        })
+    }
 
-        let prepared = match (self.table.prepare, self.table.drop_prepared) {
+    fn prepare(&self, bound: &Bound, params: &[ParamRef<'_>]) -> Result<PreparedHandle, String> {
+        Ok(match (self.table.prepare, self.table.drop_prepared) {
             (Some(prepare), Some(_)) => result(prepare(
                 self.handle(),
-                RSlice::from_slice(&descs),
-                RSlice::from_slice(&param_refs),
+                RSlice::from_slice(&descs(&bound.inputs)),
+                RSlice::from_slice(params),
             ))?,
             _ => PreparedHandle::NONE,
-        };
+        })
+    }
 
-        let mut outputs = plan
+    fn drop_prepared(&self, prepared: PreparedHandle) -> Result<(), String> {
+        match self.table.drop_prepared {
+            Some(drop_prepared) if !prepared.0.is_null() => {
+                result(drop_prepared(self.handle(), prepared))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn forward(
+        &self,
+        bound: &Bound,
+        params: &[ParamRef<'_>],
+        prepared: PreparedHandle,
+    ) -> Result<Vec<Tensor>, String> {
+        let mut outputs = bound
+            .plan
             .outputs
             .iter()
             .map(|spec| Tensor::zeros(spec.dtype, &spec.shape))
             .collect::<Result<Vec<_>, String>>()?;
-        let forwarded = {
-            let input_refs: Vec<TensorRef<'_>> =
-                by_position.iter().map(|t| tensor_ref(t.as_ref())).collect();
-            let mut output_muts: Vec<TensorMut<'_>> = outputs
-                .iter_mut()
-                .zip(&plan.outputs)
-                .map(|(t, spec)| TensorMut {
-                    dtype: spec.dtype,
-                    shape: RSlice::from_slice(&spec.shape),
-                    data: RSliceMut::from_mut_slice(t.bytes_mut()),
-                })
-                .collect();
-            result((self.table.core.forward)(
-                self.handle(),
-                prepared,
-                RSlice::from_slice(&input_refs),
-                RSlice::from_slice(&param_refs),
-                RSliceMut::from_mut_slice(&mut output_muts),
-            ))
-        };
-        if let Some(drop_prepared) = self.table.drop_prepared {
-            if !prepared.0.is_null() {
-                result(drop_prepared(self.handle(), prepared))?;
-            }
-        }
-        forwarded?;
-        Ok(self.outputs.iter().cloned().zip(outputs).collect())
+        let input_refs: Vec<TensorRef<'_>> = bound
+            .inputs
+            .iter()
+            .map(|t| tensor_ref(t.as_ref()))
+            .collect();
+        let mut output_muts: Vec<TensorMut<'_>> = outputs
+            .iter_mut()
+            .zip(&bound.plan.outputs)
+            .map(|(t, spec)| tensor_mut(&spec.shape, Some(t)))
+            .collect();
+        result((self.table.core.forward)(
+            self.handle(),
+            prepared,
+            RSlice::from_slice(&input_refs),
+            RSlice::from_slice(params),
+            RSliceMut::from_mut_slice(&mut output_muts),
+        ))?;
+        Ok(outputs)
     }
 
     /// Destroys the layer, reporting a panic in its `Drop`.
@@ -330,6 +458,76 @@ impl Drop for Harness {
             // A panic in the layer's `Drop` is caught; `close` reports it.
             let _ = (self.table.core.drop_layer)(handle);
         }
+    }
+}
+
+/// What [`Harness::gradients`] returns.
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    /// Every output by name, as `forward` wrote it.
+    pub outputs: Vec<(String, Tensor)>,
+    /// The gradient of every input by name (`None`: not a float, or left out).
+    pub inputs: Vec<(String, Option<Tensor>)>,
+    /// The gradient of every parameter by name, in the plan's order.
+    pub params: Vec<(String, ArrayD<f32>)>,
+}
+
+/// Inputs bound to a layer: in the signature's order, the layer's plan for
+/// them, and the parameters in the plan's order.
+struct Bound {
+    inputs: Vec<Option<Tensor>>,
+    plan: abi::LayerPlan,
+    params: Vec<Tensor>,
+}
+
+impl Bound {
+    fn param_refs(&self) -> Vec<ParamRef<'_>> {
+        self.plan
+            .params
+            .iter()
+            .zip(&self.params)
+            .map(|(decl, t)| ParamRef {
+                name: decl.name.as_rstr(),
+                tensor: tensor_ref(Some(t)),
+            })
+            .collect()
+    }
+}
+
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+}
+
+fn descs(inputs: &[Option<Tensor>]) -> Vec<TensorDesc<'_>> {
+    inputs
+        .iter()
+        .map(|t| match t {
+            Some(t) => TensorDesc {
+                dtype: t.dtype(),
+                shape: RSlice::from_slice(t.shape()),
+            },
+            None => TensorDesc {
+                dtype: DType::ABSENT,
+                shape: RSlice::from_slice(&[]),
+            },
+        })
+        .collect()
+}
+
+/// A tensor of `shape` lent for writing (`None`: not wanted,
+/// [`DType::ABSENT`]).
+fn tensor_mut<'a>(shape: &'a [usize], t: Option<&'a mut Tensor>) -> TensorMut<'a> {
+    match t {
+        Some(t) => TensorMut {
+            dtype: t.dtype(),
+            shape: RSlice::from_slice(shape),
+            data: RSliceMut::from_mut_slice(t.bytes_mut()),
+        },
+        None => TensorMut {
+            dtype: DType::ABSENT,
+            shape: RSlice::from_slice(&[]),
+            data: RSliceMut::from_mut_slice(&mut []),
+        },
     }
 }
 
@@ -361,4 +559,124 @@ pub fn forward<L: Layer>(
     debug_assert_eq!(name, OUTPUT);
     harness.close()?;
     output.into_array::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authoring::{Grads, ParamSpec, Params};
+    use crate::{ArrayViewD, ArrayViewMutD, Init, NoConfig};
+    use ndarray::{array, Ix0};
+
+    /// `y = a · x` with a scalar parameter `a`.
+    struct Scale;
+
+    impl Layer for Scale {
+        const DESCRIPTION: &'static str = "y = a x";
+        type Config = NoConfig;
+        fn new(_: NoConfig) -> Result<Self, String> {
+            Ok(Scale)
+        }
+        fn output_shape(&self, s: &[usize]) -> Result<Vec<usize>, String> {
+            Ok(s.to_vec())
+        }
+        fn params(&self, _: &[usize]) -> Result<Vec<ParamSpec>, String> {
+            Ok(vec![ParamSpec::new("a", [], Init::Ones)])
+        }
+        fn batch_independent(&self) -> bool {
+            true
+        }
+        fn forward(
+            &self,
+            x: ArrayViewD<f32>,
+            p: &Params,
+            mut y: ArrayViewMutD<f32>,
+        ) -> Result<(), String> {
+            let a = p.get::<Ix0>("a")?[()];
+            y.zip_mut_with(&x, |y, &x| *y = a * x);
+            Ok(())
+        }
+        const BACKWARD: bool = true;
+        fn backward(
+            &self,
+            x: ArrayViewD<f32>,
+            _y: ArrayViewD<f32>,
+            p: &Params,
+            g: ArrayViewD<f32>,
+            grads: &mut Grads,
+        ) -> Result<(), String> {
+            let a = p.get::<Ix0>("a")?[()];
+            if let Some(mut dx) = grads.input::<f32>(INPUT)? {
+                dx.zip_mut_with(&g, |d, &g| *d = a * g);
+            }
+            if let Some(mut da) = grads.param("a")? {
+                da[[]] = (&x * &g).sum();
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn gradients_reach_the_layer_and_come_back_by_name() {
+        let h = Harness::new::<Scale>("{}").unwrap();
+        let x = array![1.0f32, -2.0, 3.0].into_dyn();
+        let g = array![0.5f32, 1.0, -1.0].into_dyn();
+        let a = ndarray::arr0(2.0f32).into_dyn();
+        let got = h
+            .gradients(
+                vec![(INPUT, x.into())],
+                &[("a", a)],
+                vec![(OUTPUT, g.into())],
+            )
+            .unwrap();
+        // dy/dx = a = 2; dL/da = sum(g x) = 0.5 - 2 - 3 = -4.5.
+        let dx = got.inputs[0]
+            .1
+            .clone()
+            .unwrap()
+            .into_array::<f32>()
+            .unwrap();
+        assert_eq!(dx, array![1.0f32, 2.0, -2.0].into_dyn());
+        assert_eq!(got.params[0].0, "a");
+        assert_eq!(got.params[0].1[[]], -4.5);
+        let y = got.outputs[0].1.clone().into_array::<f32>().unwrap();
+        assert_eq!(y, array![2.0f32, -4.0, 6.0].into_dyn());
+    }
+
+    #[test]
+    fn a_layer_without_backward_says_so() {
+        struct Plain;
+        impl Layer for Plain {
+            const DESCRIPTION: &'static str = "y = x";
+            type Config = NoConfig;
+            fn new(_: NoConfig) -> Result<Self, String> {
+                Ok(Plain)
+            }
+            fn output_shape(&self, s: &[usize]) -> Result<Vec<usize>, String> {
+                Ok(s.to_vec())
+            }
+            fn batch_independent(&self) -> bool {
+                true
+            }
+            fn forward(
+                &self,
+                x: ArrayViewD<f32>,
+                _: &Params,
+                mut y: ArrayViewMutD<f32>,
+            ) -> Result<(), String> {
+                y.assign(&x);
+                Ok(())
+            }
+        }
+        assert_eq!(crate::__private::offers::<Plain>(), ["flops", "prepare"]);
+        assert_eq!(
+            crate::__private::offers::<Scale>(),
+            ["flops", "prepare", "backward"]
+        );
+        let err = Harness::new::<Plain>("{}")
+            .unwrap()
+            .gradients(vec![(INPUT, array![1.0f32].into_dyn().into())], &[], vec![])
+            .unwrap_err();
+        assert!(err.contains("does not offer `backward`"), "{err}");
+    }
 }
