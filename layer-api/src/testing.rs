@@ -461,6 +461,192 @@ impl Drop for Harness {
     }
 }
 
+/// How [`gradcheck`] compares: the central-difference step, and the
+/// tolerance of `|analytic - numeric| <= atol + rtol * |numeric|`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub step: f64,
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Tolerance {
+    /// For `float32` layers: step 1e-2, atol 1e-2, rtol 1e-2 (central
+    /// differences of an `f32` forward lose about 1e-7 / 1e-2 relative).
+    pub const F32: Tolerance = Tolerance {
+        step: 1e-2,
+        atol: 1e-2,
+        rtol: 1e-2,
+    };
+    /// For `float64` inputs (torch's `gradcheck` defaults, with step 1e-6).
+    pub const F64: Tolerance = Tolerance {
+        step: 1e-6,
+        atol: 1e-5,
+        rtol: 1e-3,
+    };
+}
+
+/// Compares the layer's `backward` with central finite differences of its
+/// `forward`, for the scalar loss `sum(w * y)` over every float output `y`
+/// with fixed pseudo-random weights `w` in [-1, 1]: the gradient of every
+/// float input and every parameter, element by element. An error names the
+/// tensor and its worst element.
+pub fn gradcheck(
+    harness: &Harness,
+    inputs: Vec<(&str, Tensor)>,
+    params: &[(&str, ArrayD<f32>)],
+    tolerance: Tolerance,
+) -> Result<(), String> {
+    let first = harness.run(inputs.clone(), params)?;
+    let weights: Vec<(String, Option<Vec<f64>>)> = first
+        .iter()
+        .enumerate()
+        .map(|(k, (name, y))| {
+            let n = y.shape().iter().product::<usize>();
+            let w = is_float(y.dtype()).then(|| {
+                (0..n)
+                    .map(|i| {
+                        let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64);
+                        ((h >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+                    })
+                    .collect()
+            });
+            (name.clone(), w)
+        })
+        .collect();
+    let loss = |outputs: &[(String, Tensor)]| -> Result<f64, String> {
+        let mut total = 0.0;
+        for ((_, y), (_, w)) in outputs.iter().zip(&weights) {
+            if let Some(w) = w {
+                total += to_f64(y)?.iter().zip(w).map(|(y, w)| y * w).sum::<f64>();
+            }
+        }
+        Ok(total)
+    };
+    let grad_outputs: Vec<(&str, Tensor)> = first
+        .iter()
+        .zip(&weights)
+        .filter_map(|((name, y), (_, w))| {
+            w.as_ref()
+                .map(|w| (name.as_str(), from_f64(y.dtype(), y.shape(), w)))
+        })
+        .collect();
+    let analytic = harness.gradients(inputs.clone(), params, grad_outputs)?;
+    let h = tolerance.step;
+    let mut worst: Option<(f64, String)> = None;
+    let mut compare = |what: String, numeric: f64, analytic: f64| {
+        let excess = (analytic - numeric).abs() - (tolerance.atol + tolerance.rtol * numeric.abs());
+        if excess > 0.0 && worst.as_ref().is_none_or(|(e, _)| excess > *e) {
+            worst = Some((
+                excess,
+                format!("{what}: backward gives {analytic:.6e}, finite differences {numeric:.6e}"),
+            ));
+        }
+    };
+    for (name, grad) in &analytic.inputs {
+        let Some(grad) = grad else { continue };
+        let grad = to_f64(grad)?;
+        let x = inputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+            .ok_or("a gradient for an input that was not given")?;
+        let base = to_f64(&x)?;
+        for i in 0..base.len() {
+            let at = |delta: f64| -> Result<f64, String> {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut moved = inputs.clone();
+                let slot = moved.iter().position(|(n, _)| n == name).expect("found");
+                moved[slot].1 = from_f64(x.dtype(), x.shape(), &v);
+                loss(&harness.run(moved, params)?)
+            };
+            let numeric = (at(h)? - at(-h)?) / (2.0 * h);
+            compare(
+                format!("input `{name}` element {}", index_text(x.shape(), i)),
+                numeric,
+                grad[i],
+            );
+        }
+    }
+    for (name, grad) in &analytic.params {
+        let (_, value) = params
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or("a gradient for a parameter that was not given")?;
+        let base: Vec<f32> = value.iter().copied().collect();
+        for (i, g) in grad.iter().enumerate() {
+            let at = |delta: f64| -> Result<f64, String> {
+                let mut v = base.clone();
+                v[i] = (v[i] as f64 + delta) as f32;
+                let moved =
+                    ArrayD::from_shape_vec(value.raw_dim(), v).map_err(|e| e.to_string())?;
+                let changed: Vec<(&str, ArrayD<f32>)> = params
+                    .iter()
+                    .map(|(n, a)| (*n, if n == name { moved.clone() } else { a.clone() }))
+                    .collect();
+                loss(&harness.run(inputs.clone(), &changed)?)
+            };
+            let numeric = (at(h)? - at(-h)?) / (2.0 * h);
+            compare(
+                format!(
+                    "parameter `{name}` element {}",
+                    index_text(value.shape(), i)
+                ),
+                numeric,
+                *g as f64,
+            );
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((_, text)) => Err(format!(
+            "the gradient is wrong: {text} (step {h:e}, tolerance {:e} + {:e} x |numeric|)",
+            tolerance.atol, tolerance.rtol
+        )),
+    }
+}
+
+/// `[i, j, k]`: flat index `flat` of a tensor of `shape`, as an index.
+fn index_text(shape: &[usize], mut flat: usize) -> String {
+    let mut index = vec![0; shape.len()];
+    for (axis, &n) in shape.iter().enumerate().rev() {
+        if n > 0 {
+            index[axis] = flat % n;
+            flat /= n;
+        }
+    }
+    format!("{index:?}")
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>, String> {
+    Ok(match t {
+        Tensor::F32(a) => a.iter().map(|&v| v as f64).collect(),
+        Tensor::F64(a) => a.iter().copied().collect(),
+        Tensor::F16(a) => a.iter().map(|v| v.to_f64()).collect(),
+        Tensor::BF16(a) => a.iter().map(|v| v.to_f64()).collect(),
+        other => return Err(format!("{} is not a float type", other.dtype())),
+    })
+}
+
+fn from_f64(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
+    let s = ndarray::IxDyn(shape);
+    match dtype {
+        DType::F64 => Tensor::F64(ArrayD::from_shape_vec(s, v.to_vec()).expect("same size")),
+        DType::F16 => Tensor::F16(
+            ArrayD::from_shape_vec(s, v.iter().map(|&x| half::f16::from_f64(x)).collect())
+                .expect("same size"),
+        ),
+        DType::BF16 => Tensor::BF16(
+            ArrayD::from_shape_vec(s, v.iter().map(|&x| half::bf16::from_f64(x)).collect())
+                .expect("same size"),
+        ),
+        _ => Tensor::F32(
+            ArrayD::from_shape_vec(s, v.iter().map(|&x| x as f32).collect()).expect("same size"),
+        ),
+    }
+}
+
 /// What [`Harness::gradients`] returns.
 #[derive(Debug, Clone)]
 pub struct Gradients {
@@ -641,6 +827,64 @@ mod tests {
         assert_eq!(got.params[0].1[[]], -4.5);
         let y = got.outputs[0].1.clone().into_array::<f32>().unwrap();
         assert_eq!(y, array![2.0f32, -4.0, 6.0].into_dyn());
+    }
+
+    #[test]
+    fn gradcheck_passes_a_right_gradient_and_names_a_wrong_one() {
+        let h = Harness::new::<Scale>("{}").unwrap();
+        let x = array![[1.0f32, -2.0], [0.5, 3.0]].into_dyn();
+        let a = ndarray::arr0(1.5f32).into_dyn();
+        gradcheck(
+            &h,
+            vec![(INPUT, x.clone().into())],
+            &[("a", a.clone())],
+            Tolerance::F32,
+        )
+        .unwrap();
+        let h = Harness::new::<OffByOne>("{}").unwrap();
+        let err = gradcheck(&h, vec![(INPUT, x.into())], &[("a", a)], Tolerance::F32).unwrap_err();
+        assert!(err.contains("input `input` element [1, 0]"), "{err}");
+    }
+
+    /// `Scale` whose input gradient is wrong in one element.
+    struct OffByOne(Scale);
+
+    impl Layer for OffByOne {
+        const DESCRIPTION: &'static str = "y = a x, wrong gradient";
+        type Config = NoConfig;
+        fn new(c: NoConfig) -> Result<Self, String> {
+            <Scale as Layer>::new(c).map(OffByOne)
+        }
+        fn output_shape(&self, s: &[usize]) -> Result<Vec<usize>, String> {
+            Layer::output_shape(&self.0, s)
+        }
+        fn params(&self, s: &[usize]) -> Result<Vec<ParamSpec>, String> {
+            Layer::params(&self.0, s)
+        }
+        fn batch_independent(&self) -> bool {
+            true
+        }
+        fn forward(
+            &self,
+            x: ArrayViewD<f32>,
+            p: &Params,
+            y: ArrayViewMutD<f32>,
+        ) -> Result<(), String> {
+            Layer::forward(&self.0, x, p, y)
+        }
+        const BACKWARD: bool = true;
+        fn backward(
+            &self,
+            x: ArrayViewD<f32>,
+            y: ArrayViewD<f32>,
+            p: &Params,
+            g: ArrayViewD<f32>,
+            grads: &mut Grads,
+        ) -> Result<(), String> {
+            let mut g = g.to_owned();
+            g[[1, 0]] += 0.5;
+            Layer::backward(&self.0, x, y, p, g.view(), grads)
+        }
     }
 
     #[test]
