@@ -36,5 +36,6 @@ pub mod runtime;
 pub mod stream;
 pub mod tensor;
 pub mod trace;
+pub mod train;
 
 pub use error::Error;

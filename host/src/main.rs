@@ -99,6 +99,134 @@ enum Command {
     CheckPlugin(CheckPluginArgs),
     /// Pin each layer (node) of a model to the SHA-256 of the plugin library it resolves to.
     Lock(LockArgs),
+    /// Train a model's parameters on an .npz data set through the layers' backward.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossArg {
+    /// Mean squared error, torch.nn.MSELoss: target of the output's shape.
+    Mse,
+    /// torch.nn.CrossEntropyLoss on logits (N, classes): target int64 class ids (N,).
+    #[value(name = "cross_entropy")]
+    CrossEntropy,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OptimizerArg {
+    /// torch.optim.SGD (--momentum, --dampening, --weight-decay, --nesterov).
+    Sgd,
+    /// torch.optim.Adam (--betas, --eps, --weight-decay).
+    Adam,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The model description (JSON).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// The training data: an .npz holding each model input by name (a chain's is `input`)
+    /// and `target`, one example per row (axis 0).
+    #[arg(long, value_name = "TRAIN.npz")]
+    data: PathBuf,
+    /// Validation data of the same form, scored after every epoch.
+    #[arg(long, value_name = "VAL.npz")]
+    val: Option<PathBuf>,
+    /// The loss between the model's one output and `target`.
+    #[arg(long, value_enum)]
+    loss: LossArg,
+    #[arg(long, value_enum)]
+    optimizer: OptimizerArg,
+    /// Learning rate.
+    #[arg(long, value_parser = parse_non_negative)]
+    lr: f32,
+    /// SGD momentum, as torch's.
+    #[arg(long, default_value = "0", value_parser = parse_non_negative)]
+    momentum: f32,
+    /// SGD dampening, as torch's.
+    #[arg(long, default_value = "0", value_parser = parse_non_negative)]
+    dampening: f32,
+    /// SGD Nesterov momentum, as torch's.
+    #[arg(long)]
+    nesterov: bool,
+    /// L2 penalty added to the gradient, as torch's SGD and Adam `weight_decay`.
+    #[arg(long, default_value = "0", value_parser = parse_non_negative)]
+    weight_decay: f32,
+    /// Adam's betas, as torch's.
+    #[arg(long, default_value = "0.9,0.999", value_name = "B1,B2", value_parser = parse_betas)]
+    betas: (f32, f32),
+    /// Adam's eps, as torch's.
+    #[arg(long, default_value = "1e-8", value_parser = parse_non_negative)]
+    eps: f32,
+    /// Passes over the training data.
+    #[arg(long, default_value = "1")]
+    epochs: usize,
+    /// Examples per step (minibatch); the last batch of an epoch may be smaller.
+    #[arg(long, default_value = "32")]
+    batch_size: usize,
+    /// Seeds the initial parameters (unless --params) and the shuffle.
+    #[arg(long, default_value = "0")]
+    seed: u64,
+    /// Visit the examples in the file's order every epoch instead of shuffling.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Stop after this many optimizer steps.
+    #[arg(long, value_name = "N")]
+    max_steps: Option<u64>,
+    /// Start from these parameters (safetensors or .npz) instead of initializing.
+    #[arg(long, value_name = "W.safetensors")]
+    params: Option<PathBuf>,
+    /// Where to write the trained parameters (safetensors, the names `host run --params` and
+    /// torch's load_state_dict use).
+    #[arg(long, value_name = "TRAINED.safetensors")]
+    out: PathBuf,
+    /// Write the order examples were visited in: an int64 .npy of shape (epochs, examples).
+    #[arg(long, value_name = "PERM.npy")]
+    order_out: Option<PathBuf>,
+    /// Write each step's loss as CSV: step,epoch,loss.
+    #[arg(long, value_name = "LOSS.csv")]
+    log: Option<PathBuf>,
+    /// Write a resumable checkpoint (parameters and optimizer state) every N steps.
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<u64>,
+    /// Where checkpoints go [default: OUT's name with .checkpoint.safetensors].
+    #[arg(long, value_name = "CKPT.safetensors")]
+    checkpoint: Option<PathBuf>,
+    /// Continue from a checkpoint, with the same settings, bit for bit.
+    #[arg(long, value_name = "CKPT.safetensors")]
+    resume: Option<PathBuf>,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    plugins: PluginDirs,
+}
+
+fn parse_non_negative(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a non-negative number (e.g. 0.01)")),
+    }
+}
+
+fn parse_betas(text: &str) -> Result<(f32, f32), String> {
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<f32>()
+            .ok()
+            .filter(|b| (0.0..1.0).contains(b))
+    };
+    match text.split_once(',') {
+        Some((a, b)) => match (parse(a), parse(b)) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(format!(
+                "'{text}': each beta must be in [0, 1), e.g. 0.9,0.999"
+            )),
+        },
+        None => Err(format!(
+            "'{text}' is not two betas: give B1,B2, e.g. 0.9,0.999"
+        )),
+    }
 }
 
 /// How long one call of `check-plugin` into the plugin under test may take.
@@ -406,6 +534,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::CheckPlugin(args) => check_plugin(args),
         Command::Lock(args) => lock(args),
+        Command::Train(args) => train(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -512,6 +641,51 @@ fn init(args: InitArgs) -> Result<(), Error> {
         inputs: args.shape.into_inputs(),
         plugin_dirs: args.plugins.plugin_dirs,
     })
+}
+
+fn train(args: TrainArgs) -> Result<(), Error> {
+    use host::train::optim::Optimizer;
+    let optimizer = match args.optimizer {
+        OptimizerArg::Sgd => Optimizer::Sgd {
+            lr: args.lr,
+            momentum: args.momentum,
+            dampening: args.dampening,
+            weight_decay: args.weight_decay,
+            nesterov: args.nesterov,
+        },
+        OptimizerArg::Adam => Optimizer::Adam {
+            lr: args.lr,
+            beta1: args.betas.0,
+            beta2: args.betas.1,
+            eps: args.eps,
+            weight_decay: args.weight_decay,
+        },
+    };
+    host::commands::train::train(host::commands::train::TrainOptions {
+        model: args.model,
+        data: args.data,
+        val: args.val,
+        loss: match args.loss {
+            LossArg::Mse => host::train::Loss::Mse,
+            LossArg::CrossEntropy => host::train::Loss::CrossEntropy,
+        },
+        optimizer,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        shuffle: !args.no_shuffle,
+        max_steps: args.max_steps,
+        params: args.params,
+        out: args.out,
+        order_out: args.order_out,
+        log: args.log,
+        checkpoint_every: args.checkpoint_every,
+        checkpoint: args.checkpoint,
+        resume: args.resume,
+        quiet: args.quiet,
+        plugin_dirs: args.plugins.plugin_dirs,
+    })
+    .map(drop)
 }
 
 fn plugins(args: PluginDirs) -> Result<(), Error> {

@@ -209,6 +209,16 @@ impl ParamStore {
         self.tensors.get(name)
     }
 
+    /// The tensor stored as `name`, to update it in place (training).
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut ArrayD<f32>> {
+        self.tensors.get_mut(name)
+    }
+
+    /// A store holding exactly `tensors`.
+    pub fn from_tensors(tensors: BTreeMap<String, ArrayD<f32>>) -> ParamStore {
+        ParamStore { tensors }
+    }
+
     /// Every tensor, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ArrayD<f32>)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))

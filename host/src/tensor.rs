@@ -202,6 +202,21 @@ impl Tensor {
         }
     }
 
+    /// Rows `rows` of axis 0, in that order (a minibatch).
+    pub fn select_rows(&self, rows: &[usize]) -> Tensor {
+        let axis = ndarray::Axis(0);
+        match self {
+            Tensor::F32(a) => Tensor::F32(a.select(axis, rows)),
+            Tensor::F64(a) => Tensor::F64(a.select(axis, rows)),
+            Tensor::F16(a) => Tensor::F16(a.select(axis, rows)),
+            Tensor::BF16(a) => Tensor::BF16(a.select(axis, rows)),
+            Tensor::I64(a) => Tensor::I64(a.select(axis, rows)),
+            Tensor::I32(a) => Tensor::I32(a.select(axis, rows)),
+            Tensor::U8(a) => Tensor::U8(a.select(axis, rows)),
+            Tensor::Bool(a) => Tensor::Bool(a.select(axis, rows)),
+        }
+    }
+
     /// Every element as `f64` (booleans as 0 and 1), for printing and
     /// comparing.
     pub fn to_f64(&self) -> ArrayD<f64> {

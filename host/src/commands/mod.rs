@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod lock;
 pub mod params;
 pub mod run;
+pub mod train;

@@ -1,0 +1,559 @@
+//! `host train`: minibatch training of a model's parameters through the
+//! layers' `backward`, with the host's loss and optimizer; the trained
+//! parameters are written to a safetensors file that `host run --params`
+//! and torch's `load_state_dict` read unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::atomic_file::{check_writable, refuse_overwriting, write_atomically};
+use crate::error::Error;
+use crate::model::ModelSpec;
+use crate::params::ParamStore;
+use crate::registry::PluginRegistry;
+use crate::runtime::{LayerPlan, Model, TensorSpec};
+use crate::train::data::{epoch_order, Dataset, SplitMix64};
+use crate::train::optim::{Optimizer, State};
+use crate::train::{Loss, Trainer};
+
+/// What `host train` was asked to do.
+pub struct TrainOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub val: Option<PathBuf>,
+    pub loss: Loss,
+    pub optimizer: Optimizer,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Stop after this many steps (within the epochs).
+    pub max_steps: Option<u64>,
+    /// Start from these parameters instead of the model's initializers.
+    pub params: Option<PathBuf>,
+    pub out: PathBuf,
+    pub order_out: Option<PathBuf>,
+    /// One line per step: `step,epoch,loss`.
+    pub log: Option<PathBuf>,
+    pub checkpoint_every: Option<u64>,
+    pub checkpoint: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub quiet: bool,
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+/// Where a checkpoint goes unless `--checkpoint` says: beside `--out`.
+pub fn default_checkpoint(out: &Path) -> PathBuf {
+    let name = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "trained".into());
+    out.with_file_name(format!("{name}.checkpoint.safetensors"))
+}
+
+/// What training did, for the caller and the tests.
+pub struct Trained {
+    pub steps: u64,
+    /// The mean training loss of each epoch (of the steps run in it).
+    pub epoch_losses: Vec<f64>,
+    pub val_losses: Vec<f64>,
+}
+
+pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
+    let usage = |m: String| Error::Usage(m);
+    if opts.batch_size == 0 {
+        return Err(usage("--batch-size must be at least 1".into()));
+    }
+    if opts.checkpoint_every == Some(0) {
+        return Err(usage(
+            "--checkpoint-every must be at least 1 (steps between checkpoints)".into(),
+        ));
+    }
+    let checkpoint_path = opts
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| default_checkpoint(&opts.out));
+    // Before anything runs: no output may replace an input, nor another
+    // output, and each must be writable.
+    let mut inputs: Vec<(&Path, &str)> = vec![
+        (&opts.model, "the model file"),
+        (&opts.data, "the training data"),
+    ];
+    if let Some(v) = &opts.val {
+        inputs.push((v, "the validation data"));
+    }
+    if let Some(p) = &opts.params {
+        inputs.push((p, "the initial parameters (--params)"));
+    }
+    if let Some(r) = &opts.resume {
+        inputs.push((r, "the checkpoint to resume (--resume)"));
+    }
+    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &opts.out)];
+    if let Some(o) = &opts.order_out {
+        outputs.push(("--order-out", o));
+    }
+    if let Some(l) = &opts.log {
+        outputs.push(("--log", l));
+    }
+    if opts.checkpoint_every.is_some() {
+        outputs.push(("--checkpoint", &checkpoint_path));
+    }
+    for (i, (flag, path)) in outputs.iter().enumerate() {
+        let mut others = inputs.clone();
+        let names: Vec<String> = outputs[..i]
+            .iter()
+            .map(|(f, _)| format!("the {f} file"))
+            .collect();
+        for ((_, p), name) in outputs[..i].iter().zip(&names) {
+            others.push((p, name.as_str()));
+        }
+        // The checkpoint being resumed is rewritten by later checkpoints.
+        if *flag == "--checkpoint" {
+            others.retain(|(_, n)| !n.contains("--resume"));
+        }
+        refuse_overwriting(flag, path, &others)?;
+        check_writable(path)?;
+    }
+
+    let registry = PluginRegistry::new(&opts.plugin_dirs);
+    let spec = ModelSpec::load(&opts.model)?;
+    let model = Model::load(spec, &registry)?;
+    let data = Dataset::read(&opts.data, &model)?;
+    let val = opts
+        .val
+        .as_ref()
+        .map(|p| Dataset::read(p, &model))
+        .transpose()?;
+    // Plans depend on the batch size; one per size seen (the last batch
+    // of an epoch may be smaller).
+    let mut plans_by_rows: HashMap<usize, Vec<LayerPlan>> = HashMap::new();
+    let plans_for = |rows: usize,
+                     set: &Dataset,
+                     cache: &mut HashMap<usize, Vec<LayerPlan>>|
+     -> Result<Vec<LayerPlan>, Error> {
+        if let Some(p) = cache.get(&rows) {
+            return Ok(p.clone());
+        }
+        let specs: Vec<TensorSpec> = set
+            .inputs
+            .iter()
+            .map(|t| {
+                let mut shape = t.shape().to_vec();
+                shape[0] = rows;
+                TensorSpec::new(t.dtype(), &shape)
+            })
+            .collect();
+        let plans = model.plan_inputs(&specs)?;
+        cache.insert(rows, plans.clone());
+        Ok(plans)
+    };
+    let first_rows = opts.batch_size.min(data.examples);
+    let plans = plans_for(first_rows, &data, &mut plans_by_rows)?;
+    let trainer = Trainer::new(&model, &plans)?;
+    let infos = Model::param_infos(&plans);
+    let mut params = match &opts.params {
+        Some(path) => ParamStore::load(path, &infos, false)?,
+        None => match &model.spec.params {
+            Some(path) => ParamStore::load(path, &infos, false)?,
+            None => ParamStore::initialize(&infos, opts.seed),
+        },
+    };
+    if trainable_count(&trainer) == 0 {
+        return Err(Error::Model {
+            path: model.spec.path.clone(),
+            message: format!(
+                "nothing to train: no parameter gets a gradient ({})",
+                if trainer.frozen.is_empty() {
+                    "the model has no parameters".to_string()
+                } else {
+                    frozen_text(&trainer)
+                }
+            ),
+        });
+    }
+    if !opts.quiet {
+        for f in &trainer.frozen {
+            eprintln!("note: parameter '{}' is frozen: {}", f.name, f.why);
+        }
+    }
+
+    let mut state = State::default();
+    let mut rng = SplitMix64(opts.seed);
+    let mut start_epoch = 0usize;
+    let mut start_position = 0usize;
+    if let Some(path) = &opts.resume {
+        let ck = Checkpoint::read(path)?;
+        ck.check_settings(path, &settings_text(&opts, &data))?;
+        for (name, value) in ck.params {
+            match params.get_mut(&name) {
+                Some(p) if p.shape() == value.shape() => *p = value,
+                _ => {
+                    return Err(Error::Params {
+                        path: path.clone(),
+                        message: format!(
+                            "holds parameter '{name}' of shape {:?}, which this model does not \
+                             have with that shape",
+                            value.shape()
+                        ),
+                    })
+                }
+            }
+        }
+        state = ck.state;
+        rng = ck.epoch_rng;
+        start_epoch = ck.epoch;
+        start_position = ck.position;
+    }
+
+    let mut log = opts.log.as_ref().map(|_| String::from("step,epoch,loss\n"));
+    let mut orders: Vec<Vec<usize>> = Vec::new();
+    let terminal = !opts.quiet && std::io::stderr().is_terminal();
+    let mut trained = Trained {
+        steps: state.step,
+        epoch_losses: Vec::new(),
+        val_losses: Vec::new(),
+    };
+    if let (false, Some(v)) = (opts.quiet, &val) {
+        let baseline = constant_baseline(opts.loss, &data, v).map_err(|m| Error::Params {
+            path: v.path.clone(),
+            message: m,
+        })?;
+        eprintln!(
+            "validation {}: a constant predictor (the training targets' {}) scores {baseline:.6}",
+            opts.loss.name(),
+            match opts.loss {
+                Loss::Mse => "mean",
+                Loss::CrossEntropy => "class frequencies",
+            }
+        );
+    }
+    'epochs: for epoch in start_epoch..opts.epochs {
+        let epoch_rng = rng;
+        let order = epoch_order(data.examples, &mut rng, opts.shuffle);
+        let position = if epoch == start_epoch {
+            start_position
+        } else {
+            0
+        };
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        for (chunk, rows) in order.chunks(opts.batch_size).enumerate() {
+            let at = chunk * opts.batch_size;
+            if at < position {
+                continue;
+            }
+            if opts.max_steps.is_some_and(|m| state.step >= m) {
+                orders.push(order.clone());
+                break 'epochs;
+            }
+            let plans = plans_for(rows.len(), &data, &mut plans_by_rows)?;
+            let (inputs, target) = data.batch(rows);
+            let pass = trainer.pass(&plans, &params, &inputs, &target, opts.loss)?;
+            if !pass.loss.is_finite() {
+                return Err(Error::Usage(format!(
+                    "the loss became {} at step {} (epoch {}); nothing was written: lower --lr",
+                    pass.loss,
+                    state.step + 1,
+                    epoch + 1
+                )));
+            }
+            opts.optimizer.step(&mut state, &mut params, &pass.grads);
+            sum += pass.loss;
+            count += 1;
+            if let Some(log) = &mut log {
+                log.push_str(&format!("{},{},{:e}\n", state.step, epoch + 1, pass.loss));
+            }
+            if terminal {
+                eprint!(
+                    "\repoch {}/{} step {} loss {:.6}   ",
+                    epoch + 1,
+                    opts.epochs,
+                    state.step,
+                    sum / count as f64
+                );
+            }
+            if let Some(every) = opts.checkpoint_every {
+                if state.step % every == 0 {
+                    // At an epoch's end, the next starts from the
+                    // generator as this epoch's order left it.
+                    let done = at + rows.len();
+                    let (epoch_rng, epoch, position) = if done >= data.examples {
+                        (rng, epoch + 1, 0)
+                    } else {
+                        (epoch_rng, epoch, done)
+                    };
+                    let ck = Checkpoint {
+                        params: params
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.clone()))
+                            .collect(),
+                        state: state.clone(),
+                        epoch_rng,
+                        epoch,
+                        position,
+                        settings: settings_text(&opts, &data),
+                    };
+                    ck.write(&checkpoint_path, &opts.optimizer)?;
+                }
+            }
+        }
+        orders.push(order);
+        let mean = if count > 0 {
+            sum / count as f64
+        } else {
+            f64::NAN
+        };
+        trained.epoch_losses.push(mean);
+        let val_loss = match &val {
+            Some(v) => {
+                let rows: Vec<usize> = (0..v.examples).collect();
+                let plans = plans_for(v.examples, v, &mut plans_by_rows)?;
+                let (inputs, target) = v.batch(&rows);
+                let l = trainer.evaluate(&plans, &params, &inputs, &target, opts.loss)?;
+                trained.val_losses.push(l);
+                format!(", validation loss {l:.6}")
+            }
+            None => String::new(),
+        };
+        if !opts.quiet {
+            if terminal {
+                eprint!("\r");
+            }
+            eprintln!(
+                "epoch {}/{}: {} steps, training loss {mean:.6}{val_loss}",
+                epoch + 1,
+                opts.epochs,
+                state.step
+            );
+        }
+    }
+    trained.steps = state.step;
+    // Every layer's Drop before anything is written (as `run`).
+    model.close()?;
+    if let (Some(path), Some(log)) = (&opts.log, &log) {
+        write_atomically(path, |w| w.write_all(log.as_bytes()))?;
+    }
+    if let Some(path) = &opts.order_out {
+        let n = data.examples;
+        let flat: Vec<i64> = orders.iter().flatten().map(|&i| i as i64).collect();
+        let array = ArrayD::from_shape_vec(IxDyn(&[orders.len(), n]), flat)
+            .expect("every epoch's order has n entries");
+        write_atomically(path, |w| {
+            crate::npy::write_tensor(w, &crate::tensor::Tensor::I64(array))
+        })?;
+    }
+    params.save_safetensors(&opts.out)?;
+    if !opts.quiet {
+        eprintln!(
+            "wrote the trained parameters ({} tensors) to {}",
+            params.iter().count(),
+            opts.out.display()
+        );
+    }
+    Ok(trained)
+}
+
+fn trainable_count(trainer: &Trainer<'_>) -> usize {
+    trainer.trainable.len()
+}
+
+fn frozen_text(trainer: &Trainer<'_>) -> String {
+    trainer
+        .frozen
+        .iter()
+        .map(|f| format!("'{}': {}", f.name, f.why))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The validation loss of predicting, for every example, the training
+/// targets' mean (mse) or their class frequencies (cross_entropy).
+fn constant_baseline(loss: Loss, train: &Dataset, val: &Dataset) -> Result<f64, String> {
+    match loss {
+        Loss::Mse => {
+            let t = train.target.to_f64();
+            let n = t.shape()[0] as f64;
+            let mean = t.sum_axis(ndarray::Axis(0)) / n;
+            let v = val.target.to_f64();
+            let diff = &v - &mean;
+            Ok(diff.iter().map(|d| d * d).sum::<f64>() / diff.len().max(1) as f64)
+        }
+        Loss::CrossEntropy => {
+            let ids = train.target.to_f64();
+            let classes = ids.iter().fold(0f64, |m, &v| m.max(v)) as usize + 1;
+            let mut counts = vec![0f64; classes];
+            for &c in ids.iter() {
+                counts[c as usize] += 1.0;
+            }
+            let n = ids.len() as f64;
+            let v = val.target.to_f64();
+            let mut total = 0.0;
+            for &c in v.iter() {
+                let p = counts.get(c as usize).copied().unwrap_or(0.0) / n;
+                total -= p.max(1e-12).ln();
+            }
+            Ok(total / v.len().max(1) as f64)
+        }
+    }
+}
+
+/// The settings a checkpoint must be resumed with, as text compared whole.
+fn settings_text(opts: &TrainOptions, data: &Dataset) -> String {
+    format!(
+        "loss={} optimizer={:?} epochs={} batch_size={} seed={} shuffle={} examples={}",
+        opts.loss.name(),
+        opts.optimizer,
+        opts.epochs,
+        opts.batch_size,
+        opts.seed,
+        opts.shuffle,
+        data.examples
+    )
+}
+
+/// A resumable point of a run: parameters, optimizer state, and where in
+/// which epoch's order the next step starts.
+struct Checkpoint {
+    params: BTreeMap<String, ArrayD<f32>>,
+    state: State,
+    /// The shuffle generator as it was before this epoch's order was drawn.
+    epoch_rng: SplitMix64,
+    epoch: usize,
+    /// Examples of this epoch's order already used.
+    position: usize,
+    settings: String,
+}
+
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+impl Checkpoint {
+    fn write(&self, path: &Path, optimizer: &Optimizer) -> Result<(), Error> {
+        let mut tensors: Vec<(String, &ArrayD<f32>)> =
+            self.params.iter().map(|(n, v)| (n.clone(), v)).collect();
+        for (name, bufs) in &self.state.buffers {
+            for (kind, buf) in optimizer.buffer_names().iter().zip(bufs) {
+                tensors.push((format!("{OPTIMIZER_PREFIX}{kind}.{name}"), buf));
+            }
+        }
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, a)| a.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let encode_error = |e: safetensors::SafeTensorError| Error::Params {
+            path: path.to_path_buf(),
+            message: format!("cannot encode the checkpoint: {e}"),
+        };
+        let views = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, a), data)| {
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    a.shape().to_vec(),
+                    data,
+                )
+                .map(|v| (name.as_str(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(encode_error)?;
+        let metadata = HashMap::from([
+            ("format".to_string(), "host-train-checkpoint-1".to_string()),
+            ("step".to_string(), self.state.step.to_string()),
+            ("epoch".to_string(), self.epoch.to_string()),
+            ("position".to_string(), self.position.to_string()),
+            ("epoch_rng".to_string(), self.epoch_rng.0.to_string()),
+            ("settings".to_string(), self.settings.clone()),
+        ]);
+        let encoded = safetensors::serialize(views, Some(metadata)).map_err(encode_error)?;
+        write_atomically(path, |w| w.write_all(&encoded))
+    }
+
+    fn read(path: &Path) -> Result<Checkpoint, Error> {
+        let bad = |message: String| Error::Params {
+            path: path.to_path_buf(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a checkpoint (safetensors): {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some("host-train-checkpoint-1") {
+            return Err(bad(
+                "is not a checkpoint written by `host train --checkpoint-every`".into(),
+            ));
+        }
+        let number = |key: &str| -> Result<u64, Error> {
+            meta.get(key)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(format!("its metadata lacks a valid '{key}'")))
+        };
+        let file = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a checkpoint (safetensors): {e}")))?;
+        let mut params = BTreeMap::new();
+        let mut buffers: BTreeMap<String, Vec<(String, ArrayD<f32>)>> = BTreeMap::new();
+        for (name, view) in file.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!("tensor '{name}' is not float32")));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let array = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
+                .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
+            match name.strip_prefix(OPTIMIZER_PREFIX) {
+                Some(rest) => {
+                    let (kind, param) = rest
+                        .split_once('.')
+                        .ok_or_else(|| bad(format!("tensor '{name}' names no parameter")))?;
+                    buffers
+                        .entry(param.to_string())
+                        .or_default()
+                        .push((kind.to_string(), array));
+                }
+                None => {
+                    params.insert(name, array);
+                }
+            }
+        }
+        // Buffers in the optimizer's order: exp_avg before exp_avg_sq.
+        let buffers = buffers
+            .into_iter()
+            .map(|(param, mut list)| {
+                list.sort_by_key(|(kind, _)| kind.len());
+                (param, list.into_iter().map(|(_, a)| a).collect())
+            })
+            .collect();
+        Ok(Checkpoint {
+            params,
+            state: State {
+                step: number("step")?,
+                buffers,
+            },
+            epoch_rng: SplitMix64(number("epoch_rng")?),
+            epoch: number("epoch")? as usize,
+            position: number("position")? as usize,
+            settings: meta.get("settings").cloned().unwrap_or_default(),
+        })
+    }
+
+    fn check_settings(&self, path: &Path, now: &str) -> Result<(), Error> {
+        if self.settings == now {
+            return Ok(());
+        }
+        Err(Error::Params {
+            path: path.to_path_buf(),
+            message: format!(
+                "was written with other settings ({}); resume with the same ones, not ({now})",
+                self.settings
+            ),
+        })
+    }
+}

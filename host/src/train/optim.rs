@@ -1,0 +1,190 @@
+//! The host's optimizers, step for step as torch's `SGD` and `Adam`
+//! (single-tensor form) compute them, in `float32`.
+
+use std::collections::BTreeMap;
+
+use ndarray::{ArrayD, Zip};
+
+use crate::params::ParamStore;
+
+/// An optimizer and its settings, spelled as torch spells them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        dampening: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    },
+    Adam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+}
+
+/// What an optimizer carries from step to step: the step count and, per
+/// parameter, SGD's momentum buffer or Adam's two moments.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    pub step: u64,
+    /// By parameter's stored name: `[momentum]` or `[exp_avg, exp_avg_sq]`.
+    pub buffers: BTreeMap<String, Vec<ArrayD<f32>>>,
+}
+
+impl Optimizer {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Sgd { .. } => "sgd",
+            Optimizer::Adam { .. } => "adam",
+        }
+    }
+
+    /// The names of the buffers it keeps per parameter.
+    pub fn buffer_names(&self) -> &'static [&'static str] {
+        match self {
+            Optimizer::Sgd { momentum, .. } if *momentum != 0.0 => &["momentum_buffer"],
+            Optimizer::Sgd { .. } => &[],
+            Optimizer::Adam { .. } => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+
+    /// Updates every parameter that has a gradient in `grads`.
+    pub fn step(
+        &self,
+        state: &mut State,
+        params: &mut ParamStore,
+        grads: &BTreeMap<String, ArrayD<f32>>,
+    ) {
+        state.step += 1;
+        for (name, grad) in grads {
+            let Some(p) = params.get_mut(name) else {
+                continue;
+            };
+            let mut g = grad.clone();
+            match *self {
+                Optimizer::Sgd {
+                    lr,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    nesterov,
+                } => {
+                    if weight_decay != 0.0 {
+                        Zip::from(&mut g)
+                            .and(&*p)
+                            .for_each(|g, &p| *g += weight_decay * p);
+                    }
+                    if momentum != 0.0 {
+                        let first = !state.buffers.contains_key(name);
+                        let bufs = state
+                            .buffers
+                            .entry(name.clone())
+                            .or_insert_with(|| vec![g.clone()]);
+                        let buf = &mut bufs[0];
+                        if !first {
+                            Zip::from(&mut *buf)
+                                .and(&g)
+                                .for_each(|b, &g| *b = *b * momentum + (1.0 - dampening) * g);
+                        }
+                        if nesterov {
+                            Zip::from(&mut g)
+                                .and(&*buf)
+                                .for_each(|g, &b| *g += momentum * b);
+                        } else {
+                            g.assign(buf);
+                        }
+                    }
+                    Zip::from(&mut *p).and(&g).for_each(|p, &g| *p += -lr * g);
+                }
+                Optimizer::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                } => {
+                    if weight_decay != 0.0 {
+                        Zip::from(&mut g)
+                            .and(&*p)
+                            .for_each(|g, &p| *g += weight_decay * p);
+                    }
+                    let bufs = state.buffers.entry(name.clone()).or_insert_with(|| {
+                        vec![ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())]
+                    });
+                    let (m, v) = bufs.split_at_mut(1);
+                    let (m, v) = (&mut m[0], &mut v[0]);
+                    Zip::from(&mut *m)
+                        .and(&g)
+                        .for_each(|m, &g| *m += (1.0 - beta1) * (g - *m));
+                    Zip::from(&mut *v)
+                        .and(&g)
+                        .for_each(|v, &g| *v = *v * beta2 + (1.0 - beta2) * g * g);
+                    let t = state.step as i32;
+                    let bias1 = 1.0 - (beta1 as f64).powi(t);
+                    let bias2 = 1.0 - (beta2 as f64).powi(t);
+                    let step_size = (lr as f64 / bias1) as f32;
+                    let bias2_sqrt = bias2.sqrt() as f32;
+                    Zip::from(&mut *p).and(&*m).and(&*v).for_each(|p, &m, &v| {
+                        let denom = v.sqrt() / bias2_sqrt + eps;
+                        *p += -step_size * (m / denom);
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    fn store(v: ArrayD<f32>) -> ParamStore {
+        ParamStore::from_tensors(BTreeMap::from([("w".to_string(), v)]))
+    }
+
+    #[test]
+    fn sgd_with_momentum_by_hand() {
+        let sgd = Optimizer::Sgd {
+            lr: 0.5,
+            momentum: 0.9,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        };
+        let mut params = store(array![1.0f32].into_dyn());
+        let mut state = State::default();
+        let grads = BTreeMap::from([("w".to_string(), array![2.0f32].into_dyn())]);
+        // Step 1: buf = 2, w = 1 - 0.5*2 = 0. Step 2: buf = 0.9*2 + 2 = 3.8,
+        // w = 0 - 0.5*3.8 = -1.9.
+        sgd.step(&mut state, &mut params, &grads);
+        assert_eq!(params.get("w").unwrap()[[0]], 0.0);
+        sgd.step(&mut state, &mut params, &grads);
+        assert!((params.get("w").unwrap()[[0]] + 1.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adam_first_step_moves_by_lr_times_the_sign() {
+        let adam = Optimizer::Adam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut params = store(array![1.0f32, 1.0].into_dyn());
+        let mut state = State::default();
+        let grads = BTreeMap::from([("w".to_string(), array![3.0f32, -0.5].into_dyn())]);
+        // m̂ = g, v̂ = g², so the step is lr * g / |g| (up to eps).
+        adam.step(&mut state, &mut params, &grads);
+        let w = params.get("w").unwrap();
+        assert!(
+            (w[[0]] - 0.9).abs() < 1e-6 && (w[[1]] - 1.1).abs() < 1e-6,
+            "{w}"
+        );
+    }
+}
