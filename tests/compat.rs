@@ -404,7 +404,16 @@ fn future_crates(work: &Path) {
         "\n    }\n}\n",
         "\n        teleport: Some(teleport),",
     );
-    insert_before_end(&adapter, "pub const OFFERS", "];", ", \"teleport\"");
+    edit(
+        &adapter,
+        "&[\"flops\", \"prepare\", \"backward\"]",
+        "&[\"flops\", \"prepare\", \"backward\", \"teleport\"]",
+    );
+    edit(
+        &adapter,
+        "&[\"flops\", \"prepare\"]\n",
+        "&[\"flops\", \"prepare\", \"teleport\"]\n",
+    );
     edit(
         &adapter,
         "($layer:ty) => {",
