@@ -13,6 +13,9 @@
 //! error naming both. Config: none
 //! (`{}`). Parameters: none.
 //!
+//! Backward: each input's gradient is the output's, summed (in `f64`) over
+//! the axes that input was broadcast along.
+//!
 //! Batch independence is claimed: when `a` and `b` both have the batch
 //! axis (a residual `x + f(x)`), row `i` of the output is `a[i] + b[i]`.
 //! An input without it, such as a `(d,)` vector or a scalar, is shared by
@@ -21,10 +24,10 @@
 //! broadcast within rows (`(4, 3, 5) + (4, 1, 5)`) or against a scalar
 //! (which it does not cut); `(b, n, d) + (d,)` is in the unit tests.
 
-use layer_api::ndarray::{IxDyn, Zip};
+use layer_api::ndarray::{ArrayViewD, Axis, IxDyn, Zip};
 use layer_api::{
-    export_layer, DType, Inputs, MultiLayer, NoConfig, Outputs, Params, Plan, Probe, ProbeInput,
-    Signature, TensorInfo,
+    export_layer, DType, Grads, Inputs, MultiLayer, NoConfig, Outputs, Params, Plan, Probe,
+    ProbeInput, Signature, TensorInfo,
 };
 use layer_kernels::elementwise::add;
 
@@ -47,6 +50,33 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
             )),
         })
         .collect()
+}
+
+/// The gradient of an input of `shape` broadcast to `grad`'s shape: `grad`
+/// summed over the leading axes the input lacks and over the axes where it
+/// has size 1 and the output does not.
+fn unbroadcast(grad: &ArrayViewD<'_, f32>, shape: &[usize]) -> Result<Vec<f64>, String> {
+    let rank = grad.ndim();
+    let lacking = rank
+        .checked_sub(shape.len())
+        .ok_or("an input has more axes than the output")?;
+    let mut sum = grad.mapv(f64::from);
+    // From the last axis back, so that removing one keeps the others' numbers.
+    for axis in (0..rank).rev() {
+        let size = axis.checked_sub(lacking).map_or(1, |i| shape[i]);
+        if size == 1 && grad.len_of(Axis(axis)) != 1 {
+            sum = sum.sum_axis(Axis(axis)).insert_axis(Axis(axis));
+        }
+    }
+    if sum.len() != shape.iter().product::<usize>() {
+        return Err(format!(
+            "an input of shape {shape:?} does not broadcast to the output's {:?}",
+            grad.shape()
+        ));
+    }
+    // In logical C order: the input's own order, since the axes it lacks
+    // are all of size 1 here.
+    Ok(sum.iter().copied().collect())
 }
 
 impl MultiLayer for Add {
@@ -124,6 +154,32 @@ impl MultiLayer for Add {
             .for_each(|y, &a, &b| *y = a + b);
         Ok(())
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        _outputs: &Inputs<'_>,
+        _params: &Params<'_>,
+        grad_outputs: &Inputs<'_>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let g = grad_outputs.get::<f32>("output")?;
+        for name in ["a", "b"] {
+            let Some(mut dx) = grads.input::<f32>(name)? else {
+                continue;
+            };
+            let shape = inputs.get::<f32>(name)?.shape().to_vec();
+            if dx.shape() == g.shape() {
+                dx.assign(&g);
+                continue;
+            }
+            let sum = unbroadcast(&g, &shape)?;
+            dx.iter_mut().zip(sum).for_each(|(d, s)| *d = s as f32);
+        }
+        Ok(())
+    }
 }
 
 export_layer!(Add);
@@ -132,7 +188,7 @@ export_layer!(Add);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD};
-    use layer_api::testing::{Harness, Tensor};
+    use layer_api::testing::{gradcheck, Harness, Tensor, Tolerance};
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -226,5 +282,62 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.contains("int64"), "{err}");
+    }
+
+    /// The gradients of `a` and `b` for output gradient `g`.
+    fn input_gradients(
+        a: ArrayD<f32>,
+        b: ArrayD<f32>,
+        g: ArrayD<f32>,
+    ) -> (ArrayD<f32>, ArrayD<f32>) {
+        let harness = Harness::new::<Add>("{}").unwrap();
+        let got = harness
+            .gradients(
+                vec![("a", a.into()), ("b", b.into())],
+                &[],
+                vec![("output", g.into())],
+            )
+            .unwrap();
+        let grad = |i: usize| {
+            got.inputs[i]
+                .1
+                .clone()
+                .unwrap()
+                .into_array::<f32>()
+                .unwrap()
+        };
+        (grad(0), grad(1))
+    }
+
+    #[test]
+    fn backward_sums_over_broadcast_axes_by_hand() {
+        // (2, 3) + (3,): a's gradient is g, b's the column sums.
+        let g = array![[1.0f32, 2.0, 3.0], [10.0, 20.0, 30.0]].into_dyn();
+        let (da, db) = input_gradients(filled(&[2, 3], 0), filled(&[3], 1), g.clone());
+        assert_eq!(da, g);
+        assert_eq!(db, array![11.0f32, 22.0, 33.0].into_dyn());
+        // (2, 1) + (1, 3): row sums for a, column sums for b.
+        let (da, db) = input_gradients(filled(&[2, 1], 0), filled(&[1, 3], 1), g.clone());
+        assert_eq!(da, array![[6.0f32], [60.0]].into_dyn());
+        assert_eq!(db, array![[11.0f32, 22.0, 33.0]].into_dyn());
+        // A scalar gets the sum of everything.
+        let (_, db) = input_gradients(filled(&[2, 3], 0), ArrayD::zeros(IxDyn(&[])), g);
+        assert_eq!(db, ArrayD::from_elem(IxDyn(&[]), 66.0f32));
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_for_each_broadcast() {
+        for (a, b) in [
+            (&[2, 3, 4][..], &[2, 3, 4][..]),
+            (&[2, 3, 4], &[4]),
+            (&[2, 1, 4], &[3, 1]),
+            (&[2, 3, 4], &[]),
+            (&[1, 4], &[2, 3, 1]),
+        ] {
+            let harness = Harness::new::<Add>("{}").unwrap();
+            let inputs = vec![("a", filled(a, 0).into()), ("b", filled(b, 3).into())];
+            gradcheck(&harness, inputs, &[], Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{a:?} + {b:?}: {e}"));
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! input, batch axis included (the custom-layers chapter's `CenteredLayer`).
 //! It has no parameters (so nothing to initialize), and it is not
 //! batch-independent: each output element depends on the whole batch.
+//! Backward: `dx = g - mean(g)`, the mean over every element, in `f64`.
 
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, NoConfig, Params};
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Grads, Layer, NoConfig, Params, INPUT};
 
 pub struct Centered;
 
@@ -44,6 +45,30 @@ impl Layer for Centered {
         output.zip_mut_with(&input, |y, &x| *y = x - mean);
         Ok(())
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        _input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        // Every output element moves by -1/n with each input element, so
+        // the input gradient is the output gradient less its mean.
+        let Some(mut dx) = grads.input::<f32>(INPUT)? else {
+            return Ok(());
+        };
+        if grad_output.is_empty() {
+            return Ok(());
+        }
+        let sum: f64 = grad_output.iter().map(|&g| f64::from(g)).sum();
+        let mean = sum / grad_output.len() as f64;
+        dx.zip_mut_with(&grad_output, |d, &g| *d = (f64::from(g) - mean) as f32);
+        Ok(())
+    }
 }
 
 export_layer!(Centered);
@@ -52,7 +77,8 @@ export_layer!(Centered);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     #[test]
     fn subtracts_the_mean_of_every_element_batch_included() {
@@ -90,5 +116,37 @@ mod tests {
         let err = testing::forward::<Centered>(r#"{"units": 3}"#, array![1.0f32].into_dyn(), &[])
             .unwrap_err();
         assert!(err.contains("unknown field `units`"), "{err}");
+    }
+
+    #[test]
+    fn backward_subtracts_the_mean_gradient_by_hand() {
+        // g sums to 12 over 6 elements: dx = g - 2.
+        let x = array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 9.0]].into_dyn();
+        let g = array![[1.0f32, 0.0, -1.0], [2.0, 4.0, 6.0]].into_dyn();
+        let h = Harness::new::<Centered>("{}").unwrap();
+        let got = h
+            .gradients(vec![(INPUT, x.into())], &[], vec![(OUTPUT, g.into())])
+            .unwrap();
+        let dx = got.inputs[0]
+            .1
+            .clone()
+            .unwrap()
+            .into_array::<f32>()
+            .unwrap();
+        assert_eq!(
+            dx,
+            array![[-1.0f32, -2.0, -3.0], [0.0, 2.0, 4.0]].into_dyn()
+        );
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let x = ArrayD::from_shape_vec(
+            IxDyn(&[2, 3, 2]),
+            (0..12).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect(),
+        )
+        .unwrap();
+        let h = Harness::new::<Centered>("{}").unwrap();
+        gradcheck(&h, vec![(INPUT, x.into())], &[], Tolerance::F32).unwrap();
     }
 }

@@ -21,9 +21,13 @@
 //!   which does not cancel for large negative `x`; vectorized
 //!   (`layer_kernels::elementwise::gelu_tanh`).
 //!
+//! Backward: `dx = g · gelu'(x)` in `f64`, as torch: `Φ(x) + x · φ(x)`
+//! (exact), or the derivative of the tanh form (`"tanh"`).
+//!
 //! Parameters: none.
 
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, Params};
+use layer_api::ndarray::Zip;
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Grads, Layer, Params, INPUT};
 use layer_kernels::elementwise;
 use serde::Deserialize;
 
@@ -46,6 +50,30 @@ pub struct GeluConfig {
 
 pub struct Gelu {
     approximate: Approximate,
+}
+
+/// `√(2/π)`.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+/// `1/√(2π)`, the standard normal density at 0.
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// The exact GELU's derivative `Φ(x) + x · φ(x)`, with
+/// `Φ(x) = erfc(-x/√2) / 2` (no cancellation in the negative tail).
+fn gelu_derivative(x: f64) -> f64 {
+    let cdf = 0.5 * elementwise::erfc(-x * std::f64::consts::FRAC_1_SQRT_2);
+    let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+    cdf + x * pdf
+}
+
+/// The derivative of `0.5 · x · (1 + tanh u)`, `u = √(2/π)(x + 0.044715 x³)`:
+/// `0.5 (1 + tanh u) + 0.5 x (1 - tanh² u) u'`, written with `s = σ(2u)`
+/// (`0.5 (1 + tanh u) = s`, `0.5 (1 - tanh² u) = 2 s (1 - s)`), which does
+/// not cancel for large `|u|`.
+fn gelu_tanh_derivative(x: f64) -> f64 {
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+    let s = 1.0 / (1.0 + (-2.0 * u).exp());
+    s + x * 2.0 * s * (1.0 - s) * du
 }
 
 impl Layer for Gelu {
@@ -89,6 +117,30 @@ impl Layer for Gelu {
             .ok_or("gelu needs a contiguous output (standard layout)")?;
         kernel(x, y)
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let Some(mut dx) = grads.input::<f32>(INPUT)? else {
+            return Ok(());
+        };
+        let derivative = match self.approximate {
+            Approximate::None => gelu_derivative,
+            Approximate::Tanh => gelu_tanh_derivative,
+        };
+        Zip::from(&mut dx)
+            .and(&input)
+            .and(&grad_output)
+            .for_each(|d, &x, &g| *d = (f64::from(g) * derivative(f64::from(x))) as f32);
+        Ok(())
+    }
 }
 
 export_layer!(Gelu);
@@ -97,7 +149,8 @@ export_layer!(Gelu);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     fn run(config: &str, xs: &[f32]) -> Vec<f32> {
         let x = ArrayD::from_shape_vec(vec![xs.len()], xs.to_vec()).unwrap();
@@ -174,5 +227,60 @@ mod tests {
         assert!(err.contains("`none`") && err.contains("`tanh`"), "{err}");
         let err = testing::forward::<Gelu>(r#"{"approx": "tanh"}"#, x(), &[]).unwrap_err();
         assert!(err.contains("unknown field `approx`"), "{err}");
+    }
+
+    fn input_gradient(config: &str, xs: &[f32], gs: &[f32]) -> Vec<f32> {
+        let x = ArrayD::from_shape_vec(vec![xs.len()], xs.to_vec()).unwrap();
+        let g = ArrayD::from_shape_vec(vec![gs.len()], gs.to_vec()).unwrap();
+        let h = Harness::new::<Gelu>(config).unwrap();
+        let got = h
+            .gradients(vec![(INPUT, x.into())], &[], vec![(OUTPUT, g.into())])
+            .unwrap();
+        let dx = got.inputs[0].1.clone().unwrap();
+        dx.into_array::<f32>().unwrap().iter().copied().collect()
+    }
+
+    #[test]
+    fn exact_derivative_matches_known_values() {
+        // gelu'(x) = Φ(x) + x φ(x): at 0, 1/2; at ±1, Φ(±1) ± φ(1) with
+        // Φ(1) = 0.8413447460685429, φ(1) = 0.24197072451914337 (mpmath);
+        // at 2, Φ(2) + 2 φ(2) = 0.9772498680518208 + 2 · 0.05399096651318806.
+        let got = input_gradient("{}", &[0.0, 1.0, -1.0, 2.0], &[1.0, 1.0, 2.0, -1.0]);
+        let want = [
+            0.5,
+            0.8413447460685429 + 0.24197072451914337,
+            2.0 * (0.15865525393145705 - 0.24197072451914337),
+            -(0.9772498680518208 + 2.0 * 0.05399096651318806),
+        ];
+        assert_close(&got, &want);
+    }
+
+    #[test]
+    fn tanh_derivative_matches_the_tanh_formula() {
+        // Differentiated by hand, with tanh itself rather than the layer's
+        // σ form: 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3 · 0.044715 x²).
+        let xs = [0.0f32, 1.0, -1.0, 2.5, -3.0];
+        let want: Vec<f64> = xs
+            .iter()
+            .map(|&x| {
+                let x = f64::from(x);
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (c * (x + 0.044715 * x.powi(3))).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+            })
+            .collect();
+        let got = input_gradient(r#"{"approximate": "tanh"}"#, &xs, &[1.0; 5]);
+        assert_close(&got, &want);
+        assert_eq!(got[0], 0.5);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_in_both_modes() {
+        let x = array![[-3.0f32, -1.2, -0.3], [0.2, 0.9, 2.5]].into_dyn();
+        for config in ["{}", r#"{"approximate": "tanh"}"#] {
+            let h = Harness::new::<Gelu>(config).unwrap();
+            gradcheck(&h, vec![(INPUT, x.clone().into())], &[], Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{config}: {e}"));
+        }
     }
 }

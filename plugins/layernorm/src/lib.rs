@@ -7,6 +7,11 @@
 //! vectorized (`layer_kernels::elementwise::layer_norm`). Any leading axes
 //! are kept.
 //!
+//! Backward, in `f64` with the statistics recomputed as the forward's:
+//! `dx = (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)) / √(var + eps)` with
+//! `ĝ = g ⊙ weight` and `x̂` the normalized input; `dweight = Σ g ⊙ x̂` and
+//! `dbias = Σ g` over the rows.
+//!
 //! Config:
 //!
 //! * `normalized_shape`: the size of the last axis, an integer or a list of
@@ -25,7 +30,8 @@
 
 use layer_api::ndarray::Ix1;
 use layer_api::{
-    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Grads, Init, Layer, ParamSpec,
+    Params, INPUT,
 };
 use layer_kernels::elementwise::layer_norm;
 use serde::Deserialize;
@@ -155,6 +161,83 @@ impl Layer for LayerNorm {
         let y = output.as_slice_mut().ok_or(contiguous)?;
         layer_norm(x, y, self.features, weight, bias, self.eps)
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let n = self.features;
+        let weight = self
+            .weight
+            .then(|| params.get::<Ix1>("weight"))
+            .transpose()?
+            .map(|w| w.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>());
+        let mut dx = grads.input::<f32>(INPUT)?;
+        let mut dweight = self
+            .weight
+            .then(|| grads.param("weight"))
+            .transpose()?
+            .flatten();
+        let mut dbias = self
+            .bias
+            .then(|| grads.param("bias"))
+            .transpose()?
+            .flatten();
+        let contiguous = "layernorm needs contiguous tensors (standard layout)";
+        let input = input.as_standard_layout();
+        let x = input.as_slice().ok_or(contiguous)?;
+        let grad_output = grad_output.as_standard_layout();
+        let g = grad_output.as_slice().ok_or(contiguous)?;
+        let mut dx = dx
+            .as_mut()
+            .map(|d| d.as_slice_mut().ok_or(contiguous))
+            .transpose()?;
+        let (mut sum_gx, mut sum_g) = (vec![0.0f64; n], vec![0.0f64; n]);
+        let (mut normed, mut scaled) = (vec![0.0f64; n], vec![0.0f64; n]);
+        for (row, (x, g)) in x.chunks_exact(n).zip(g.chunks_exact(n)).enumerate() {
+            let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            let var = x
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n as f64;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            for k in 0..n {
+                let gk = f64::from(g[k]);
+                normed[k] = (f64::from(x[k]) - mean) * rstd;
+                scaled[k] = weight.as_ref().map_or(gk, |w| gk * w[k]);
+                sum_gx[k] += gk * normed[k];
+                sum_g[k] += gk;
+            }
+            if let Some(dx) = dx.as_mut() {
+                let mean_scaled = scaled.iter().sum::<f64>() / n as f64;
+                let mean_scaled_normed =
+                    scaled.iter().zip(&normed).map(|(s, h)| s * h).sum::<f64>() / n as f64;
+                for (k, d) in dx[row * n..(row + 1) * n].iter_mut().enumerate() {
+                    *d = (rstd * (scaled[k] - mean_scaled - normed[k] * mean_scaled_normed)) as f32;
+                }
+            }
+        }
+        if let Some(dweight) = dweight.as_mut() {
+            dweight
+                .iter_mut()
+                .zip(&sum_gx)
+                .for_each(|(d, &s)| *d = s as f32);
+        }
+        if let Some(dbias) = dbias.as_mut() {
+            dbias
+                .iter_mut()
+                .zip(&sum_g)
+                .for_each(|(d, &s)| *d = s as f32);
+        }
+        Ok(())
+    }
 }
 
 export_layer!(LayerNorm);
@@ -163,7 +246,8 @@ export_layer!(LayerNorm);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -282,5 +366,82 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("got a scalar"), "{err}");
+    }
+
+    #[test]
+    fn backward_by_hand_without_affine() {
+        // x = [0, 1, 2]: mean 1, variance 2/3, eps 0, so rstd = √(3/2) and
+        // x̂ = √(3/2) [-1, 0, 1]. g = [0, 1, 0]: mean(g) = 1/3 and
+        // mean(g x̂) = 0, so dx = √(3/2) (g - 1/3) = √(3/2) [-1/3, 2/3, -1/3].
+        let config = r#"{"normalized_shape": 3, "eps": 0, "elementwise_affine": false}"#;
+        let h = Harness::new::<LayerNorm>(config).unwrap();
+        let got = h
+            .gradients(
+                vec![(INPUT, array![[0.0f32, 1.0, 2.0]].into_dyn().into())],
+                &[],
+                vec![(OUTPUT, array![[0.0f32, 1.0, 0.0]].into_dyn().into())],
+            )
+            .unwrap();
+        let dx = got.inputs[0]
+            .1
+            .clone()
+            .unwrap()
+            .into_array::<f32>()
+            .unwrap();
+        let r = 1.5f64.sqrt();
+        assert_close(&dx, &[-r / 3.0, 2.0 * r / 3.0, -r / 3.0], 1e-6);
+        assert!(got.params.is_empty());
+    }
+
+    #[test]
+    fn parameter_gradients_by_hand() {
+        // As above, x̂ = √(3/2) [-1, 0, 1]; over two equal rows, with
+        // g = [1, 2, 3] each: dbias = 2 g, dweight = 2 g x̂ = 2√(3/2) [-1, 0, 3].
+        let x = array![[0.0f32, 1.0, 2.0], [0.0, 1.0, 2.0]].into_dyn();
+        let g = array![[1.0f32, 2.0, 3.0], [1.0, 2.0, 3.0]].into_dyn();
+        let h = Harness::new::<LayerNorm>(r#"{"normalized_shape": 3, "eps": 0}"#).unwrap();
+        let got = h
+            .gradients(
+                vec![(INPUT, x.into())],
+                &[
+                    ("weight", array![1.0f32, 1.0, 1.0].into_dyn()),
+                    ("bias", array![0.0f32, 0.0, 0.0].into_dyn()),
+                ],
+                vec![(OUTPUT, g.into())],
+            )
+            .unwrap();
+        let r = 1.5f64.sqrt();
+        assert_eq!(got.params[0].0, "weight");
+        assert_close(&got.params[0].1, &[-2.0 * r, 0.0, 6.0 * r], 1e-6);
+        assert_eq!(got.params[1].0, "bias");
+        assert_close(&got.params[1].1, &[2.0, 4.0, 6.0], 0.0);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_in_every_configuration() {
+        // Rows of spread values (variance ≫ the step² of the differences),
+        // so that the f32 forward's rounding stays within tolerance.
+        let x = filled(&[2, 3, 5], 0).mapv(|v| 2.0 * v);
+        let w = filled(&[5], 3);
+        let b = filled(&[5], 7);
+        let cases = [
+            (
+                r#"{"normalized_shape": 5}"#,
+                vec![("weight", w.clone()), ("bias", b)],
+            ),
+            (
+                r#"{"normalized_shape": 5, "bias": false}"#,
+                vec![("weight", w)],
+            ),
+            (
+                r#"{"normalized_shape": 5, "elementwise_affine": false}"#,
+                vec![],
+            ),
+        ];
+        for (config, params) in cases {
+            let h = Harness::new::<LayerNorm>(config).unwrap();
+            gradcheck(&h, vec![(INPUT, x.clone().into())], &params, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{config}: {e}"));
+        }
     }
 }

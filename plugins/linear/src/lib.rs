@@ -7,6 +7,9 @@
 //! then taken from the input. `prepare` stores `Wᵀ` once per parameter set,
 //! in the layout the matrix kernels read without repacking.
 //!
+//! Backward: `dx = g · W`, `dW = gᵀ · x` (matrix products, on the raw
+//! `(out_features, in_features)` weight) and `db = Σ g` over the rows.
+//!
 //! Parameters and their default initializers, PyTorch's; a model file may
 //! override either with `"init"`:
 //!
@@ -16,11 +19,11 @@
 //! | `bias` (unless `"bias": false`) | `(out_features,)` | `uniform` on `±1/√in_features` | in and out `out_features` |
 
 use layer_api::{
-    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, FanMode, Init, Layer, ParamSpec,
-    Params, Prepared,
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, FanMode, Grads, Init, Layer,
+    ParamSpec, Params, Prepared, INPUT,
 };
 use layer_kernels::elementwise::add_bias;
-use ndarray::{Array2, Ix1, Ix2};
+use ndarray::{Array2, ArrayView2, Ix1, Ix2};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +186,62 @@ impl Layer for Linear {
         }
         Ok(())
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        // The raw (out_features, in_features) weight: dx = g · W reads it
+        // row-major as it is.
+        let weight = params.get::<Ix2>("weight")?;
+        let (out_features, in_features) = weight.dim();
+        let rows: usize = input.shape()[..input.ndim().saturating_sub(1)]
+            .iter()
+            .product();
+        let x = as_rows("input", input, rows, in_features)?;
+        let g = as_rows("output gradient", grad_output, rows, out_features)?;
+        if let Some(dx) = grads.input::<f32>(INPUT)? {
+            let dx = dx
+                .into_shape_with_order((rows, in_features))
+                .map_err(|e| format!("input gradient as ({rows}, {in_features}): {e}"))?;
+            layer_kernels::matmul(g, weight, dx)?;
+        }
+        if let Some(dw) = grads.param("weight")? {
+            let dw = dw
+                .into_shape_with_order((out_features, in_features))
+                .map_err(|e| format!("weight gradient as ({out_features}, {in_features}): {e}"))?;
+            layer_kernels::matmul(g.t(), x, dw)?;
+        }
+        if self.bias {
+            if let Some(mut db) = grads.param("bias")? {
+                let mut sums = vec![0.0f64; out_features];
+                for row in g.rows() {
+                    sums.iter_mut()
+                        .zip(row)
+                        .for_each(|(s, &v)| *s += f64::from(v));
+                }
+                db.iter_mut().zip(sums).for_each(|(d, s)| *d = s as f32);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `a` as a matrix of `rows` rows of `cols`.
+fn as_rows<'a>(
+    what: &str,
+    a: ArrayViewD<'a, f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<ArrayView2<'a, f32>, String> {
+    a.into_shape_with_order((rows, cols))
+        .map_err(|e| format!("{what} as ({rows}, {cols}): {e}"))
 }
 
 export_layer!(Linear);
@@ -191,7 +250,8 @@ export_layer!(Linear);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -284,5 +344,58 @@ mod tests {
         let err =
             testing::forward::<Linear>(r#"{"out_features": 2, "bias": 1}"#, x(), &[]).unwrap_err();
         assert!(err.contains("expected a boolean"), "{err}");
+    }
+
+    #[test]
+    fn backward_of_a_one_by_two_case_by_hand() {
+        // W = [[1, 2], [-1, 0]] (rows are outputs), x = [1, 2], g = [3, -1]:
+        // dx = g · W = [3·1 - 1·(-1), 3·2 - 1·0] = [4, 6];
+        // dW = gᵀ x = [[3, 6], [-1, -2]]; db = g.
+        let x = array![[1.0f32, 2.0]].into_dyn();
+        let w = array![[1.0f32, 2.0], [-1.0, 0.0]].into_dyn();
+        let b = array![0.5f32, -1.0].into_dyn();
+        let h = Harness::new::<Linear>(r#"{"out_features": 2}"#).unwrap();
+        let got = h
+            .gradients(
+                vec![(INPUT, x.into())],
+                &[("weight", w), ("bias", b)],
+                vec![(OUTPUT, array![[3.0f32, -1.0]].into_dyn().into())],
+            )
+            .unwrap();
+        let dx = got.inputs[0].1.clone().unwrap();
+        assert_eq!(
+            dx.into_array::<f32>().unwrap(),
+            array![[4.0f32, 6.0]].into_dyn()
+        );
+        assert_eq!(got.params[0].0, "weight");
+        assert_eq!(
+            got.params[0].1,
+            array![[3.0f32, 6.0], [-1.0, -2.0]].into_dyn()
+        );
+        assert_eq!(got.params[1].0, "bias");
+        assert_eq!(got.params[1].1, array![3.0f32, -1.0].into_dyn());
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_and_without_bias() {
+        let x = filled(&[2, 3, 5], 0);
+        let w = filled(&[4, 5], 3);
+        let b = filled(&[4], 9);
+        let h = Harness::new::<Linear>(r#"{"out_features": 4}"#).unwrap();
+        gradcheck(
+            &h,
+            vec![(INPUT, x.clone().into())],
+            &[("weight", w.clone()), ("bias", b)],
+            Tolerance::F32,
+        )
+        .unwrap();
+        let h = Harness::new::<Linear>(r#"{"out_features": 4, "bias": false}"#).unwrap();
+        gradcheck(
+            &h,
+            vec![(INPUT, x.into())],
+            &[("weight", w)],
+            Tolerance::F32,
+        )
+        .unwrap();
     }
 }

@@ -10,6 +10,9 @@
 //!   repeats; negative counts from the end (`-1` the last).
 //! * `keepdim` (default false).
 //!
+//! Backward: each input element gets its output element's gradient divided
+//! by the number of elements averaged (in `f64`).
+//!
 //! Parameters: none.
 //!
 //! Batch independence (row `i` of the output depends only on row `i` of the
@@ -21,7 +24,7 @@
 //! input, which has no batch axis.
 
 use layer_api::ndarray::{Axis, IxDyn};
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, Params};
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Grads, Layer, Params, INPUT};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +135,48 @@ impl Layer for Mean {
         }
         Ok(())
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let Some(mut dx) = grads.input::<f32>(INPUT)? else {
+            return Ok(());
+        };
+        if input.is_empty() {
+            return Ok(());
+        }
+        let reduced = self.reduced(input.ndim())?;
+        let count: usize = (0..input.ndim())
+            .filter(|&a| reduced[a])
+            .map(|a| input.len_of(Axis(a)))
+            .product();
+        // The gradient with the reduced axes kept as size 1 (the same
+        // elements in the same order), broadcast back over them.
+        let kept: Vec<usize> = input
+            .shape()
+            .iter()
+            .zip(&reduced)
+            .map(|(&n, &r)| if r { 1 } else { n })
+            .collect();
+        let g = grad_output
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order(IxDyn(&kept))
+            .map_err(|e| format!("output gradient as {kept:?}: {e}"))?;
+        let g = g.mapv(|g| (f64::from(g) / count as f64) as f32);
+        let g = g
+            .broadcast(dx.raw_dim())
+            .ok_or("the output gradient does not broadcast to the input")?;
+        dx.assign(&g);
+        Ok(())
+    }
 }
 
 export_layer!(Mean);
@@ -140,7 +185,8 @@ export_layer!(Mean);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -246,5 +292,54 @@ mod tests {
         assert!(err.contains("unknown field `dim`"), "{err}");
         let err = run(r#"{"dims": 1}"#, x()).unwrap_err();
         assert!(err.contains("expected a sequence"), "{err}");
+    }
+
+    fn input_gradient(config: &str, x: ArrayD<f32>, g: ArrayD<f32>) -> ArrayD<f32> {
+        let h = Harness::new::<Mean>(config).unwrap();
+        let got = h
+            .gradients(vec![(INPUT, x.into())], &[], vec![(OUTPUT, g.into())])
+            .unwrap();
+        got.inputs[0]
+            .1
+            .clone()
+            .unwrap()
+            .into_array::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn backward_spreads_each_gradient_over_its_elements_by_hand() {
+        // Mean over axis 1 of (2, 3): each row's gradient / 3, for all 3.
+        let x = filled(&[2, 3], 0);
+        let dx = input_gradient(
+            r#"{"dims": [1]}"#,
+            x.clone(),
+            array![3.0f32, -6.0].into_dyn(),
+        );
+        assert_eq!(
+            dx,
+            array![[1.0f32, 1.0, 1.0], [-2.0, -2.0, -2.0]].into_dyn()
+        );
+        // keepdim, over axis 0: each column's gradient / 2.
+        let dx = input_gradient(
+            r#"{"dims": [0], "keepdim": true}"#,
+            x,
+            array![[2.0f32, 4.0, -1.0]].into_dyn(),
+        );
+        assert_eq!(dx, array![[1.0f32, 2.0, -0.5], [1.0, 2.0, -0.5]].into_dyn());
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let x = filled(&[2, 3, 4], 2);
+        for config in [
+            r#"{"dims": [1]}"#,
+            r#"{"dims": [-3, 2], "keepdim": true}"#,
+            r#"{"dims": [0, 1, 2]}"#,
+        ] {
+            let h = Harness::new::<Mean>(config).unwrap();
+            gradcheck(&h, vec![(INPUT, x.clone().into())], &[], Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{config}: {e}"));
+        }
     }
 }

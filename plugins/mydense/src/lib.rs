@@ -5,6 +5,10 @@
 //! config and is then taken from the input. A NaN stays NaN through the
 //! relu, as in PyTorch, rather than becoming 0.
 //!
+//! Backward: with `gz = g` where `y > 0` (else 0, as torch's relu),
+//! `dx = gz · Wᵀ`, `dW = xᵀ · gz` (matrix products) and `db = Σ gz` over the
+//! rows.
+//!
 //! Parameters and their default initializers, as the chapter's `MyLinear`
 //! (`torch.randn`); a model file may override either with `"init"`:
 //!
@@ -14,10 +18,11 @@
 //! | `bias` | `(units,)` | `normal` (mean 0, std 1) | in and out `units` |
 
 use layer_api::{
-    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Grads, Init, Layer, ParamSpec,
+    Params, INPUT,
 };
 use layer_kernels::elementwise::add_bias_relu;
-use ndarray::{Ix1, Ix2};
+use ndarray::{Array2, ArrayView2, Ix1, Ix2, Zip};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +120,66 @@ impl Layer for MyDense {
         let bias = bias.as_slice().ok_or("the bias is not contiguous")?;
         add_bias_relu(y, bias)
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        output: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let weight = params.get::<Ix2>("weight")?;
+        let in_units = weight.nrows();
+        let rows: usize = input.shape()[..input.ndim().saturating_sub(1)]
+            .iter()
+            .product();
+        let units = self.units;
+        let x = as_rows("input", input, rows, in_units)?;
+        let y = as_rows("output", output, rows, units)?;
+        let g = as_rows("output gradient", grad_output, rows, units)?;
+        // The gradient before the relu: passed where it let y through.
+        let mut gz = Array2::<f32>::zeros((rows, units));
+        Zip::from(&mut gz)
+            .and(&y)
+            .and(&g)
+            .for_each(|gz, &y, &g| *gz = if y > 0.0 { g } else { 0.0 });
+        if let Some(dx) = grads.input::<f32>(INPUT)? {
+            let dx = dx
+                .into_shape_with_order((rows, in_units))
+                .map_err(|e| format!("input gradient as ({rows}, {in_units}): {e}"))?;
+            layer_kernels::matmul(gz.view(), weight.t(), dx)?;
+        }
+        if let Some(dw) = grads.param("weight")? {
+            let dw = dw
+                .into_shape_with_order((in_units, units))
+                .map_err(|e| format!("weight gradient as ({in_units}, {units}): {e}"))?;
+            layer_kernels::matmul(x.t(), gz.view(), dw)?;
+        }
+        if let Some(mut db) = grads.param("bias")? {
+            let mut sums = vec![0.0f64; units];
+            for row in gz.rows() {
+                sums.iter_mut()
+                    .zip(row)
+                    .for_each(|(s, &v)| *s += f64::from(v));
+            }
+            db.iter_mut().zip(sums).for_each(|(d, s)| *d = s as f32);
+        }
+        Ok(())
+    }
+}
+
+/// `a` as a matrix of `rows` rows of `cols`.
+fn as_rows<'a>(
+    what: &str,
+    a: ArrayViewD<'a, f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<ArrayView2<'a, f32>, String> {
+    a.into_shape_with_order((rows, cols))
+        .map_err(|e| format!("{what} as ({rows}, {cols}): {e}"))
 }
 
 export_layer!(MyDense);
@@ -123,7 +188,8 @@ export_layer!(MyDense);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -220,5 +286,69 @@ mod tests {
         );
         let err = testing::forward::<MyDense>(r#"{"unit": 2}"#, x(), &[]).unwrap_err();
         assert!(err.contains("unknown field `unit`"), "{err}");
+    }
+
+    #[test]
+    fn backward_of_a_one_by_two_case_by_hand() {
+        // As `computes_relu_of_x_w_plus_b_by_hand`: y = [6.5, 0] (the second
+        // unit is cut by the relu). g = [2, 5]: gz = [2, 0], so
+        // dx = gz · Wᵀ = [2·1, 2·3] = [2, 6], dW = xᵀ gz = [[2, 0], [4, 0]],
+        // db = [2, 0].
+        let x = array![[1.0f32, 2.0]].into_dyn();
+        let w = array![[1.0f32, -2.0], [3.0, 0.5]].into_dyn();
+        let b = array![-0.5f32, 0.5].into_dyn();
+        let h = Harness::new::<MyDense>(r#"{"units": 2}"#).unwrap();
+        let got = h
+            .gradients(
+                vec![(INPUT, x.into())],
+                &[("weight", w), ("bias", b)],
+                vec![(OUTPUT, array![[2.0f32, 5.0]].into_dyn().into())],
+            )
+            .unwrap();
+        let dx = got.inputs[0].1.clone().unwrap();
+        assert_eq!(
+            dx.into_array::<f32>().unwrap(),
+            array![[2.0f32, 6.0]].into_dyn()
+        );
+        assert_eq!(got.params[0].0, "weight");
+        assert_eq!(
+            got.params[0].1,
+            array![[2.0f32, 0.0], [4.0, 0.0]].into_dyn()
+        );
+        assert_eq!(got.params[1].0, "bias");
+        assert_eq!(got.params[1].1, array![2.0f32, 0.0].into_dyn());
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_leading_axes() {
+        let (in_units, units) = (4, 3);
+        let x = filled(&[2, 3, in_units], 0);
+        let w = filled(&[in_units, units], 5);
+        let b = filled(&[units], 11);
+        // Every pre-activation x·W + b stays clear of the relu's kink: a
+        // step of 1e-2 in one value (all |values| ≤ 1) moves it by ≤ 1e-2.
+        let x2 = x.view().into_shape_with_order((6, in_units)).unwrap();
+        let w2 = w.view().into_shape_with_order((in_units, units)).unwrap();
+        let (mut cut, mut kept) = (0, 0);
+        for r in 0..6 {
+            for k in 0..units {
+                let z: f32 = (0..in_units).map(|i| x2[[r, i]] * w2[[i, k]]).sum::<f32>() + b[[k]];
+                assert!(z.abs() > 0.04, "pre-activation {z} too near 0");
+                if z > 0.0 {
+                    kept += 1;
+                } else {
+                    cut += 1;
+                }
+            }
+        }
+        assert!(cut > 0 && kept > 0, "the case exercises relu both ways");
+        let h = Harness::new::<MyDense>(r#"{"units": 3}"#).unwrap();
+        gradcheck(
+            &h,
+            vec![(INPUT, x.into())],
+            &[("weight", w), ("bias", b)],
+            Tolerance::F32,
+        )
+        .unwrap();
     }
 }

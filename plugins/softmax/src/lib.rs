@@ -8,6 +8,8 @@
 //! Config: `dim` (required, as PyTorch recommends), the axis: `0` is the
 //! first, negative counts from the end (`-1` the last).
 //!
+//! Backward: `dx = y ⊙ (g - Σ g ⊙ y)` along the axis, the sum in `f64`.
+//!
 //! Parameters: none.
 //!
 //! Batch independence (row `i` of the output depends only on row `i` of the
@@ -23,7 +25,7 @@
 //! NaN, as in PyTorch.
 
 use layer_api::ndarray::{Axis, Zip};
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Layer, Params};
+use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Grads, Layer, Params, INPUT};
 use layer_kernels::elementwise::softmax;
 use serde::Deserialize;
 
@@ -118,6 +120,39 @@ impl Layer for Softmax {
             });
         result
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        output: ArrayViewD<'_, f32>,
+        _params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let Some(mut dx) = grads.input::<f32>(INPUT)? else {
+            return Ok(());
+        };
+        if input.is_empty() {
+            return Ok(());
+        }
+        let axis = Axis(self.axis(input.ndim())?);
+        Zip::from(dx.lanes_mut(axis))
+            .and(output.lanes(axis))
+            .and(grad_output.lanes(axis))
+            .for_each(|mut dx, y, g| {
+                let dot: f64 = y
+                    .iter()
+                    .zip(&g)
+                    .map(|(&y, &g)| f64::from(y) * f64::from(g))
+                    .sum();
+                Zip::from(&mut dx).and(&y).and(&g).for_each(|d, &y, &g| {
+                    *d = (f64::from(y) * (f64::from(g) - dot)) as f32;
+                });
+            });
+        Ok(())
+    }
 }
 
 export_layer!(Softmax);
@@ -126,7 +161,8 @@ export_layer!(Softmax);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::OUTPUT;
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -218,5 +254,42 @@ mod tests {
         assert!(run(0, ArrayD::zeros(IxDyn(&[]))).is_err());
         let err = testing::forward::<Softmax>("{}", filled(&[2], 0), &[]).unwrap_err();
         assert!(err.contains("missing field `dim`"), "{err}");
+    }
+
+    #[test]
+    fn backward_by_hand() {
+        // y = [1/2, 1/2] (x = [0, 0]), g = [1, 0]: Σ g y = 1/2, so
+        // dx = [1/2 · 1/2, 1/2 · (-1/2)] = [1/4, -1/4]. Along axis 0 of a
+        // (2, 1) input, the same.
+        for (dim, x, g) in [
+            (-1, array![[0.0f32, 0.0]], array![[1.0f32, 0.0]]),
+            (0, array![[0.0f32], [0.0]], array![[1.0f32], [0.0]]),
+        ] {
+            let h = Harness::new::<Softmax>(&format!(r#"{{"dim": {dim}}}"#)).unwrap();
+            let got = h
+                .gradients(
+                    vec![(INPUT, x.into_dyn().into())],
+                    &[],
+                    vec![(OUTPUT, g.into_dyn().into())],
+                )
+                .unwrap();
+            let dx = got.inputs[0]
+                .1
+                .clone()
+                .unwrap()
+                .into_array::<f32>()
+                .unwrap();
+            assert_eq!(dx.iter().copied().collect::<Vec<_>>(), [0.25, -0.25]);
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_along_each_axis() {
+        let x = filled(&[2, 3, 4], 1);
+        for dim in [-1, 1, 0] {
+            let h = Harness::new::<Softmax>(&format!(r#"{{"dim": {dim}}}"#)).unwrap();
+            gradcheck(&h, vec![(INPUT, x.clone().into())], &[], Tolerance::F32)
+                .unwrap_or_else(|e| panic!("dim {dim}: {e}"));
+        }
     }
 }

@@ -12,6 +12,10 @@
 //! product, in a GEMM rather than a triple loop. The fold is done once per
 //! set of parameters, in `prepare`; every `forward` uses the folded `V`.
 //!
+//! Backward: `dx_m = Σ_jk (W_mjk + W_jmk) x_j g_k` and
+//! `dW_ijk = Σ_rows x_i x_j g_k`, each as matrix products over blocks of
+//! rows (of the outer products `x ⊗ g` and `x ⊗ x`).
+//!
 //! The parameter and its default initializer; a model file may override it
 //! with `"init"`. PyTorch has no such layer to copy a default from: a standard
 //! deviation of `1 / in_units` keeps `y` of the order of `|x|²` whatever
@@ -22,10 +26,10 @@
 //! | `weight` | `(in_units, in_units, units)` | `normal` (mean 0, std `1 / in_units`) | in `in_units²`, out `units` |
 
 use layer_api::{
-    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params,
-    Prepared,
+    export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, Grads, Init, Layer, ParamSpec,
+    Params, Prepared, INPUT,
 };
-use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView3, ArrayViewMut2, Ix3};
+use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayView3, ArrayViewMut2, Ix3};
 use serde::Deserialize;
 
 /// Rows per matrix product: keeps the outer-product buffer near 1 MiB for
@@ -90,6 +94,25 @@ fn upper_outer_product(x: &[f32], pairs: &mut [f32]) {
         }
         start += rest.len();
     }
+}
+
+/// Writes `a_i b_j` for every `i` and `j`, row-major, into `out`.
+fn outer_product(a: &[f32], b: &[f32], out: &mut [f32]) {
+    for (&ai, out) in a.iter().zip(out.chunks_exact_mut(b.len())) {
+        for (o, &bj) in out.iter_mut().zip(b) {
+            *o = ai * bj;
+        }
+    }
+}
+
+/// `W` plus `W` with its two input axes swapped, as `(in_units, in_units ·
+/// units)`: row `m` holds `W_mjk + W_jmk` at column `j · units + k`.
+fn symmetrized(w: ArrayView3<'_, f32>) -> Array2<f32> {
+    let (n, _, units) = w.dim();
+    let mut sum = w.as_standard_layout().into_owned();
+    sum += &w.permuted_axes([1, 0, 2]);
+    sum.into_shape_with_order((n, n * units))
+        .expect("an owned standard-layout array takes any shape of its length")
 }
 
 impl Layer for TensorReduction {
@@ -205,6 +228,85 @@ impl Layer for TensorReduction {
         }
         Ok(())
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let weight = params.get::<Ix3>("weight")?;
+        let (n, _, units) = weight.dim();
+        let input = input.as_standard_layout();
+        let grad_output = grad_output.as_standard_layout();
+        let contiguous = "tensor_reduction needs contiguous tensors (standard layout)";
+        let x = input.as_slice().ok_or(contiguous)?;
+        let g = grad_output.as_slice().ok_or(contiguous)?;
+        let rows = g.len() / units;
+        if x.len() != rows * n {
+            return Err(format!(
+                "the input has shape {:?}, not {rows} rows of the weight's {n} input features",
+                input.shape()
+            ));
+        }
+        if rows == 0 || n == 0 {
+            // Nothing to sum: the gradients are empty or stay zero.
+            return Ok(());
+        }
+        let block_rows = ROWS_PER_BLOCK.min(rows);
+        if let Some(mut dx) = grads.input::<f32>(INPUT)? {
+            let dx = dx.as_slice_mut().ok_or(contiguous)?;
+            let sym = symmetrized(weight);
+            // dx (rows, n) = P (rows, n · units) · symᵀ, P_r = x_r ⊗ g_r.
+            let mut p = Array2::<f32>::zeros((block_rows, n * units));
+            for ((x, g), dx) in x
+                .chunks(ROWS_PER_BLOCK * n)
+                .zip(g.chunks(ROWS_PER_BLOCK * units))
+                .zip(dx.chunks_mut(ROWS_PER_BLOCK * n))
+            {
+                let block = g.len() / units;
+                let mut p = p.slice_mut(s![..block, ..]);
+                let buffer = p.as_slice_mut().expect("leading rows are contiguous");
+                for ((x, g), out) in x
+                    .chunks(n)
+                    .zip(g.chunks(units))
+                    .zip(buffer.chunks_mut(n * units))
+                {
+                    outer_product(x, g, out);
+                }
+                let mut dx = ArrayViewMut2::from_shape((block, n), dx)
+                    .map_err(|e| format!("input gradient block as ({block}, {n}): {e}"))?;
+                general_mat_mul(1.0, &p, &sym.t(), 0.0, &mut dx);
+            }
+        }
+        if let Some(dw) = grads.param("weight")? {
+            let mut dw = dw
+                .into_shape_with_order((n * n, units))
+                .map_err(|e| format!("weight gradient as ({}, {units}): {e}", n * n))?;
+            // dW (n · n, units) = Σ over blocks of Qᵀ · G, Q_r = x_r ⊗ x_r,
+            // added block by block to the buffer, which starts at zero.
+            let mut q = Array2::<f32>::zeros((block_rows, n * n));
+            for (x, g) in x
+                .chunks(ROWS_PER_BLOCK * n)
+                .zip(g.chunks(ROWS_PER_BLOCK * units))
+            {
+                let block = g.len() / units;
+                let mut q = q.slice_mut(s![..block, ..]);
+                let buffer = q.as_slice_mut().expect("leading rows are contiguous");
+                for (x, out) in x.chunks(n).zip(buffer.chunks_mut(n * n)) {
+                    outer_product(x, x, out);
+                }
+                let g = ArrayView2::from_shape((block, units), g)
+                    .map_err(|e| format!("output gradient block as ({block}, {units}): {e}"))?;
+                general_mat_mul(1.0, &q.t(), &g, 1.0, &mut dw);
+            }
+        }
+        Ok(())
+    }
 }
 
 export_layer!(TensorReduction);
@@ -213,8 +315,8 @@ export_layer!(TensorReduction);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing::{self, Harness};
-    use layer_api::INPUT;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
+    use layer_api::{INPUT, OUTPUT};
 
     fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
         let n: usize = shape.iter().product();
@@ -329,5 +431,98 @@ mod tests {
             err.contains("expects 3 input features (config `in_units`)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn backward_by_hand() {
+        // As `computes_the_reduction_by_hand`: y = x0² + 5 x0 x1 + 4 x1²
+        // (W = [[1, 2], [3, 4]]) at x = [1, 2], with g = 3:
+        // dy/dx0 = 2 x0 + 5 x1 = 12, dy/dx1 = 5 x0 + 8 x1 = 21, so
+        // dx = [36, 63]; dW_ij = g x_i x_j = [[3, 6], [6, 12]].
+        let x = array![[1.0f32, 2.0]].into_dyn();
+        let w = array![[[1.0f32], [2.0]], [[3.0], [4.0]]].into_dyn();
+        let h = Harness::new::<TensorReduction>(r#"{"units": 1}"#).unwrap();
+        let got = h
+            .gradients(
+                vec![(INPUT, x.into())],
+                &[("weight", w)],
+                vec![(OUTPUT, array![[3.0f32]].into_dyn().into())],
+            )
+            .unwrap();
+        let dx = got.inputs[0].1.clone().unwrap();
+        assert_eq!(
+            dx.into_array::<f32>().unwrap(),
+            array![[36.0f32, 63.0]].into_dyn()
+        );
+        assert_eq!(
+            got.params[0].1,
+            array![[[3.0f32], [6.0]], [[6.0], [12.0]]].into_dyn()
+        );
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_leading_axes() {
+        let x = filled(&[2, 3, 4], 0);
+        let w = filled(&[4, 4, 3], 5);
+        let h = Harness::new::<TensorReduction>(r#"{"units": 3}"#).unwrap();
+        gradcheck(
+            &h,
+            vec![(INPUT, x.into())],
+            &[("weight", w)],
+            Tolerance::F32,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn backward_over_more_than_a_block_matches_the_sums() {
+        // dW_ijk = Σ_r x_ri x_rj g_rk and dx_rm = Σ_jk (W_mjk + W_jmk) x_rj g_rk,
+        // by loops, over a batch of several blocks.
+        let (rows, n, units) = (2 * ROWS_PER_BLOCK + 5, 3, 2);
+        let x = filled(&[rows, n], 1);
+        let w = filled(&[n, n, units], 2);
+        let g = filled(&[rows, units], 3);
+        let h = Harness::new::<TensorReduction>(r#"{"units": 2}"#).unwrap();
+        let got = h
+            .gradients(
+                vec![(INPUT, x.clone().into())],
+                &[("weight", w.clone())],
+                vec![(OUTPUT, g.clone().into())],
+            )
+            .unwrap();
+        let dx = got.inputs[0]
+            .1
+            .clone()
+            .unwrap()
+            .into_array::<f32>()
+            .unwrap();
+        let dw = &got.params[0].1;
+        for i in 0..n {
+            for j in 0..n {
+                for k in 0..units {
+                    let want: f64 = (0..rows)
+                        .map(|r| f64::from(x[[r, i]]) * f64::from(x[[r, j]]) * f64::from(g[[r, k]]))
+                        .sum();
+                    let got = f64::from(dw[[i, j, k]]);
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "dW[{i}, {j}, {k}]: {got} != {want}"
+                    );
+                }
+            }
+        }
+        for r in 0..rows {
+            for m in 0..n {
+                let mut want = 0.0f64;
+                for j in 0..n {
+                    for k in 0..units {
+                        let s = f64::from(w[[m, j, k]]) + f64::from(w[[j, m, k]]);
+                        want += s * f64::from(x[[r, j]]) * f64::from(g[[r, k]]);
+                    }
+                }
+                let got = f64::from(dx[[r, m]]);
+                assert!((got - want).abs() < 1e-5, "dx[{r}, {m}]: {got} != {want}");
+            }
+        }
     }
 }
