@@ -10,14 +10,24 @@
 //!
 //! Config: `num_embeddings` and `embedding_dim` (both at least 1), and
 //! `padding_idx` (optional, in `[-num_embeddings, num_embeddings)` as
-//! PyTorch checks it). `padding_idx` is accepted so that PyTorch configs
-//! load, but it changes nothing here: in PyTorch it zeroes that row when
-//! the layer is created and keeps gradients from it, and at inference the
-//! row is looked up like any other. A `state_dict` carries PyTorch's zero
-//! row; a weight this host initializes is `normal` throughout (an
-//! initializer fills a whole tensor), so that row is not zero unless
-//! loaded. `max_norm` (which rewrites rows during `forward`),
+//! PyTorch checks it; a negative one counts from the end). In PyTorch
+//! `padding_idx` zeroes that row when the layer is created and keeps
+//! gradients from it; here it does the second (see backward below), and at
+//! inference the row is looked up like any other. A `state_dict` carries
+//! PyTorch's zero row; a weight this host initializes is `normal`
+//! throughout (an initializer fills a whole tensor), so that row is not zero
+//! unless loaded. `max_norm` (which rewrites rows during `forward`),
 //! `scale_grad_by_freq` and `sparse` are not accepted.
+//!
+//! Backward (the layer offers it): the input holds integer indices, so it
+//! has no gradient. The gradient of `weight` is sparse by rows: for each
+//! index `i` of the input, the gradient of its output row is added into row
+//! `i` of the weight's gradient, so an index that occurs several times
+//! accumulates all of its rows' gradients, and rows no index read are left
+//! untouched (zero). Rows equal to `padding_idx` get no gradient even
+//! though `forward` reads them, as in PyTorch: the padding row stays what
+//! it was through training. An index out of range is the same error as in
+//! `forward`.
 //!
 //! The parameter, named and laid out as in PyTorch's `state_dict`; a model
 //! file may override its default with `"init"`:
@@ -28,7 +38,7 @@
 
 use layer_api::ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2, Dimension, Ix2};
 use layer_api::{
-    export_layer, DType, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params, Plan, Probe,
+    export_layer, DType, Grads, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params, Plan, Probe,
     ProbeInput, Signature, TensorInfo,
 };
 use serde::Deserialize;
@@ -40,7 +50,8 @@ pub struct EmbeddingConfig {
     pub num_embeddings: usize,
     /// Length of each row.
     pub embedding_dim: usize,
-    /// Accepted for compatibility; no effect at inference.
+    /// The row that gets no gradient (negative: counted from the end); no
+    /// effect at inference.
     #[serde(default)]
     pub padding_idx: Option<i64>,
 }
@@ -48,15 +59,17 @@ pub struct EmbeddingConfig {
 pub struct Embedding {
     rows: usize,
     dim: usize,
+    /// `padding_idx` made non-negative: the row that gets no gradient.
+    padding: Option<usize>,
 }
 
-/// Copies `weight[index]` into row `k` of `out` for the `k`-th index.
-fn lookup<T: Copy + Into<i64>>(
+/// Calls `each(k, row)` for the `k`-th index (in C order) and the row it
+/// names, or fails on the first index outside `[0, rows)`.
+fn rows_of<T: Copy + Into<i64>>(
     indices: ArrayViewD<'_, T>,
-    weight: ArrayView2<'_, f32>,
-    mut out: ArrayViewMut2<'_, f32>,
+    rows: usize,
+    mut each: impl FnMut(usize, usize),
 ) -> Result<(), String> {
-    let rows = weight.nrows();
     for (k, (position, &index)) in indices.indexed_iter().enumerate() {
         let index: i64 = index.into();
         let row = usize::try_from(index)
@@ -70,9 +83,37 @@ fn lookup<T: Copy + Into<i64>>(
                     rows - 1
                 )
             })?;
-        out.row_mut(k).assign(&weight.row(row));
+        each(k, row);
     }
     Ok(())
+}
+
+/// Copies `weight[index]` into row `k` of `out` for the `k`-th index.
+fn lookup<T: Copy + Into<i64>>(
+    indices: ArrayViewD<'_, T>,
+    weight: ArrayView2<'_, f32>,
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<(), String> {
+    rows_of(indices, weight.nrows(), |k, row| {
+        out.row_mut(k).assign(&weight.row(row))
+    })
+}
+
+/// Adds row `k` of `grad_out` into row `index` of `grad_weight` for the
+/// `k`-th index, except where `index` is the padding row.
+fn scatter_add<T: Copy + Into<i64>>(
+    indices: ArrayViewD<'_, T>,
+    grad_out: ArrayView2<'_, f32>,
+    mut grad_weight: ArrayViewMut2<'_, f32>,
+    padding: Option<usize>,
+) -> Result<(), String> {
+    let rows = grad_weight.nrows();
+    rows_of(indices, rows, |k, row| {
+        if Some(row) != padding {
+            let mut into = grad_weight.row_mut(row);
+            into += &grad_out.row(k);
+        }
+    })
 }
 
 impl MultiLayer for Embedding {
@@ -88,15 +129,20 @@ impl MultiLayer for Embedding {
         if dim == 0 {
             return Err("`embedding_dim` must be at least 1".into());
         }
-        if let Some(p) = config.padding_idx {
-            let n = rows as i64;
-            if !(-n..n).contains(&p) {
-                return Err(format!(
-                    "`padding_idx` {p} must be within [-{n}, {n}) (`num_embeddings` is {n})"
-                ));
+        let padding = match config.padding_idx {
+            None => None,
+            Some(p) => {
+                let n = rows as i64;
+                if !(-n..n).contains(&p) {
+                    return Err(format!(
+                        "`padding_idx` {p} must be within [-{n}, {n}) (`num_embeddings` is {n})"
+                    ));
+                }
+                // [-n, n) to [0, n): a negative index counts from the end.
+                Some(p.rem_euclid(n) as usize)
             }
-        }
-        Ok(Embedding { rows, dim })
+        };
+        Ok(Embedding { rows, dim, padding })
     }
 
     fn signature(&self) -> Signature {
@@ -150,6 +196,53 @@ impl MultiLayer for Embedding {
             _ => lookup(inputs.get::<i64>("input")?, weight, out),
         }
     }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        _outputs: &Inputs<'_>,
+        _params: &Params<'_>,
+        grad_outputs: &Inputs<'_>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        // The input is integer indices: it has no gradient to give.
+        let Some(grad_weight) = grads.param("weight")? else {
+            return Ok(());
+        };
+        let grad_weight = grad_weight
+            .into_dimensionality::<Ix2>()
+            .map_err(|e| format!("the gradient of `weight`: {e}"))?;
+        if grad_weight.dim() != (self.rows, self.dim) {
+            return Err(format!(
+                "the gradient of `weight` has shape {:?}, not (num_embeddings, embedding_dim) \
+                 = ({}, {})",
+                grad_weight.shape(),
+                self.rows,
+                self.dim
+            ));
+        }
+        let grad_output = grad_outputs.get::<f32>("output")?;
+        let count = grad_output.len() / self.dim;
+        let grad_out = grad_output
+            .into_shape_with_order((count, self.dim))
+            .map_err(|e| format!("output gradient as ({count}, {}): {e}", self.dim))?;
+        match inputs.dtype("input")? {
+            Some(DType::I32) => scatter_add(
+                inputs.get::<i32>("input")?,
+                grad_out,
+                grad_weight,
+                self.padding,
+            ),
+            _ => scatter_add(
+                inputs.get::<i64>("input")?,
+                grad_out,
+                grad_weight,
+                self.padding,
+            ),
+        }
+    }
 }
 
 export_layer!(Embedding);
@@ -158,7 +251,7 @@ export_layer!(Embedding);
 mod tests {
     use super::*;
     use layer_api::ndarray::{array, ArrayD, IxDyn};
-    use layer_api::testing::{Harness, Tensor};
+    use layer_api::testing::{gradcheck, Harness, Tensor, Tolerance};
 
     /// A (rows, dim) table whose entry [r, c] is r + c / 10, so every row
     /// says which it is.
@@ -248,9 +341,133 @@ mod tests {
 
     #[test]
     fn probes_stay_in_range() {
-        let layer = Embedding { rows: 7, dim: 2 };
+        let layer = Embedding {
+            rows: 7,
+            dim: 2,
+            padding: None,
+        };
         for probe in layer.probes() {
             assert_eq!(probe.inputs[0].as_ref().unwrap().range, (0, 7));
+        }
+    }
+
+    /// The weight's gradient for `input` and `grad_output`, and that the
+    /// input (integer indices) got none.
+    fn weight_gradient(config: &str, input: Tensor, grad_output: ArrayD<f32>) -> ArrayD<f32> {
+        let harness = Harness::new::<Embedding>(config).unwrap();
+        let got = harness
+            .gradients(
+                vec![("input", input)],
+                &[("weight", table(5, 2))],
+                vec![("output", grad_output.into())],
+            )
+            .unwrap();
+        assert_eq!(got.inputs.len(), 1);
+        assert!(got.inputs[0].1.is_none(), "an index input has no gradient");
+        assert_eq!(got.params.len(), 1);
+        assert_eq!(got.params[0].0, "weight");
+        got.params[0].1.clone()
+    }
+
+    #[test]
+    fn repeated_indices_accumulate_and_the_padding_row_gets_no_gradient() {
+        // Indices [[1, 3], [1, 0]] with padding_idx 0; output gradient rows
+        // g0 = (1, 2), g1 = (10, 20), g2 = (100, 200), g3 = (1000, 2000).
+        // Row 1 is read twice: g0 + g2 = (101, 202); row 3 once: g1; row 0
+        // is the padding row: zero although it was read; rows 2 and 4 were
+        // not read: zero.
+        let grad_output = array![
+            [[1.0f32, 2.0], [10.0, 20.0]],
+            [[100.0, 200.0], [1000.0, 2000.0]]
+        ]
+        .into_dyn();
+        let want = array![
+            [0.0f32, 0.0],
+            [101.0, 202.0],
+            [0.0, 0.0],
+            [10.0, 20.0],
+            [0.0, 0.0]
+        ]
+        .into_dyn();
+        let padded = r#"{"num_embeddings": 5, "embedding_dim": 2, "padding_idx": 0}"#;
+        for input in [
+            Tensor::from(array![[1i64, 3], [1, 0]].into_dyn()),
+            Tensor::from(array![[1i32, 3], [1, 0]].into_dyn()),
+        ] {
+            let got = weight_gradient(padded, input, grad_output.clone());
+            assert_eq!(got, want);
+        }
+        // padding_idx -5 names the same row 0; without padding_idx row 0
+        // gets g3.
+        let from_end = r#"{"num_embeddings": 5, "embedding_dim": 2, "padding_idx": -5}"#;
+        let input = Tensor::from(array![[1i64, 3], [1, 0]].into_dyn());
+        assert_eq!(
+            weight_gradient(from_end, input.clone(), grad_output.clone()),
+            want
+        );
+        let mut unpadded = want.clone();
+        unpadded[[0, 0]] = 1000.0;
+        unpadded[[0, 1]] = 2000.0;
+        assert_eq!(weight_gradient(&config(5, 2), input, grad_output), unpadded);
+    }
+
+    #[test]
+    fn a_scalar_index_and_an_empty_input_give_one_row_and_no_rows() {
+        let scalar = Tensor::from(ArrayD::from_elem(IxDyn(&[]), 4i64));
+        let got = weight_gradient(&config(5, 2), scalar, array![3.0f32, -1.5].into_dyn());
+        let mut want = ArrayD::<f32>::zeros(IxDyn(&[5, 2]));
+        want[[4, 0]] = 3.0;
+        want[[4, 1]] = -1.5;
+        assert_eq!(got, want);
+        let empty = Tensor::from(ArrayD::<i32>::zeros(IxDyn(&[0, 3])));
+        let got = weight_gradient(
+            &config(5, 2),
+            empty,
+            ArrayD::<f32>::zeros(IxDyn(&[0, 3, 2])),
+        );
+        assert_eq!(got, ArrayD::<f32>::zeros(IxDyn(&[5, 2])));
+    }
+
+    #[test]
+    fn gradients_for_an_index_out_of_range_are_an_error_naming_it() {
+        let harness = Harness::new::<Embedding>(&config(3, 2)).unwrap();
+        // The harness runs forward first, which refuses the index; backward
+        // checks with the same code and message (the harness cannot call
+        // backward alone), so the error names the index either way.
+        let err = harness
+            .gradients(
+                vec![("input", array![0i64, 3].into_dyn().into())],
+                &[("weight", table(3, 2))],
+                vec![],
+            )
+            .unwrap_err();
+        assert!(
+            err.starts_with("index 3 at position [1] is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gradcheck_of_the_weight() {
+        // Repeated indices, with and without a padding row that the input
+        // does not use (a used padding row's gradient is zero by design,
+        // which finite differences of forward would not give).
+        let input = array![[2i64, 0, 2], [4, 1, 2]].into_dyn();
+        let weight = ArrayD::from_shape_fn(IxDyn(&[6, 3]), |ix| {
+            ((ix[0] * 3 + ix[1]) * 7 % 11) as f32 / 11.0 - 0.5
+        });
+        for config in [
+            r#"{"num_embeddings": 6, "embedding_dim": 3}"#,
+            r#"{"num_embeddings": 6, "embedding_dim": 3, "padding_idx": 5}"#,
+        ] {
+            let harness = Harness::new::<Embedding>(config).unwrap();
+            gradcheck(
+                &harness,
+                vec![("input", input.clone().into())],
+                &[("weight", weight.clone())],
+                Tolerance::F32,
+            )
+            .unwrap();
         }
     }
 }

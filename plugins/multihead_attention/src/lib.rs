@@ -59,6 +59,25 @@
 //! * Only a bool `key_padding_mask` is accepted, not torch's additive float
 //!   mask; `attn_mask` and `is_causal` are not supported.
 //!
+//! Backward (the layer offers it, so it can be trained through): the
+//! gradient of `query`, `key` and `value` (each on its own: where one
+//! tensor feeds several of them, as in self-attention, the host sums) and
+//! of every parameter, from the gradient of `output` and, with
+//! `need_weights`, of `weights` (each head's attention gets `1/H` of it).
+//! `backward` keeps nothing from `forward`: it recomputes q, k, v and each
+//! head's attention from the inputs and parameters, then goes back through
+//! the out-projection (`d context = d output · Wout`, `d Wout += d outputᵀ ·
+//! context`, `d bout += Σ d output`), each head (`d attn = d context_h ·
+//! v_hᵀ`, `d v_h = attnᵀ · d context_h`; the softmax's
+//! `d scores = attn ⊙ (d attn − Σ_keys attn ⊙ d attn)`; `d q_h = d scores ·
+//! k_h`, `d k_h = d scoresᵀ · q_h`), the scaling by `1/√d`, and the
+//! in-projections (`d x = d q · Wq`, `d Wq += d qᵀ · x`, `d bq += Σ d q`,
+//! likewise for k and v). A masked key has attention exactly 0, so it, its
+//! value and their inputs' rows get no gradient from it (exactly zero).
+//! The same inputs are refused as by `forward` (a row with every key masked
+//! included). With `L = 0` nothing depends on anything: every gradient is
+//! zero. The bool `key_padding_mask` has no gradient.
+//!
 //! Batch-independent: each batch row is computed on its own (its own
 //! projections, heads and mask), so a batch split into pieces gives the same
 //! bits as the whole.
@@ -71,11 +90,14 @@
 //! `H·L·S`.
 
 use layer_api::{
-    export_layer, DType, FanMode, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params, Plan,
-    Probe, ProbeInput, Signature, TensorInfo,
+    export_layer, DType, FanMode, Grads, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params,
+    Plan, Probe, ProbeInput, Signature, TensorInfo,
 };
 use layer_kernels::matmul;
-use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Ix1, Ix2, Ix3};
+use ndarray::{
+    s, Array2, ArrayView, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut,
+    ArrayViewMut2, ArrayViewMut3, ArrayViewMutD, Axis, Dimension, Ix1, Ix2, Ix3,
+};
 use serde::Deserialize;
 
 /// Input and output names.
@@ -234,6 +256,74 @@ impl MultiheadAttention {
         specs
     }
 
+    /// The inputs as views, checked against each other and the config
+    /// (every batch row must keep a key visible).
+    fn operands<'a>(&self, inputs: &Inputs<'a>) -> Result<Operands<'a>, String> {
+        let input3 = |name: &str| {
+            inputs
+                .get::<f32>(name)?
+                .into_dimensionality::<Ix3>()
+                .map_err(|e| format!("`{name}`: {e}"))
+        };
+        let (query, key, value) = (input3(QUERY)?, input3(KEY)?, input3(VALUE)?);
+        let mask = inputs
+            .optional::<bool>(KEY_PADDING_MASK)?
+            .map(|m| m.into_dimensionality::<Ix2>())
+            .transpose()
+            .map_err(|e| format!("`{KEY_PADDING_MASK}`: {e}"))?;
+        let sizes = self.sizes(&[
+            Some(TensorInfo::new(DType::F32, query.shape())),
+            Some(TensorInfo::new(DType::F32, key.shape())),
+            Some(TensorInfo::new(DType::F32, value.shape())),
+            mask.as_ref()
+                .map(|m| TensorInfo::new(DType::BOOL, m.shape())),
+        ])?;
+        if let Some(mask) = &mask {
+            if let Some(row) = mask.outer_iter().position(|keys| keys.iter().all(|&m| m)) {
+                return Err(format!(
+                    "{KEY_PADDING_MASK} masks every key of batch row {row}; at least one key \
+                     must be visible"
+                ));
+            }
+        }
+        Ok(Operands {
+            query,
+            key,
+            value,
+            mask,
+            sizes,
+        })
+    }
+
+    /// The parameters, `in_proj_weight` and `in_proj_bias` split into their
+    /// q, k and v blocks.
+    fn projections<'a>(&self, params: &Params<'a>) -> Result<Projections<'a>, String> {
+        let e = self.embed_dim;
+        let w_in = params.get::<Ix2>(IN_PROJ_WEIGHT)?;
+        if w_in.dim() != (3 * e, e) {
+            return Err(format!(
+                "parameter `{IN_PROJ_WEIGHT}` has shape {:?}, not (3E, E) = ({}, {e})",
+                w_in.shape(),
+                3 * e
+            ));
+        }
+        let w_out = params.get::<Ix2>(OUT_PROJ_WEIGHT)?;
+        let b_in = self.bias(params, IN_PROJ_BIAS)?;
+        let b_out = self.bias(params, OUT_PROJ_BIAS)?;
+        let w_block = |i: usize| w_in.slice_move(s![block(e, i), ..]);
+        let b_block = |i: usize| b_in.map(|b| b.slice_move(s![block(e, i)]));
+        Ok(Projections {
+            wq: w_block(0),
+            wk: w_block(1),
+            wv: w_block(2),
+            bq: b_block(0),
+            bk: b_block(1),
+            bv: b_block(2),
+            w_out,
+            b_out,
+        })
+    }
+
     /// A bias parameter when the config has biases.
     fn bias<'a>(
         &self,
@@ -242,6 +332,33 @@ impl MultiheadAttention {
     ) -> Result<Option<ArrayView1<'a, f32>>, String> {
         self.bias.then(|| params.get::<Ix1>(name)).transpose()
     }
+}
+
+/// The inputs of one call, as views, and the sizes they give.
+struct Operands<'a> {
+    query: ArrayView3<'a, f32>,
+    key: ArrayView3<'a, f32>,
+    value: ArrayView3<'a, f32>,
+    mask: Option<ArrayView2<'a, bool>>,
+    sizes: Sizes,
+}
+
+/// The parameters: `Wq`, `Wk`, `Wv` (each `(E, E)`) and `bq`, `bk`, `bv`
+/// are the row blocks of `in_proj_weight` and `in_proj_bias`.
+struct Projections<'a> {
+    wq: ArrayView2<'a, f32>,
+    wk: ArrayView2<'a, f32>,
+    wv: ArrayView2<'a, f32>,
+    bq: Option<ArrayView1<'a, f32>>,
+    bk: Option<ArrayView1<'a, f32>>,
+    bv: Option<ArrayView1<'a, f32>>,
+    w_out: ArrayView2<'a, f32>,
+    b_out: Option<ArrayView1<'a, f32>>,
+}
+
+/// Rows (or elements) of block `i` (q 0, k 1, v 2) of the in-projection.
+fn block(e: usize, i: usize) -> std::ops::Range<usize> {
+    i * e..(i + 1) * e
 }
 
 /// `y = x · wᵀ + b`, `w` laid out `(out, in)` as torch's.
@@ -280,6 +397,74 @@ fn softmax_rows(mut scores: ArrayViewMut2<'_, f32>, mask: Option<ArrayView1<'_, 
         });
         row.mapv_inplace(|x| x / sum);
     }
+}
+
+/// Each row of `grad` (the gradient of softmax output `probs`) becomes the
+/// gradient of the softmax's input: `p ⊙ (g − Σ p·g)`. Masked keys have
+/// `p = 0`, so they get 0.
+fn softmax_backward(probs: ArrayView2<'_, f32>, mut grad: ArrayViewMut2<'_, f32>) {
+    for (p, mut g) in probs.rows().into_iter().zip(grad.rows_mut()) {
+        let dot: f32 = p.iter().zip(g.iter()).map(|(&p, &g)| p * g).sum();
+        g.zip_mut_with(&p, |g, &p| *g = p * (*g - dot));
+    }
+}
+
+/// `t` (`what` of `name`, for messages) as dimension `D`, checked to have
+/// `shape`.
+fn shaped<'a, D: Dimension>(
+    what: &str,
+    name: &str,
+    t: ArrayViewD<'a, f32>,
+    shape: &[usize],
+) -> Result<ArrayView<'a, f32, D>, String> {
+    if t.shape() != shape {
+        return Err(format!(
+            "the {what} `{name}` has shape {:?}, not {shape:?}",
+            t.shape()
+        ));
+    }
+    t.into_dimensionality::<D>()
+        .map_err(|e| format!("the {what} `{name}`: {e}"))
+}
+
+/// As [`shaped`], for a gradient buffer.
+fn shaped_mut<'a, D: Dimension>(
+    name: &str,
+    t: ArrayViewMutD<'a, f32>,
+    shape: &[usize],
+) -> Result<ArrayViewMut<'a, f32, D>, String> {
+    if t.shape() != shape {
+        return Err(format!(
+            "the gradient of `{name}` has shape {:?}, not {shape:?}",
+            t.shape()
+        ));
+    }
+    t.into_dimensionality::<D>()
+        .map_err(|e| format!("the gradient of `{name}`: {e}"))
+}
+
+/// The gradient buffer of input `name`, if the host wants it.
+fn input_grad<'a>(
+    grads: &mut Grads<'a>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<ArrayViewMut3<'a, f32>>, String> {
+    grads
+        .input::<f32>(name)?
+        .map(|g| shaped_mut(name, g, shape))
+        .transpose()
+}
+
+/// The gradient buffer of parameter `name`, if the host wants it.
+fn param_grad<'a, D: Dimension>(
+    grads: &mut Grads<'a>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<ArrayViewMut<'a, f32, D>>, String> {
+    grads
+        .param(name)?
+        .map(|g| shaped_mut(name, g, shape))
+        .transpose()
 }
 
 impl MultiLayer for MultiheadAttention {
@@ -370,57 +555,29 @@ impl MultiLayer for MultiheadAttention {
         params: &Params<'_>,
         outputs: &mut Outputs<'_>,
     ) -> Result<(), String> {
-        let input3 = |name: &str| {
-            inputs
-                .get::<f32>(name)?
-                .into_dimensionality::<Ix3>()
-                .map_err(|e| format!("`{name}`: {e}"))
-        };
-        let (query, key, value) = (input3(QUERY)?, input3(KEY)?, input3(VALUE)?);
-        let mask = inputs
-            .optional::<bool>(KEY_PADDING_MASK)?
-            .map(|m| m.into_dimensionality::<Ix2>())
-            .transpose()
-            .map_err(|e| format!("`{KEY_PADDING_MASK}`: {e}"))?;
-        let Sizes {
-            batch,
-            target,
-            source,
-        } = self.sizes(&[
-            Some(TensorInfo::new(DType::F32, query.shape())),
-            Some(TensorInfo::new(DType::F32, key.shape())),
-            Some(TensorInfo::new(DType::F32, value.shape())),
-            mask.as_ref()
-                .map(|m| TensorInfo::new(DType::BOOL, m.shape())),
-        ])?;
-        if let Some(mask) = &mask {
-            if let Some(row) = mask.outer_iter().position(|keys| keys.iter().all(|&m| m)) {
-                return Err(format!(
-                    "{KEY_PADDING_MASK} masks every key of batch row {row}; at least one key \
-                     must be visible"
-                ));
-            }
-        }
-
+        let Operands {
+            query,
+            key,
+            value,
+            mask,
+            sizes:
+                Sizes {
+                    batch,
+                    target,
+                    source,
+                },
+        } = self.operands(inputs)?;
         let (e, heads, d) = (self.embed_dim, self.num_heads, self.head_dim());
-        let w_in = params.get::<Ix2>(IN_PROJ_WEIGHT)?;
-        if w_in.dim() != (3 * e, e) {
-            return Err(format!(
-                "parameter `{IN_PROJ_WEIGHT}` has shape {:?}, not (3E, E) = ({}, {e})",
-                w_in.shape(),
-                3 * e
-            ));
-        }
-        let w_out = params.get::<Ix2>(OUT_PROJ_WEIGHT)?;
-        let b_in = self.bias(params, IN_PROJ_BIAS)?;
-        let b_out = self.bias(params, OUT_PROJ_BIAS)?;
-        let block = |i: usize| i * e..(i + 1) * e;
-        let (wq, wk, wv) = (
-            w_in.slice(s![block(0), ..]),
-            w_in.slice(s![block(1), ..]),
-            w_in.slice(s![block(2), ..]),
-        );
-        let b_block = |i: usize| b_in.map(|b| b.slice_move(s![block(i)]));
+        let Projections {
+            wq,
+            wk,
+            wv,
+            bq,
+            bk,
+            bv,
+            w_out,
+            b_out,
+        } = self.projections(params)?;
 
         let mut output = outputs
             .take::<f32>(OUTPUT)?
@@ -451,10 +608,10 @@ impl MultiLayer for MultiheadAttention {
         });
         for row in 0..batch {
             let keys_masked = mask.as_ref().map(|m| m.row(row));
-            project(query.index_axis(Axis(0), row), wq, b_block(0), q.view_mut())?;
+            project(query.index_axis(Axis(0), row), wq, bq, q.view_mut())?;
             q.mapv_inplace(|x| x * scale);
-            project(key.index_axis(Axis(0), row), wk, b_block(1), k.view_mut())?;
-            project(value.index_axis(Axis(0), row), wv, b_block(2), v.view_mut())?;
+            project(key.index_axis(Axis(0), row), wk, bk, k.view_mut())?;
+            project(value.index_axis(Axis(0), row), wv, bv, v.view_mut())?;
             summed.fill(0.0);
             for head in 0..heads {
                 let features = s![.., head * d..(head + 1) * d];
@@ -480,6 +637,172 @@ impl MultiLayer for MultiheadAttention {
                 weights
                     .index_axis_mut(Axis(0), row)
                     .zip_mut_with(&summed, |w, &total| *w = total / h);
+            }
+        }
+        Ok(())
+    }
+
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        _outputs: &Inputs<'_>,
+        params: &Params<'_>,
+        grad_outputs: &Inputs<'_>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        // What forward computed is recomputed here from the inputs and the
+        // parameters: nothing is kept between calls.
+        let Operands {
+            query,
+            key,
+            value,
+            mask,
+            sizes:
+                Sizes {
+                    batch,
+                    target,
+                    source,
+                },
+        } = self.operands(inputs)?;
+        let (e, heads, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let Projections {
+            wq,
+            wk,
+            wv,
+            bq,
+            bk,
+            bv,
+            w_out,
+            b_out: _,
+        } = self.projections(params)?;
+
+        let grad_output = shaped::<Ix3>(
+            "output gradient",
+            OUTPUT,
+            grad_outputs.get::<f32>(OUTPUT)?,
+            &[batch, target, e],
+        )?;
+        // Present when the layer outputs the weights (a float output, so the
+        // host gives its gradient; left out, it counts as zero).
+        let grad_weights = if self.need_weights {
+            grad_outputs
+                .optional::<f32>(WEIGHTS)?
+                .map(|g| shaped::<Ix3>("output gradient", WEIGHTS, g, &[batch, target, source]))
+                .transpose()?
+        } else {
+            None
+        };
+
+        let mut grad_query = input_grad(grads, QUERY, &[batch, target, e])?;
+        let mut grad_key = input_grad(grads, KEY, &[batch, source, e])?;
+        let mut grad_value = input_grad(grads, VALUE, &[batch, source, e])?;
+        let mut grad_w_in = param_grad::<Ix2>(grads, IN_PROJ_WEIGHT, &[3 * e, e])?;
+        let mut grad_w_out = param_grad::<Ix2>(grads, OUT_PROJ_WEIGHT, &[e, e])?;
+        let (mut grad_b_in, mut grad_b_out) = if self.bias {
+            (
+                param_grad::<Ix1>(grads, IN_PROJ_BIAS, &[3 * e])?,
+                param_grad::<Ix1>(grads, OUT_PROJ_BIAS, &[e])?,
+            )
+        } else {
+            (None, None)
+        };
+
+        let scale = (1.0 / d as f64).sqrt() as f32;
+        let mut q = Array2::<f32>::zeros((target, e));
+        let mut k = Array2::<f32>::zeros((source, e));
+        let mut v = Array2::<f32>::zeros((source, e));
+        let mut context = Array2::<f32>::zeros((target, e));
+        let mut probs = Array2::<f32>::zeros((target, source));
+        let mut grad_probs = Array2::<f32>::zeros((target, source));
+        let mut grad_context = Array2::<f32>::zeros((target, e));
+        let mut grad_q = Array2::<f32>::zeros((target, e));
+        let mut grad_k = Array2::<f32>::zeros((source, e));
+        let mut grad_v = Array2::<f32>::zeros((source, e));
+        let mut product = Array2::<f32>::zeros((e, e));
+        for row in 0..batch {
+            if target == 0 {
+                // No output depends on anything: every gradient is zero.
+                break;
+            }
+            let keys_masked = mask.as_ref().map(|m| m.row(row));
+            let (query, key, value) = (
+                query.index_axis(Axis(0), row),
+                key.index_axis(Axis(0), row),
+                value.index_axis(Axis(0), row),
+            );
+            let grad_out = grad_output.index_axis(Axis(0), row);
+            project(query, wq, bq, q.view_mut())?;
+            q.mapv_inplace(|x| x * scale);
+            project(key, wk, bk, k.view_mut())?;
+            project(value, wv, bv, v.view_mut())?;
+
+            // output = context · Woutᵀ + bout.
+            matmul(grad_out, w_out, grad_context.view_mut())?;
+            for head in 0..heads {
+                let features = s![.., head * d..(head + 1) * d];
+                matmul(q.slice(features), k.slice(features).t(), probs.view_mut())?;
+                softmax_rows(probs.view_mut(), keys_masked);
+                matmul(probs.view(), v.slice(features), context.slice_mut(features))?;
+                // context_h = probs · v_h.
+                matmul(
+                    grad_context.slice(features),
+                    v.slice(features).t(),
+                    grad_probs.view_mut(),
+                )?;
+                matmul(
+                    probs.t(),
+                    grad_context.slice(features),
+                    grad_v.slice_mut(features),
+                )?;
+                // weights = the mean of probs over the heads.
+                if let Some(g) = &grad_weights {
+                    let h = heads as f32;
+                    grad_probs.zip_mut_with(&g.index_axis(Axis(0), row), |gp, &gw| *gp += gw / h);
+                }
+                softmax_backward(probs.view(), grad_probs.view_mut());
+                // scores = q_h · k_hᵀ (q already scaled).
+                matmul(
+                    grad_probs.view(),
+                    k.slice(features),
+                    grad_q.slice_mut(features),
+                )?;
+                matmul(
+                    grad_probs.t(),
+                    q.slice(features),
+                    grad_k.slice_mut(features),
+                )?;
+            }
+            // q = (query · Wqᵀ + bq) · scale.
+            grad_q.mapv_inplace(|x| x * scale);
+
+            if let Some(g) = grad_w_out.as_mut() {
+                matmul(grad_out.t(), context.view(), product.view_mut())?;
+                *g += &product;
+            }
+            if let Some(g) = grad_b_out.as_mut() {
+                *g += &grad_out.sum_axis(Axis(0));
+            }
+            for (i, grad_x, x) in [(0, &grad_q, query), (1, &grad_k, key), (2, &grad_v, value)] {
+                if let Some(g) = grad_w_in.as_mut() {
+                    matmul(grad_x.t(), x, product.view_mut())?;
+                    let mut g = g.slice_mut(s![block(e, i), ..]);
+                    g += &product;
+                }
+                if let Some(g) = grad_b_in.as_mut() {
+                    let mut g = g.slice_mut(s![block(e, i)]);
+                    g += &grad_x.sum_axis(Axis(0));
+                }
+            }
+            for (grad_input, grad_x, w) in [
+                (&mut grad_query, &grad_q, wq),
+                (&mut grad_key, &grad_k, wk),
+                (&mut grad_value, &grad_v, wv),
+            ] {
+                if let Some(g) = grad_input.as_mut() {
+                    matmul(grad_x.view(), w, g.index_axis_mut(Axis(0), row))?;
+                }
             }
         }
         Ok(())

@@ -4,7 +4,7 @@
 
 use super::*;
 use layer_api::ndarray::{ArrayD, IxDyn};
-use layer_api::testing::{Harness, Tensor};
+use layer_api::testing::{gradcheck, Gradients, Harness, Tensor, Tolerance};
 
 const E: usize = 8;
 const HEADS: usize = 2;
@@ -22,6 +22,7 @@ fn filled(shape: &[usize], seed: usize, scale: f32) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
 }
 
+#[derive(Clone)]
 struct Weights {
     in_proj_weight: ArrayD<f32>,
     in_proj_bias: Option<ArrayD<f32>>,
@@ -54,6 +55,7 @@ impl Weights {
     }
 }
 
+#[derive(Clone)]
 struct Case {
     query: ArrayD<f32>,
     key: ArrayD<f32>,
@@ -388,4 +390,242 @@ fn empty_batches_and_queries_give_empty_outputs() {
         assert_eq!(out[0].1.shape(), [b, l, E]);
         assert_eq!(out[1].1.shape(), [b, l, S]);
     }
+}
+
+// Backward.
+
+/// A case of the given sizes, with the same kind of values as `Case::new`.
+fn sized_case(b: usize, l: usize, s: usize, e: usize, mask: Option<ArrayD<bool>>) -> Case {
+    Case {
+        query: filled(&[b, l, e], 0, 8.0),
+        key: filled(&[b, s, e], 3, 8.0),
+        value: filled(&[b, s, e], 7, 8.0),
+        mask,
+    }
+}
+
+#[test]
+fn gradcheck_with_and_without_a_mask_weights_and_biases() {
+    // Batch 2, 3 queries, 4 keys, E = 4 in 2 heads (and 1 and 4 heads).
+    for (heads, bias, need_weights, mask) in [
+        (2, true, false, None),
+        (2, true, false, Some(some_keys_masked())),
+        (2, true, true, Some(some_keys_masked())),
+        (2, false, true, None),
+        (1, true, true, Some(some_keys_masked())),
+        (4, false, false, Some(some_keys_masked())),
+    ] {
+        let config = format!(
+            r#"{{"embed_dim": 4, "num_heads": {heads}, "bias": {bias}, "need_weights": {need_weights}}}"#
+        );
+        let harness = Harness::new::<MultiheadAttention>(&config).unwrap();
+        let case = sized_case(B, 3, 4, 4, mask);
+        let w = Weights::new(4, bias);
+        gradcheck(&harness, case.inputs(), &w.params(), Tolerance::F32)
+            .unwrap_or_else(|e| panic!("{config}, mask {}: {e}", case.mask.is_some()));
+    }
+}
+
+/// `Σ g_out · output + Σ g_weights · weights` of the plain f64 reference.
+fn reference_loss(case: &Case, w: &Weights, heads: usize, g_out: &[f64], g_w: &[f64]) -> f64 {
+    let (output, weights) = reference(case, w, heads);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a * b).sum::<f64>();
+    dot(&output, g_out) + dot(&weights, g_w)
+}
+
+/// Which tensor of a case or its weights to move.
+type At = for<'a> fn(&'a mut Case, &'a mut Weights) -> &'a mut ArrayD<f32>;
+
+/// Central differences of `loss` for each element of the f32 tensor
+/// `at(case, w)`: f32 steps of about 1e-3, divided by the step the f32
+/// values actually took, the loss computed in f64.
+fn numeric_gradient(
+    case: &Case,
+    w: &Weights,
+    at: At,
+    loss: &dyn Fn(&Case, &Weights) -> f64,
+) -> Vec<f64> {
+    let (mut case, mut w) = (case.clone(), w.clone());
+    let n = at(&mut case, &mut w).len();
+    (0..n)
+        .map(|i| {
+            let x = at(&mut case, &mut w).as_slice_mut().unwrap()[i];
+            let moved = |case: &mut Case, w: &mut Weights, to: f32| {
+                at(case, w).as_slice_mut().unwrap()[i] = to;
+                loss(case, w)
+            };
+            let (up, down) = (x + 1e-3, x - 1e-3);
+            let difference = moved(&mut case, &mut w, up) - moved(&mut case, &mut w, down);
+            at(&mut case, &mut w).as_slice_mut().unwrap()[i] = x;
+            difference / (f64::from(up) - f64::from(down))
+        })
+        .collect()
+}
+
+fn assert_gradient(name: &str, got: &ArrayD<f32>, want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let g = f64::from(*g);
+        assert!(
+            (g - w).abs() <= 2e-5 + 1e-3 * w.abs(),
+            "{name}[{i}]: backward {g}, differences of the reference {w}"
+        );
+    }
+}
+
+fn input_gradient(got: &Gradients, name: &str) -> ArrayD<f32> {
+    let (_, g) = got.inputs.iter().find(|(n, _)| n == name).unwrap();
+    g.clone().unwrap().into_array::<f32>().unwrap()
+}
+
+fn param_gradient<'a>(got: &'a Gradients, name: &str) -> &'a ArrayD<f32> {
+    &got.params.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+#[test]
+fn gradients_match_differences_of_the_plain_reference_closely() {
+    // A tighter check than gradcheck's: the reference shares no code with
+    // the layer and runs in f64, so its differences are good to ~1e-6.
+    let case = Case::new(Some(some_keys_masked()));
+    let w = Weights::new(E, true);
+    let g_out = filled(&[B, L, E], 2, 8.0);
+    let g_w = filled(&[B, L, S], 9, 4.0);
+    let got = Harness::new::<MultiheadAttention>(WITH_WEIGHTS)
+        .unwrap()
+        .gradients(
+            case.inputs(),
+            &w.params(),
+            vec![
+                (OUTPUT, g_out.clone().into()),
+                (WEIGHTS, g_w.clone().into()),
+            ],
+        )
+        .unwrap();
+    let (g_out, g_w): (Vec<f64>, Vec<f64>) = (
+        g_out.iter().map(|&x| x.into()).collect(),
+        g_w.iter().map(|&x| x.into()).collect(),
+    );
+    let loss = |c: &Case, w: &Weights| reference_loss(c, w, HEADS, &g_out, &g_w);
+    let inputs: [(&str, At); 3] = [
+        (QUERY, |c, _| &mut c.query),
+        (KEY, |c, _| &mut c.key),
+        (VALUE, |c, _| &mut c.value),
+    ];
+    for (name, at) in inputs {
+        let want = numeric_gradient(&case, &w, at, &loss);
+        assert_gradient(name, &input_gradient(&got, name), &want);
+    }
+    let params: [(&str, At); 4] = [
+        (IN_PROJ_WEIGHT, |_, w| &mut w.in_proj_weight),
+        (IN_PROJ_BIAS, |_, w| w.in_proj_bias.as_mut().unwrap()),
+        (OUT_PROJ_WEIGHT, |_, w| &mut w.out_proj_weight),
+        (OUT_PROJ_BIAS, |_, w| w.out_proj_bias.as_mut().unwrap()),
+    ];
+    for (name, at) in params {
+        let want = numeric_gradient(&case, &w, at, &loss);
+        assert_gradient(name, param_gradient(&got, name), &want);
+    }
+}
+
+#[test]
+fn masked_keys_and_values_get_exactly_zero_gradient() {
+    let mask = some_keys_masked();
+    let case = Case::new(Some(mask.clone()));
+    let got = Harness::new::<MultiheadAttention>(WITH_WEIGHTS)
+        .unwrap()
+        .gradients(
+            case.inputs(),
+            &Weights::new(E, true).params(),
+            vec![
+                (OUTPUT, filled(&[B, L, E], 2, 8.0).into()),
+                (WEIGHTS, filled(&[B, L, S], 9, 4.0).into()),
+            ],
+        )
+        .unwrap();
+    for name in [KEY, VALUE] {
+        let g = input_gradient(&got, name);
+        for ((batch, j), &masked) in mask
+            .view()
+            .into_dimensionality::<Ix2>()
+            .unwrap()
+            .indexed_iter()
+        {
+            let row = g.slice(s![batch, j, ..]);
+            if masked {
+                assert!(row.iter().all(|&x| x == 0.0), "{name}[{batch}, {j}]: {row}");
+            } else {
+                assert!(row.iter().any(|&x| x != 0.0), "{name}[{batch}, {j}]: {row}");
+            }
+        }
+    }
+    // The mask input is bool: no gradient.
+    let (_, g) = got
+        .inputs
+        .iter()
+        .find(|(n, _)| n == KEY_PADDING_MASK)
+        .unwrap();
+    assert!(g.is_none());
+}
+
+#[test]
+fn self_attention_gradient_is_the_sum_of_the_three_inputs() {
+    // One tensor x as query, key and value (an encoder layer): the host
+    // sums the three gradients; that sum must be the derivative with
+    // respect to x, here from differences of the reference with x moved in
+    // all three places at once.
+    let mut case = Case::new(None);
+    case.key = case.query.clone();
+    case.value = case.query.clone();
+    let w = Weights::new(E, true);
+    let g_out = filled(&[B, L, E], 2, 8.0);
+    let got = Harness::new::<MultiheadAttention>(r#"{"embed_dim": 8, "num_heads": 2}"#)
+        .unwrap()
+        .gradients(
+            case.inputs(),
+            &w.params(),
+            vec![(OUTPUT, g_out.clone().into())],
+        )
+        .unwrap();
+    let summed =
+        input_gradient(&got, QUERY) + input_gradient(&got, KEY) + input_gradient(&got, VALUE);
+    let g_out: Vec<f64> = g_out.iter().map(|&x| x.into()).collect();
+    let loss = |c: &Case, w: &Weights| {
+        let mut tied = c.clone();
+        tied.key = c.query.clone();
+        tied.value = c.query.clone();
+        reference_loss(&tied, w, HEADS, &g_out, &[])
+    };
+    let want = numeric_gradient(&case, &w, |c, _| &mut c.query, &loss);
+    assert_gradient("query + key + value", &summed, &want);
+}
+
+#[test]
+fn empty_batches_and_queries_give_zero_gradients() {
+    let w = Weights::new(E, true);
+    let harness = Harness::new::<MultiheadAttention>(WITH_WEIGHTS).unwrap();
+    for (b, l) in [(0, L), (B, 0)] {
+        let case = sized_case(b, l, S, E, None);
+        let got = harness
+            .gradients(case.inputs(), &w.params(), vec![])
+            .unwrap();
+        assert_eq!(input_gradient(&got, KEY).shape(), [b, S, E]);
+        assert!(input_gradient(&got, KEY).iter().all(|&x| x == 0.0));
+        for (name, g) in &got.params {
+            assert!(g.iter().all(|&x| x == 0.0), "{name}");
+        }
+    }
+}
+
+#[test]
+fn gradients_refuse_a_row_with_every_key_masked() {
+    // The harness runs forward first, which refuses the row; backward checks
+    // the inputs with the same code (`operands`), so either says which row.
+    let mut mask = some_keys_masked();
+    mask.slice_mut(s![1, ..]).fill(true);
+    let case = Case::new(Some(mask));
+    let err = Harness::new::<MultiheadAttention>(WITH_WEIGHTS)
+        .unwrap()
+        .gradients(case.inputs(), &Weights::new(E, true).params(), vec![])
+        .unwrap_err();
+    assert!(err.contains("masks every key of batch row 1"), "{err}");
 }
