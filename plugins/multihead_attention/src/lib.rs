@@ -72,7 +72,10 @@
 //! `d scores = attn ⊙ (d attn − Σ_keys attn ⊙ d attn)`; `d q_h = d scores ·
 //! k_h`, `d k_h = d scoresᵀ · q_h`), the scaling by `1/√d`, and the
 //! in-projections (`d x = d q · Wq`, `d Wq += d qᵀ · x`, `d bq += Σ d q`,
-//! likewise for k and v). A masked key has attention exactly 0, so it, its
+//! likewise for k and v, except that `d bk` is written as exactly 0: the
+//! key bias adds the same `q · bk` to every score of a query, which the
+//! softmax ignores, so summing `d k` would give only rounding noise, and
+//! Adam would turn that noise into steps of size lr). A masked key has attention exactly 0, so it, its
 //! value and their inputs' rows get no gradient from it (exactly zero).
 //! The same inputs are refused as by `forward` (a row with every key masked
 //! included). With `L = 0` nothing depends on anything: every gradient is
@@ -790,7 +793,11 @@ impl MultiLayer for MultiheadAttention {
                     let mut g = g.slice_mut(s![block(e, i), ..]);
                     g += &product;
                 }
-                if let Some(g) = grad_b_in.as_mut() {
+                // The key bias adds q·bk to every score of a query, which
+                // the softmax ignores: its gradient is exactly zero. Summed
+                // up it would be rounding noise, which Adam (dividing by
+                // the gradient's own size) would turn into steps of size lr.
+                if let (Some(g), true) = (grad_b_in.as_mut(), i != 1) {
                     let mut g = g.slice_mut(s![block(e, i)]);
                     g += &grad_x.sum_axis(Axis(0));
                 }
