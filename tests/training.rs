@@ -290,3 +290,339 @@ fn the_784_mlp_trains_as_torch_does_with_adam_and_cross_entropy() {
 fn the_encoder_trains_as_torch_does_with_adam() {
     trajectory("encoder");
 }
+
+/// `host train` on the shipped regression example, as the README runs it.
+fn train_regression(dir: &Path, extra: &[&str]) -> Run {
+    let out = dir.join("regression.safetensors");
+    let log = dir.join("regression.csv");
+    let mut args = vec![
+        "train",
+        "models/regression.json",
+        "--data",
+        "models/regression-train.npz",
+        "--val",
+        "models/regression-val.npz",
+        "--loss",
+        "mse",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "64",
+        "--seed",
+        "0",
+        "--out",
+        path_str(&out),
+        "--log",
+        path_str(&log),
+    ];
+    args.extend_from_slice(extra);
+    host(&args)
+}
+
+/// The number after `label` on the last line of `text` that has it.
+fn last_number_after(text: &str, label: &str) -> f64 {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(label))
+        .unwrap_or_else(|| panic!("no '{label}' in:\n{text}"));
+    let rest = &line[line.find(label).unwrap() + label.len()..];
+    rest.trim()
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after '{label}' in: {line}"))
+}
+
+#[test]
+fn the_shipped_regression_example_learns_and_ends_where_torch_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train_regression(dir.path(), &[]);
+    run.ok();
+    let baseline = last_number_after(&run.stderr, "scores");
+    let val = last_number_after(&run.stderr, "validation loss");
+    // The stated margin: at least 20 times below predicting the mean.
+    assert!(
+        val * 20.0 < baseline,
+        "validation loss {val} vs the constant predictor's {baseline}"
+    );
+    let expected = fixture("regression-expected.npz");
+    let torch_val = read_npz::<f64>(&expected, "val_loss")
+        .iter()
+        .next()
+        .copied()
+        .unwrap();
+    assert!(
+        (val - torch_val).abs() <= 1e-3 * torch_val,
+        "validation loss {val} in the host, {torch_val} in torch"
+    );
+    let losses: Vec<f64> = std::fs::read_to_string(dir.path().join("regression.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    let torch = read_npz::<f64>(&expected, "loss");
+    assert_eq!(losses.len(), torch.len());
+    for (step, (h, t)) in losses.iter().zip(torch.iter()).enumerate() {
+        assert!(
+            (h - t).abs() <= 1e-3 * t.abs(),
+            "step {}: loss {h} in the host, {t} in torch",
+            step + 1
+        );
+    }
+    // The trained parameters run as they are.
+    let x = dir.path().join("x.npy");
+    write_npy_f32(&x, &uniform(&[3, 8], 1));
+    host(&[
+        "run",
+        "models/regression.json",
+        "--params",
+        path_str(&dir.path().join("regression.safetensors")),
+        "--input",
+        path_str(&x),
+    ])
+    .ok();
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_bit_for_bit() {
+    // Checkpoints in the middle of an epoch (step 6 of 4-step epochs) and
+    // at an epoch's end (step 8), with SGD's momentum and Adam's moments.
+    for (optimizer, every) in [("sgd", 3), ("sgd", 4), ("adam", 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let run = |steps: u64, out: &str, extra: &[&str]| {
+            let steps = steps.to_string();
+            let out = d.join(out);
+            let init = fixture("seed-mlp-init.safetensors");
+            let mut args = vec![
+                "train",
+                "tests/fixtures/training/seed-mlp.json",
+                "--data",
+                "tests/fixtures/training/seed-mlp-data.npz",
+                "--loss",
+                "mse",
+                "--optimizer",
+                optimizer,
+                "--lr",
+                "0.01",
+                "--momentum",
+                "0.9",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "5",
+                "--seed",
+                "3",
+                "--params",
+                path_str(&init),
+                "--max-steps",
+                &steps,
+                "--out",
+                path_str(&out),
+                "--quiet",
+            ];
+            args.extend_from_slice(extra);
+            host(&args).ok();
+            std::fs::read(out).unwrap()
+        };
+        let straight = run(10, "straight.safetensors", &[]);
+        let every_text = every.to_string();
+        let ckpt = d.join("ck.safetensors");
+        run(
+            2 * every,
+            "first.safetensors",
+            &[
+                "--checkpoint-every",
+                &every_text,
+                "--checkpoint",
+                path_str(&ckpt),
+            ],
+        );
+        let resumed = run(10, "resumed.safetensors", &["--resume", path_str(&ckpt)]);
+        assert!(
+            straight == resumed,
+            "{optimizer}, checkpoint every {every}: the resumed run's parameters differ"
+        );
+        assert_ne!(straight, run(2 * every, "part.safetensors", &[]));
+    }
+}
+
+#[test]
+fn an_interrupted_run_leaves_the_previous_out_intact() {
+    build_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trained.safetensors");
+    std::fs::write(&out, b"the previous parameters").unwrap();
+    let mut child = std::process::Command::new(host_exe())
+        .current_dir(repo_root())
+        .args([
+            "train",
+            "tests/fixtures/training/mlp784.json",
+            "--data",
+            "tests/fixtures/training/mlp784-data.npz",
+            "--loss",
+            "cross_entropy",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-4",
+            "--epochs",
+            "1000",
+            "--quiet",
+            "--plugin-dir",
+            path_str(&plugin_dir()),
+            "--out",
+            path_str(&out),
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run ended normally before SIGINT");
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous parameters");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "files left beside --out: {left:?}");
+}
+
+#[test]
+fn a_diverging_run_is_an_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.safetensors");
+    std::fs::write(&out, b"keep").unwrap();
+    let init = fixture("seed-mlp-init.safetensors");
+    let err = host(&[
+        "train",
+        "tests/fixtures/training/seed-mlp.json",
+        "--data",
+        "tests/fixtures/training/seed-mlp-data.npz",
+        "--loss",
+        "mse",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e30",
+        "--params",
+        path_str(&init),
+        "--epochs",
+        "3",
+        "--quiet",
+        "--out",
+        path_str(&out),
+    ])
+    .failed()
+    .to_string();
+    assert!(
+        err.contains("lower --lr") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}
+
+#[test]
+fn parameters_behind_a_forward_only_layer_are_frozen_and_named() {
+    // linear -> fourier (forward-only) -> linear: only the last trains.
+    let dir = temp_dir_with(&[(
+        "m.json",
+        r#"{"format": 1, "layers": [
+            {"type": "linear", "config": {"in_features": 8, "out_features": 8}},
+            {"type": "fourier"},
+            {"type": "linear", "config": {"in_features": 2, "out_features": 1}}]}"#,
+    )]);
+    let data = dir.path().join("d.npz");
+    let x = uniform(&[16, 8], 2);
+    // fourier keeps 4 of 8 coefficients, each as (real, imaginary).
+    let y = uniform(&[16, 4, 1], 3);
+    let mut npz = NpzOut::create(&data);
+    npz.add("input", &x).add("target", &y);
+    npz.finish();
+    let out = dir.path().join("w.safetensors");
+    let run = host(&[
+        "train",
+        path_str(&dir.path().join("m.json")),
+        "--data",
+        path_str(&data),
+        "--loss",
+        "mse",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--out",
+        path_str(&out),
+    ]);
+    run.ok();
+    assert!(
+        run.stderr.contains(
+            "parameter '0.weight' is frozen: its gradient would pass through layer '1' \
+             (plugin 'fourier'), which is forward-only"
+        ),
+        "{}",
+        run.stderr
+    );
+    let before = {
+        let init = dir.path().join("init.safetensors");
+        host(&[
+            "init",
+            path_str(&dir.path().join("m.json")),
+            "--input-shape",
+            "1,8",
+            "--out",
+            path_str(&init),
+        ])
+        .ok();
+        read_safetensors(&init)
+    };
+    let after = read_safetensors(&out);
+    assert_eq!(
+        before["0.weight"], after["0.weight"],
+        "a frozen parameter moved"
+    );
+    assert_ne!(
+        before["2.weight"], after["2.weight"],
+        "the last layer did not train"
+    );
+}
+
+#[test]
+fn a_data_file_without_target_names_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.npz");
+    let mut npz = NpzOut::create(&data);
+    npz.add("input", &uniform(&[4, 64], 1));
+    npz.finish();
+    let err = host(&[
+        "train",
+        "tests/fixtures/training/seed-mlp.json",
+        "--data",
+        path_str(&data),
+        "--loss",
+        "mse",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.1",
+        "--out",
+        path_str(&dir.path().join("w.safetensors")),
+    ])
+    .failed()
+    .to_string();
+    assert!(
+        err.contains("has no array 'target' (it holds: input)"),
+        "{err}"
+    );
+}
