@@ -517,6 +517,28 @@ fn gradcheck_fails_a_plugin_that_aborts_in_backward_and_goes_on() {
 }
 
 #[test]
+fn gradcheck_fails_a_plugin_that_hangs_in_backward() {
+    let run = host_with_gradprobe(&[
+        "check-plugin",
+        "gradprobe",
+        "--config",
+        r#"{"wrong": "hang"}"#,
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(
+        run.failed(),
+        "error: plugin 'gradprobe' failed 1 of 10 conformance checks\n"
+    );
+    assert_eq!(
+        gradcheck_line(&run.stdout),
+        "FAIL gradcheck              config {\"wrong\":\"hang\"}, input [3] float32: layer \
+         'gradprobe' (plugin 'gradprobe') exceeded --timeout 2s in backward (gradcheck) (its \
+         worker was killed)"
+    );
+}
+
+#[test]
 fn gradcheck_skips_a_forward_only_plugin() {
     let run = host(&["check-plugin", "fourier"]);
     let stdout = run.ok();

@@ -10,7 +10,8 @@
 //! Its `backward` is right, unless the config says otherwise:
 //! `{"wrong": "input"}` adds 0.5 to flat element 1 of the gradient of `x`,
 //! `{"wrong": "weight"}` adds 0.5 to element 2 of the gradient of `weight`,
-//! and `{"wrong": "abort"}` aborts the process in `backward`.
+//! `{"wrong": "abort"}` aborts the process in `backward`, and
+//! `{"wrong": "hang"}` never returns from it.
 
 use layer_api::ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Ix1};
 use layer_api::{
@@ -30,6 +31,8 @@ pub enum Wrong {
     Weight,
     /// `backward` aborts the process.
     Abort,
+    /// `backward` never returns.
+    Hang,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,8 +124,12 @@ impl Gradprobe {
         grad_outputs: &Inputs<'_>,
         grads: &mut Grads<'_>,
     ) -> Result<(), String> {
-        if self.wrong == Wrong::Abort {
-            std::process::abort();
+        match self.wrong {
+            Wrong::Abort => std::process::abort(),
+            Wrong::Hang => loop {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            },
+            _ => {}
         }
         let x: ArrayViewD<'_, T> = inputs.get::<T>("x")?;
         let g: ArrayViewD<'_, T> = grad_outputs.get::<T>("y")?;
