@@ -22,7 +22,19 @@ use support::*;
 /// and target directory, as `support::build_plugins` builds the others.
 fn build_gather() {
     static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
+    BUILD.call_once(|| build_test_plugin("gather"));
+}
+
+/// Builds the `gradprobe` test plugin (a backward that can be made wrong)
+/// as `build_gather` builds `gather`.
+fn build_gradprobe() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| build_test_plugin("gradprobe"));
+}
+
+/// Builds the test plugin crate `package` beside the host.
+fn build_test_plugin(package: &str) {
+    {
         let dir = plugin_dir();
         let profile = match dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") | None => "dev".to_string(),
@@ -32,15 +44,15 @@ fn build_gather() {
             .current_dir(repo_root())
             .args(["build", "--profile", &profile, "--target-dir"])
             .arg(dir.parent().expect("profile dir is inside the target dir"))
-            .args(["-p", "gather"])
+            .args(["-p", package])
             .output()
             .expect("cargo runs");
         assert!(
             out.status.success(),
-            "building the gather plugin failed:\n{}",
+            "building the {package} plugin failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-    });
+    }
 }
 
 /// `host` with the shipped plugins and `gather` built.
@@ -89,7 +101,8 @@ SKIP batch-independence     the plugin does not claim batch independence; nothin
 PASS deterministic          4 probes
 PASS threads                4 probes
 PASS finite-output          4 probes
-8 passed, 0 failed, 1 skipped
+SKIP gradcheck              forward-only: offers no backward
+8 passed, 0 failed, 2 skipped
 "
         )
     );
@@ -254,7 +267,7 @@ fn check_plugin_compares_mydense_with_an_independent_reference() {
         "{stdout}"
     );
     assert!(
-        stdout.ends_with("10 passed, 0 failed, 0 skipped\n"),
+        stdout.ends_with("10 passed, 0 failed, 1 skipped\n"),
         "{stdout}"
     );
 
@@ -399,5 +412,138 @@ fn a_reference_file_that_is_not_one_is_refused_before_any_check() {
         run.stderr.contains("--reference <CASES.npz>"),
         "{}",
         run.stderr
+    );
+}
+
+/// `host` with the shipped plugins and `gradprobe` built.
+fn host_with_gradprobe(args: &[&str]) -> Run {
+    build_gradprobe();
+    host(args)
+}
+
+/// The line of the `gradcheck` check (the first, with several configs).
+fn gradcheck_line(stdout: &str) -> &str {
+    stdout
+        .lines()
+        .find(|l| {
+            l.get(5..)
+                .is_some_and(|rest| rest.starts_with("gradcheck "))
+        })
+        .unwrap_or_else(|| panic!("no gradcheck line in:\n{stdout}"))
+}
+
+/// The two numbers of `backward gives A, central differences B`.
+fn gradient_values(line: &str) -> (f64, f64) {
+    let (_, rest) = line
+        .split_once("backward gives ")
+        .unwrap_or_else(|| panic!("{line}"));
+    let (analytic, rest) = rest.split_once(", central differences ").unwrap();
+    let (numeric, _) = rest.split_once(" (").unwrap();
+    (analytic.parse().unwrap(), numeric.parse().unwrap())
+}
+
+#[test]
+fn gradcheck_passes_a_right_backward_in_both_precisions() {
+    let run = host_with_gradprobe(&["check-plugin", "gradprobe"]);
+    let stdout = run.ok();
+    assert_eq!(
+        gradcheck_line(stdout),
+        "PASS gradcheck              backward agrees with central differences of sum(w * y), \
+         28 input shapes (float32 inputs and parameters: step 1e-2, |backward - fd| <= 1e-2 + \
+         1e-2 |fd|; float64 inputs: step 1e-6, |backward - fd| <= 1e-5 + 1e-3 |fd|); each \
+         tensor of more than 256 elements is checked on a fixed sample of 256",
+    );
+    assert!(
+        stdout.ends_with("10 passed, 0 failed, 0 skipped\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn gradcheck_names_the_tensor_and_element_of_a_wrong_gradient() {
+    for (config, tensor, element) in [
+        (r#"{"wrong": "input"}"#, "input 'x'", "[1]"),
+        (r#"{"wrong": "weight"}"#, "parameter 'weight'", "[2]"),
+    ] {
+        let run = host_with_gradprobe(&["check-plugin", "gradprobe", "--config", config]);
+        assert_eq!(
+            run.failed(),
+            "error: plugin 'gradprobe' failed 1 of 10 conformance checks\n"
+        );
+        let line = gradcheck_line(&run.stdout);
+        let compact: String = config.chars().filter(|c| *c != ' ').collect();
+        let prefix = format!(
+            "FAIL gradcheck              config {compact}, input [3] float32: the gradient of \
+             {tensor} is wrong at element {element}: backward gives "
+        );
+        assert!(line.starts_with(&prefix), "{line}");
+        assert!(
+            line.ends_with("(float32: step 1e-2, |backward - fd| <= 1e-2 + 1e-2 |fd|)"),
+            "{line}"
+        );
+        // gradprobe adds 0.5 to that element of its gradient.
+        let (analytic, numeric) = gradient_values(line);
+        assert!((analytic - numeric - 0.5).abs() < 0.02, "{line}");
+        // Only gradcheck fails: forward is right.
+        assert_eq!(run.stdout.matches("FAIL").count(), 1, "{}", run.stdout);
+    }
+}
+
+#[test]
+fn gradcheck_fails_a_plugin_that_aborts_in_backward_and_goes_on() {
+    let run = host_with_gradprobe(&[
+        "check-plugin",
+        "gradprobe",
+        "--config",
+        r#"{"wrong": "abort"}"#,
+        "--config",
+        "{}",
+    ]);
+    assert_eq!(
+        run.failed(),
+        "error: plugin 'gradprobe' failed 1 of 18 conformance checks\n"
+    );
+    let (aborted, rest) = run
+        .stdout
+        .split_once("with config {}:")
+        .unwrap_or_else(|| panic!("{}", run.stdout));
+    assert_eq!(
+        gradcheck_line(aborted),
+        "FAIL gradcheck              config {\"wrong\":\"abort\"}, input [3] float32: layer \
+         'gradprobe' (plugin 'gradprobe') aborted in backward (gradcheck)"
+    );
+    // A new worker runs the next config's checks.
+    assert!(gradcheck_line(rest).starts_with("PASS gradcheck"), "{rest}");
+}
+
+#[test]
+fn gradcheck_fails_a_plugin_that_hangs_in_backward() {
+    let run = host_with_gradprobe(&[
+        "check-plugin",
+        "gradprobe",
+        "--config",
+        r#"{"wrong": "hang"}"#,
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(
+        run.failed(),
+        "error: plugin 'gradprobe' failed 1 of 10 conformance checks\n"
+    );
+    assert_eq!(
+        gradcheck_line(&run.stdout),
+        "FAIL gradcheck              config {\"wrong\":\"hang\"}, input [3] float32: layer \
+         'gradprobe' (plugin 'gradprobe') exceeded --timeout 2s in backward (gradcheck) (its \
+         worker was killed)"
+    );
+}
+
+#[test]
+fn gradcheck_skips_a_forward_only_plugin() {
+    let run = host(&["check-plugin", "fourier"]);
+    let stdout = run.ok();
+    assert_eq!(
+        gradcheck_line(stdout),
+        "SKIP gradcheck              forward-only: offers no backward"
     );
 }

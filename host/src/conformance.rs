@@ -42,6 +42,10 @@
 //! * `reference` (with `--reference`): the layer, given the inputs and
 //!   parameters of a reference file, computes its outputs to within a
 //!   tolerance ([`Reference`]).
+//! * `gradcheck`: where the plugin offers `backward`, on every probe whose
+//!   forward succeeded, `backward` agrees with central finite differences
+//!   of `forward` ([`crate::gradcheck`]), run in the plugin's worker. A
+//!   forward-only plugin: skipped.
 //!
 //! The probes: a layer may declare them (`MultiLayer::probes`): a shape per
 //! input, an element type or "any" (then each type the input accepts is
@@ -67,6 +71,7 @@ use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use serde_json::Value;
 
 use crate::error::Error;
+use crate::gradcheck;
 use crate::isolate::{self, CallError, Reply, Request, Worker};
 use crate::param_file::{FileTensor, ParamFile, ParamFormat};
 use crate::params::ParamStore;
@@ -760,6 +765,10 @@ fn check_config(
             reference_check(&layer, reference, options.tolerance),
         ));
     }
+    // Last: a plugin that crashes in backward takes its worker with it.
+    if !probed.cases.is_empty() {
+        checks.push(gradcheck(&layer, &probed, label));
+    }
 }
 
 /// The checks that run the layer on its probes.
@@ -833,6 +842,151 @@ fn probe_checks(layer: &ModelLayer, probed: &Probed, label: Option<&str>, checks
         }
         Ok(())
     }));
+}
+
+/// The `gradcheck` check: on every probe whose first forward succeeded,
+/// `backward` agrees with central differences of `forward`
+/// ([`crate::gradcheck`]), run in the plugin's worker. Skipped for a
+/// plugin without `backward`.
+fn gradcheck(layer: &ModelLayer, probed: &Probed, label: Option<&str>) -> Check {
+    const NAME: &str = "gradcheck";
+    if !layer.offers_backward() {
+        return skip(NAME, label, "forward-only: offers no backward");
+    }
+    let config = label.unwrap_or("{}");
+    let mut checked = 0;
+    let mut coarse = 0;
+    let mut sampled = 0;
+    let mut kinks = 0;
+    let mut any_f64 = false;
+    for p in &probed.cases {
+        // A failed forward is forward-writes-output's to report.
+        let Ok(first) = &p.output else { continue };
+        let dtypes = || {
+            p.inputs
+                .iter()
+                .flatten()
+                .map(Tensor::dtype)
+                .chain(first.iter().map(Tensor::dtype))
+        };
+        if dtypes().any(|d| is_float(d) && !gradcheck::is_checked_float(d)) {
+            coarse += 1;
+            continue;
+        }
+        if !first.iter().any(|t| is_float(t.dtype())) {
+            continue;
+        }
+        let report = match layer.gradcheck(&p.plan, &p.input_refs(), &p.params, 0) {
+            Ok(report) => report,
+            Err(e) => {
+                return check(
+                    NAME,
+                    label,
+                    Err(format!("config {config}, {}: {e}", p.label())),
+                )
+            }
+        };
+        if let Some(m) = report.worst {
+            let tensor = match m.which {
+                gradcheck::Which::Input(i) => format!(
+                    "input '{}'",
+                    layer
+                        .signature
+                        .inputs
+                        .get(i)
+                        .map_or("?", |port| port.name.as_str())
+                ),
+                gradcheck::Which::Param(j) => format!(
+                    "parameter '{}'",
+                    p.plan.params.get(j).map_or("?", |d| d.local_name.as_str())
+                ),
+            };
+            let precision = match m.which {
+                gradcheck::Which::Param(_) => "float32",
+                gradcheck::Which::Input(_) if m.tolerance == gradcheck::Tolerance::F64 => "float64",
+                gradcheck::Which::Input(_) => "float32",
+            };
+            let sample = if m.checked < m.elements {
+                format!(
+                    "; one of a fixed sample of {} of its {} elements",
+                    m.checked, m.elements
+                )
+            } else {
+                String::new()
+            };
+            return check(
+                NAME,
+                label,
+                Err(format!(
+                    "config {config}, {}: the gradient of {tensor} is wrong at element {:?}: \
+                     backward gives {:.6e}, central differences {:.6e} ({precision}: {}{sample})",
+                    p.label(),
+                    m.index,
+                    m.analytic,
+                    m.numeric,
+                    m.tolerance.text()
+                )),
+            );
+        }
+        for c in &report.compared {
+            kinks += c.kinks;
+            sampled += usize::from(c.checked < c.elements);
+        }
+        any_f64 |= p.inputs.iter().flatten().any(|t| t.dtype() == DType::F64);
+        checked += 1;
+    }
+    let coarse_text = if coarse > 0 {
+        format!(
+            "; {coarse} {} with float16 or bfloat16 tensors not checked (too coarse for \
+             finite differences)",
+            probed.source.noun()
+        )
+    } else {
+        String::new()
+    };
+    if checked == 0 {
+        return skip(
+            NAME,
+            label,
+            &format!(
+                "not run: no {} with a float output ran{coarse_text}",
+                match probed.source {
+                    Source::Guessed => "input shape",
+                    Source::Declared => "probe",
+                }
+            ),
+        );
+    }
+    let f64_text = if any_f64 {
+        format!("; float64 inputs: {}", gradcheck::Tolerance::F64.text())
+    } else {
+        String::new()
+    };
+    let sampled_text = if sampled > 0 {
+        format!(" ({sampled} tensors were)")
+    } else {
+        String::new()
+    };
+    let kink_text = if kinks > 0 {
+        format!(
+            "; {kinks} elements within a step of a kink (one-sided differences disagree) left out"
+        )
+    } else {
+        String::new()
+    };
+    check(
+        NAME,
+        label,
+        Ok(format!(
+            "backward agrees with central differences of sum(w * y), {checked} {} (float32 \
+             inputs and parameters: {}{f64_text}); each tensor of more than {} elements is \
+             checked on a fixed sample of {}{sampled_text}{kink_text}{coarse_text}",
+            probed.source.noun(),
+            gradcheck::Tolerance::F32.text(),
+            gradcheck::SAMPLE,
+            gradcheck::SAMPLE,
+        )),
+    )
 }
 
 fn input_shapes(probed: &Probed) -> Result<String, String> {

@@ -19,6 +19,7 @@ pub mod commands;
 pub mod conformance;
 pub mod embed;
 pub mod error;
+pub mod gradcheck;
 pub mod graph;
 pub mod inspect;
 pub mod isolate;

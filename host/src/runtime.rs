@@ -879,6 +879,63 @@ impl ModelLayer {
         }
     }
 
+    /// Whether the layer's plugin offers `backward` (interface 1.2),
+    /// wherever the layer runs (for training, see [`ModelLayer::has_backward`]).
+    pub fn offers_backward(&self) -> bool {
+        match &self.link {
+            Link::InProcess { plugin, .. } => plugin.table.backward().is_some(),
+            Link::Isolated { worker, .. } => worker.has_backward,
+        }
+    }
+
+    /// `check-plugin`'s gradcheck ([`crate::gradcheck`]) of an isolated
+    /// layer, run in its worker: `backward` against central differences of
+    /// `forward` at `inputs` (shaped as `plan` says) and `params`, with
+    /// loss weights drawn from `seed`.
+    pub fn gradcheck(
+        &self,
+        plan: &LayerPlan,
+        inputs: &[Option<&Tensor>],
+        params: &ParamStore,
+        seed: u64,
+    ) -> Result<crate::gradcheck::GradReport, Error> {
+        let Link::Isolated { worker, id, .. } = &self.link else {
+            return Err(self.plain_error(
+                "gradcheck runs a layer in its worker process, but this one runs in process \
+                 (a bug in the host)"
+                    .to_string(),
+            ));
+        };
+        let refs = param_refs(plan, params)?;
+        let params: Vec<(String, u32, &[usize], &[u8])> = refs
+            .iter()
+            .map(|p| {
+                (
+                    p.name.to_string(),
+                    p.tensor.dtype.0,
+                    p.tensor.shape.as_slice(),
+                    p.tensor.data.as_slice(),
+                )
+            })
+            .collect();
+        let standard = standard_inputs(inputs);
+        let views: Vec<Option<TensorView<'_>>> = standard
+            .iter()
+            .map(|t| t.as_ref().map(Tensor::view))
+            .collect();
+        let outputs = plan
+            .outputs
+            .iter()
+            .map(|o| isolate::Spec {
+                dtype: o.dtype.0,
+                shape: o.shape.clone(),
+            })
+            .collect();
+        worker
+            .gradcheck(*id, &views, &params, outputs, seed)
+            .map_err(|e| self.call_error(e))
+    }
+
     /// One in-process `backward` call: the gradients of the `forward` call
     /// that was given `inputs`, `params` and `prepared` and wrote `outputs`,
     /// for `output_grads`; see [`layer_api::abi::PluginTable::backward`].

@@ -97,6 +97,8 @@ const MIN_ADDRESS_SPACE: u64 = 512 << 20;
 pub struct Worker {
     pub plugin: String,
     pub has_flops: bool,
+    /// Whether the plugin's table has `backward` (interface 1.2).
+    pub has_backward: bool,
     state: Mutex<State>,
 }
 
@@ -181,6 +183,7 @@ impl Worker {
         let worker = Worker {
             plugin: plugin.manifest.name.clone(),
             has_flops: false,
+            has_backward: false,
             state: Mutex::new(State {
                 conn: Some(Connection {
                     child,
@@ -207,7 +210,12 @@ impl Worker {
                 CallError::Layer { message, .. } => PluginError::InWorker(message),
                 CallError::Worker { message, .. } => init_error(format!("its worker {message}")),
             })?;
-        let Reply::Started { sandbox, has_flops } = reply else {
+        let Reply::Started {
+            sandbox,
+            has_flops,
+            has_backward,
+        } = reply
+        else {
             return Err(init_error(
                 "its worker gave an unexpected answer when started".into(),
             ));
@@ -226,6 +234,7 @@ impl Worker {
         }
         Ok(Worker {
             has_flops,
+            has_backward,
             ..worker
         })
     }
@@ -413,6 +422,64 @@ impl Worker {
             other => Err(unexpected(other)),
         }
     }
+
+    /// Runs check-plugin's gradcheck ([`crate::gradcheck::compare`]) in the
+    /// worker, on `inputs` (one per declared input) and `params` (name,
+    /// dtype, shape, bytes, in the plan's order), for a plan whose outputs
+    /// are `outputs`; both are put in one sealed region.
+    pub fn gradcheck(
+        &self,
+        layer: u64,
+        inputs: &[Option<TensorView<'_>>],
+        params: &[(String, u32, &[usize], &[u8])],
+        outputs: Vec<Spec>,
+        seed: u64,
+    ) -> Result<crate::gradcheck::GradReport, CallError> {
+        let mut bytes = Vec::new();
+        let mut place = |data: &[u8]| {
+            let start = shm::aligned(bytes.len());
+            bytes.resize(start, 0);
+            bytes.extend_from_slice(data);
+            start..bytes.len()
+        };
+        let input_slots: Vec<Option<Slot>> = inputs
+            .iter()
+            .map(|t| {
+                t.as_ref().map(|t| Slot {
+                    dtype: t.dtype.0,
+                    shape: t.shape.to_vec(),
+                    bytes: place(t.bytes),
+                })
+            })
+            .collect();
+        let param_slots: Vec<protocol::Param> = params
+            .iter()
+            .map(|(name, dtype, shape, data)| protocol::Param {
+                name: name.clone(),
+                slot: Slot {
+                    dtype: *dtype,
+                    shape: shape.to_vec(),
+                    bytes: place(data),
+                },
+            })
+            .collect();
+        let region =
+            shm::Region::sealed("layer-gradcheck", &bytes).map_err(|e| CallError::Worker {
+                message: format!("could not be given the gradcheck's tensors: {e}"),
+                stderr: String::new(),
+            })?;
+        let request = Request::Gradcheck {
+            layer,
+            inputs: input_slots,
+            params: param_slots,
+            outputs,
+            seed,
+        };
+        match self.call(&request, &[region.as_fd()], "backward (gradcheck)")? {
+            Reply::Gradcheck(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 /// Tensors smaller than this are copied on one thread.
@@ -455,6 +522,7 @@ fn reply_kind(reply: &Reply) -> &'static str {
         Reply::Probes(_) => "probes",
         Reply::Prepared(_) => "prepared",
         Reply::Done => "done",
+        Reply::Gradcheck(_) => "gradcheck",
         Reply::Failed { .. } => "failed",
     }
 }

@@ -112,6 +112,16 @@ pub enum Request {
     DropLayer {
         layer: u64,
     },
+    /// check-plugin's `gradcheck` ([`crate::gradcheck`]), run in the worker:
+    /// carries one sealed region holding the inputs and then the
+    /// parameters (when there are any). `outputs`: what the plan declares.
+    Gradcheck {
+        layer: u64,
+        inputs: Vec<Option<Slot>>,
+        params: Vec<Param>,
+        outputs: Vec<Spec>,
+        seed: u64,
+    },
 }
 
 /// One port of a signature: name, optional, accepted element types.
@@ -168,6 +178,7 @@ pub enum Reply {
     Started {
         sandbox: SandboxReport,
         has_flops: bool,
+        has_backward: bool,
     },
     Created(u64),
     Signature {
@@ -183,6 +194,7 @@ pub enum Reply {
     Probes(Vec<Vec<Option<ProbeInput>>>),
     Prepared(u64),
     Done,
+    Gradcheck(crate::gradcheck::GradReport),
     /// The call failed in the plugin (an error it returned, or a panic it
     /// caught), or the worker refused it.
     Failed {

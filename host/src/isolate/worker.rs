@@ -17,6 +17,7 @@ use layer_api::abi::{
 use super::protocol::{self, Param, Piece, Port, ProbeInput, Reply, Request, Slot, Spec};
 use super::shm::Mapped;
 use crate::registry::{self, LoadedPlugin};
+use crate::tensor::Tensor;
 
 /// What the host learns from a worker's exit status when its plugin ran
 /// out of memory: the text the Rust runtime prints before aborting.
@@ -97,6 +98,7 @@ pub fn main() -> i32 {
     let started = Reply::Started {
         sandbox: protocol::SandboxReport { missing },
         has_flops: plugin.table.flops().is_some(),
+        has_backward: plugin.table.backward().is_some(),
     };
     if protocol::send(socket, &started, &[]).is_err() {
         return 0;
@@ -354,6 +356,57 @@ impl Worker {
                 self.forward(layer, prepared, &inputs, &outputs, &pieces, together)?;
                 Reply::Done
             }
+            Request::Gradcheck {
+                layer,
+                inputs,
+                params,
+                outputs,
+                seed,
+            } => {
+                let region = match fds.into_iter().next() {
+                    Some(fd) => Mapped::read_only(fd)
+                        .map_err(|e| failed(format!("cannot map the gradcheck's tensors: {e}")))?,
+                    None => return Err(failed("no region came with the gradcheck's tensors")),
+                };
+                let backward =
+                    self.plugin.table.backward().ok_or_else(|| {
+                        failed("the plugin offers no backward (it is forward-only)")
+                    })?;
+                let bytes = region.bytes();
+                let outside =
+                    || failed("a tensor lies outside its shared region (a bug in the host)");
+                let owned = |slot: &Slot| -> Result<Tensor, Reply> {
+                    let data = bytes.get(slot.bytes.clone()).ok_or_else(outside)?;
+                    let mut t = Tensor::zeros(DType(slot.dtype), &slot.shape).map_err(failed)?;
+                    if t.bytes().len() != data.len() {
+                        return Err(outside());
+                    }
+                    t.bytes_mut().copy_from_slice(data);
+                    Ok(t)
+                };
+                let inputs: Vec<Option<Tensor>> = inputs
+                    .iter()
+                    .map(|s| s.as_ref().map(owned).transpose())
+                    .collect::<Result<_, _>>()?;
+                let values: Vec<Tensor> = params
+                    .iter()
+                    .map(|p| owned(&p.slot))
+                    .collect::<Result<_, _>>()?;
+                let mut layer = InWorker {
+                    plugin: self.plugin,
+                    handle: self.layer(layer)?,
+                    backward,
+                    names: params.iter().map(|p| p.name.clone()).collect(),
+                    outputs: &outputs,
+                };
+                match crate::gradcheck::compare(&mut layer, &inputs, &values, seed) {
+                    Ok(report) => Reply::Gradcheck(report),
+                    Err(e) => Reply::Failed {
+                        panicked: e.panicked,
+                        message: e.message,
+                    },
+                }
+            }
             Request::DropLayer { layer } => {
                 let handle = self
                     .layers
@@ -498,6 +551,212 @@ impl Worker {
             Some(e) => Err(from_layer_error(e)),
             None => Ok(()),
         }
+    }
+}
+
+/// A layer of this worker's plugin as the gradcheck loop runs it: each
+/// call prepares its parameters (where the plugin can) for itself alone.
+struct InWorker<'a> {
+    plugin: &'static LoadedPlugin,
+    handle: &'a LayerHandle,
+    backward: layer_api::abi::BackwardFn,
+    /// The parameters' names, in the plan's order.
+    names: Vec<String>,
+    /// The plan's outputs.
+    outputs: &'a [Spec],
+}
+
+fn call_failure(during: &str, e: LayerError) -> crate::gradcheck::Failure {
+    crate::gradcheck::Failure {
+        panicked: e.panicked,
+        message: if e.panicked {
+            format!("{during} panicked: {}", e.message)
+        } else {
+            format!("{during} failed: {}", e.message)
+        },
+    }
+}
+
+impl InWorker<'_> {
+    /// Runs `body` with the parameters lent and prepared, then frees what
+    /// was prepared.
+    fn with_prepared<T>(
+        &self,
+        inputs: &[Option<Tensor>],
+        params: &[Tensor],
+        body: impl FnOnce(PreparedHandle, &[ParamRef<'_>]) -> Result<T, crate::gradcheck::Failure>,
+    ) -> Result<T, crate::gradcheck::Failure> {
+        let refs: Vec<ParamRef<'_>> = self
+            .names
+            .iter()
+            .zip(params)
+            .map(|(name, t)| ParamRef {
+                name: RStr::from_str(name),
+                tensor: crate::runtime::tensor_ref(Some(t)),
+            })
+            .collect();
+        let descs: Vec<TensorDesc<'_>> = inputs
+            .iter()
+            .map(|t| match t {
+                Some(t) => TensorDesc {
+                    dtype: t.dtype(),
+                    shape: RSlice::from_slice(t.shape()),
+                },
+                None => TensorDesc {
+                    dtype: DType::ABSENT,
+                    shape: RSlice::from_slice(&[]),
+                },
+            })
+            .collect();
+        let table = &self.plugin.table;
+        let prepared = match (table.prepare(), table.drop_prepared()) {
+            (Some(prepare), Some(_)) => prepare(
+                self.handle,
+                RSlice::from_slice(&descs),
+                RSlice::from_slice(&refs),
+            )
+            .into_result()
+            .map_err(|e| call_failure("prepare", e))?,
+            _ => PreparedHandle::NONE,
+        };
+        let result = body(prepared, &refs);
+        if let Some(drop_prepared) = table.drop_prepared() {
+            if !prepared.0.is_null() {
+                drop_prepared(self.handle, prepared)
+                    .into_result()
+                    .map_err(|e| call_failure("drop_prepared", e))?;
+            }
+        }
+        result
+    }
+
+    fn zeros(&self, dtype: DType, shape: &[usize]) -> Result<Tensor, crate::gradcheck::Failure> {
+        Tensor::zeros(dtype, shape).map_err(|message| crate::gradcheck::Failure {
+            panicked: false,
+            message,
+        })
+    }
+}
+
+impl crate::gradcheck::Differentiable for InWorker<'_> {
+    fn forward(
+        &mut self,
+        inputs: &[Option<Tensor>],
+        params: &[Tensor],
+    ) -> Result<Vec<Tensor>, crate::gradcheck::Failure> {
+        let mut outputs: Vec<Tensor> = self
+            .outputs
+            .iter()
+            .map(|o| self.zeros(DType(o.dtype), &o.shape))
+            .collect::<Result<_, _>>()?;
+        self.with_prepared(inputs, params, |prepared, refs| {
+            let input_refs: Vec<TensorRef<'_>> = inputs
+                .iter()
+                .map(|t| crate::runtime::tensor_ref(t.as_ref()))
+                .collect();
+            let mut muts: Vec<TensorMut<'_>> = outputs
+                .iter_mut()
+                .zip(self.outputs)
+                .map(|(t, o)| TensorMut {
+                    dtype: DType(o.dtype),
+                    shape: RSlice::from_slice(&o.shape),
+                    data: RSliceMut::from_mut_slice(t.bytes_mut()),
+                })
+                .collect();
+            (self.plugin.core.forward)(
+                self.handle,
+                prepared,
+                RSlice::from_slice(&input_refs),
+                RSlice::from_slice(refs),
+                RSliceMut::from_mut_slice(&mut muts),
+            )
+            .into_result()
+            .map_err(|e| call_failure("forward", e))
+        })?;
+        Ok(outputs)
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[Option<Tensor>],
+        params: &[Tensor],
+        outputs: &[Tensor],
+        output_grads: &[Option<Tensor>],
+    ) -> Result<(Vec<Option<Tensor>>, Vec<Tensor>), crate::gradcheck::Failure> {
+        let mut input_grads: Vec<Option<Tensor>> = inputs
+            .iter()
+            .map(|t| match t {
+                Some(t) if crate::gradcheck::is_checked_float(t.dtype()) => {
+                    self.zeros(t.dtype(), t.shape()).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut param_grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| self.zeros(DType::F32, p.shape()))
+            .collect::<Result<_, _>>()?;
+        let backward = self.backward;
+        self.with_prepared(inputs, params, |prepared, refs| {
+            let input_refs: Vec<TensorRef<'_>> = inputs
+                .iter()
+                .map(|t| crate::runtime::tensor_ref(t.as_ref()))
+                .collect();
+            let output_refs: Vec<TensorRef<'_>> = outputs
+                .iter()
+                .map(|t| crate::runtime::tensor_ref(Some(t)))
+                .collect();
+            let grad_refs: Vec<TensorRef<'_>> = output_grads
+                .iter()
+                .map(|t| crate::runtime::tensor_ref(t.as_ref()))
+                .collect();
+            let input_shapes: Vec<Vec<usize>> = input_grads
+                .iter()
+                .map(|t| t.as_ref().map_or(Vec::new(), |t| t.shape().to_vec()))
+                .collect();
+            let param_shapes: Vec<Vec<usize>> =
+                param_grads.iter().map(|t| t.shape().to_vec()).collect();
+            let mut input_muts: Vec<TensorMut<'_>> = input_grads
+                .iter_mut()
+                .zip(&input_shapes)
+                .map(|(t, shape)| grad_mut(shape, t.as_mut()))
+                .collect();
+            let mut param_muts: Vec<TensorMut<'_>> = param_grads
+                .iter_mut()
+                .zip(&param_shapes)
+                .map(|(t, shape)| grad_mut(shape, Some(t)))
+                .collect();
+            backward(
+                self.handle,
+                prepared,
+                RSlice::from_slice(&input_refs),
+                RSlice::from_slice(refs),
+                RSlice::from_slice(&output_refs),
+                RSlice::from_slice(&grad_refs),
+                RSliceMut::from_mut_slice(&mut input_muts),
+                RSliceMut::from_mut_slice(&mut param_muts),
+            )
+            .into_result()
+            .map_err(|e| call_failure("backward", e))
+        })?;
+        Ok((input_grads, param_grads))
+    }
+}
+
+/// A gradient buffer of `shape` lent to `backward` (`None`: not wanted,
+/// absent).
+fn grad_mut<'a>(shape: &'a [usize], t: Option<&'a mut Tensor>) -> TensorMut<'a> {
+    match t {
+        Some(t) => TensorMut {
+            dtype: t.dtype(),
+            shape: RSlice::from_slice(shape),
+            data: RSliceMut::from_mut_slice(t.bytes_mut()),
+        },
+        None => TensorMut {
+            dtype: DType::ABSENT,
+            shape: RSlice::from_slice(&[]),
+            data: RSliceMut::from_mut_slice(&mut []),
+        },
     }
 }
 
