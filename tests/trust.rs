@@ -66,8 +66,7 @@ fn check_plugin_passes_the_shipped_plugins() {
             ("deterministic", "PASS"),
             ("threads", "PASS"),
             ("finite-output", "PASS"),
-            // mydense offers no backward (yet).
-            ("gradcheck", "SKIP"),
+            ("gradcheck", "PASS"),
         ],
     );
     // At real sizes the kernel may take a single-row path that rounds a lone
