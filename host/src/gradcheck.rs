@@ -10,11 +10,22 @@
 //! A tensor of more than [`SAMPLE`] elements is checked on a fixed sample
 //! of that many.
 //!
-//! A function with a kink (`relu` at 0) has no derivative there, and
-//! a central difference across it is wrong whatever `backward` says; an
-//! element whose two one-sided differences disagree by at least as much as
-//! `backward` and the central difference do is taken to lie within a step
-//! of a kink, counted and not compared.
+//! The change of the loss is summed as `sum(w * (y' - y))` over the
+//! outputs `y'` of the moved input and `y` of the unmoved one, in float64:
+//! outputs the element does not reach are bit for bit the same in both and
+//! cancel exactly, so the rounding of a float32 forward enters only
+//! through the outputs that moved (one row of a dense layer's, not all).
+//!
+//! A function with a kink (`relu` at 0) has no derivative there, and a
+//! central difference across one is wrong whatever `backward` says; a dense
+//! layer of a thousand relu units has kinks within a step of many inputs.
+//! An element outside the tolerance is taken to lie within a step of a
+//! kink, and is counted and not compared, when the function is visibly not
+//! smooth there: its two one-sided differences disagree, or either differs
+//! from the one-sided difference at half the step, by at least as much as
+//! `backward` and the central difference do. (For a smooth function all
+//! four agree to within the step's own error, far below the tolerance, so
+//! a wrong gradient is not excused.)
 //!
 //! The loop runs where the plugin runs: in its worker process
 //! ([`crate::isolate`]), against the plugin's own table, so a plugin that
@@ -43,10 +54,12 @@ pub struct Tolerance {
 
 impl Tolerance {
     /// For float32 tensors (inputs, and parameters, which are always
-    /// float32 in this host): a float32 forward loses about 1e-7 / 1e-2 to
-    /// rounding in a difference quotient.
+    /// float32 in this host). The step trades rounding (a float32 output of
+    /// size 30 rounds by 2e-6; a thousand of them moved, over 2 x 3e-3,
+    /// make about 1e-2 at worst) against kinks crossed (fewer as it
+    /// shrinks).
     pub const F32: Tolerance = Tolerance {
-        step: 1e-2,
+        step: 3e-3,
         atol: 1e-2,
         rtol: 1e-2,
     };
@@ -244,17 +257,21 @@ fn loss_weights(outputs: &[Tensor], seed: u64) -> Vec<Option<Tensor>> {
         .collect()
 }
 
-/// `sum(w * y)` over the float outputs, in float64.
-fn loss(outputs: &[Tensor], weights: &[Option<Tensor>]) -> f64 {
-    outputs
+/// `sum(w * (moved - base))` over the float outputs, in float64: the
+/// change of the loss `sum(w * y)`, with the outputs that did not move
+/// cancelling exactly.
+fn loss_change(moved: &[Tensor], base: &[Tensor], weights: &[Option<Tensor>]) -> f64 {
+    moved
         .iter()
+        .zip(base)
         .zip(weights)
-        .filter_map(|(y, w)| Some((y, w.as_ref()?)))
-        .map(|(y, w)| {
-            y.to_f64()
+        .filter_map(|((m, b), w)| Some((m, b, w.as_ref()?)))
+        .map(|(m, b, w)| {
+            m.to_f64()
                 .iter()
+                .zip(b.to_f64().iter())
                 .zip(w.to_f64().iter())
-                .map(|(y, w)| y * w)
+                .map(|((m, b), w)| (m - b) * w)
                 .sum::<f64>()
         })
         .sum()
@@ -280,7 +297,6 @@ pub fn compare(
 ) -> Result<GradReport, Failure> {
     let base = layer.forward(inputs, params)?;
     let weights = loss_weights(&base, seed);
-    let at_base = loss(&base, &weights);
     let (input_grads, param_grads) = layer.backward(inputs, params, &base, &weights)?;
     let mut report = GradReport::default();
     let mut worst: Option<Worst> = None;
@@ -339,7 +355,7 @@ pub fn compare(
                     Which::Param(j) => &mut moved_params[j],
                 };
                 set(tensor, e, original);
-                Ok((moved_to - original, loss(&outputs?, &weights)))
+                Ok((moved_to - original, loss_change(&outputs?, &base, &weights)))
             };
             let (up, at_up) = loss_at(h)?;
             let (down, at_down) = loss_at(-h)?;
@@ -356,10 +372,16 @@ pub fn compare(
             if excess <= 0.0 {
                 continue;
             }
-            let right = (at_up - at_base) / up;
-            let left = (at_base - at_down) / -down;
-            let gap = (right - left).abs();
-            if gap.is_finite() && gap >= error {
+            // The one-sided differences, at the step and at half of it.
+            let right = at_up / up;
+            let left = at_down / down;
+            let (half_up, at_half_up) = loss_at(h / 2.0)?;
+            let (half_down, at_half_down) = loss_at(-h / 2.0)?;
+            let rough = (right - left)
+                .abs()
+                .max(2.0 * (right - at_half_up / half_up).abs())
+                .max(2.0 * (left - at_half_down / half_down).abs());
+            if rough.is_finite() && rough >= error {
                 kinks += 1;
                 continue;
             }
@@ -495,14 +517,16 @@ mod tests {
             assert_eq!(report.worst, None, "float64: {f64}");
             assert_eq!(report.compared.len(), 2);
             assert_eq!(report.compared[0].checked, 20);
-            // x = 0.0025 is within a float32 step (1e-2) of relu's kink,
+            // x = 0.0025 is within a float32 step (3e-3) of relu's kink,
             // not within a float64 one (1e-6).
             assert_eq!(
                 report.compared[0].kinks,
                 usize::from(!f64),
                 "float64: {f64}"
             );
-            assert_eq!(layer.calls, 1 + 2 * 40);
+            // Two forwards per element, and two more at half the step for
+            // the one outside the tolerance.
+            assert_eq!(layer.calls, 1 + 2 * 40 + 2 * usize::from(!f64));
         }
     }
 

@@ -489,8 +489,9 @@ impl Tolerance {
 /// Compares the layer's `backward` with central finite differences of its
 /// `forward`, for the scalar loss `sum(w * y)` over every float output `y`
 /// with fixed pseudo-random weights `w` in [-1, 1]: the gradient of every
-/// float input and every parameter, element by element. An error names the
-/// tensor and its worst element.
+/// float input (with `tolerance`) and every parameter (always float32, so
+/// with [`Tolerance::F32`]), element by element. An error names the tensor
+/// and its worst element.
 pub fn gradcheck(
     harness: &Harness,
     inputs: Vec<(&str, Tensor)>,
@@ -534,7 +535,7 @@ pub fn gradcheck(
     let analytic = harness.gradients(inputs.clone(), params, grad_outputs)?;
     let h = tolerance.step;
     let mut worst: Option<(f64, String)> = None;
-    let mut compare = |what: String, numeric: f64, analytic: f64| {
+    let mut compare = |what: String, numeric: f64, analytic: f64, tolerance: Tolerance| {
         let excess = (analytic - numeric).abs() - (tolerance.atol + tolerance.rtol * numeric.abs());
         if excess > 0.0 && worst.as_ref().is_none_or(|(e, _)| excess > *e) {
             worst = Some((
@@ -566,9 +567,14 @@ pub fn gradcheck(
                 format!("input `{name}` element {}", index_text(x.shape(), i)),
                 numeric,
                 grad[i],
+                tolerance,
             );
         }
     }
+    // Parameters are float32 whatever the inputs are: a float64 step would
+    // vanish in their rounding.
+    let param_tolerance = Tolerance::F32;
+    let h = param_tolerance.step;
     for (name, grad) in &analytic.params {
         let (_, value) = params
             .iter()
@@ -595,14 +601,16 @@ pub fn gradcheck(
                 ),
                 numeric,
                 *g as f64,
+                param_tolerance,
             );
         }
     }
     match worst {
         None => Ok(()),
         Some((_, text)) => Err(format!(
-            "the gradient is wrong: {text} (step {h:e}, tolerance {:e} + {:e} x |numeric|)",
-            tolerance.atol, tolerance.rtol
+            "the gradient is wrong: {text} (inputs: step {:e}, tolerance {:e} + {:e} x \
+             |numeric|; parameters: as Tolerance::F32)",
+            tolerance.step, tolerance.atol, tolerance.rtol
         )),
     }
 }
