@@ -5,6 +5,7 @@
     cargo build --release
     python3 bench/compare.py [--threads 1 2] [--min-time 1.0]
         [--isa auto avx2] [--baseline OLD/host] [--repeat 3]
+        [--sections inference exercises training]
 
 Optional, not run by CI. Ratios are host time / other time: below 1 means
 the host is faster. Measured in one run, so they compare like with like on
@@ -17,6 +18,12 @@ matrix-kernel path each host run took, as the kernels report it
 `--baseline` also times another build of the host (for before/after in the
 same run), and `--repeat` runs the host variants that many times in turn
 and keeps each one's median.
+
+The training section (where torch is installed) times one training step
+of the 784-1024-1024-10 MLP (linear, relu; cross_entropy, Adam) at batch
+64: `host train` for N and for N + K steps, the difference divided by K
+(so start-up and loading cancel), against the same step in torch eager
+(gather the batch, forward, loss, backward, Adam) on the same threads.
 
 numpy's OpenBLAS may be slowed on purpose by OPENBLAS_CORETYPE or
 OPENBLAS_L2_SIZE in the environment; for a fair sgemm figure run this
@@ -175,6 +182,8 @@ def main():
                          "run on the CPU's best path")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each host variant per row, in turn; the median is kept")
+    ap.add_argument("--sections", nargs="+", default=["inference", "exercises", "training"],
+                    choices=["inference", "exercises", "training"])
     args = ap.parse_args()
     if not HOST.exists():
         sys.exit(f"{HOST} not found: run `cargo build --release` first")
@@ -196,6 +205,18 @@ def main():
         f"{v.label} = {v.host}" + ("" if v.isa == "auto" else f" with LAYER_KERNELS_ISA={v.isa}")
         for v in variants))
 
+    if "inference" in args.sections:
+        inference_rows(args, rng, tmp, variants)
+    if "exercises" in args.sections:
+        exercise_rows(args, rng, tmp, variants)
+    if "training" in args.sections:
+        training_rows(args, tmp)
+    for v in variants:
+        print(f"matrix kernels that ran in {v.label}: {', '.join(sorted(v.paths)) or 'not reported'}")
+
+
+def inference_rows(args, rng, tmp, variants):
+    from threadpoolctl import threadpool_limits
     # The machine's sgemm rate, through numpy's BLAS on float32.
     a = rng.random((4096, 784), dtype=np.float32)
     b = rng.random((784, 1024), dtype=np.float32)
@@ -239,6 +260,9 @@ def main():
                         print(f"{'':34s}layer {layer['name']} ({layer['plugin']}): "
                               f"{layer['flops'] / layer['seconds'] / 1e9:.1f} GFLOP/s")
 
+
+def exercise_rows(args, rng, tmp, variants):
+    from threadpoolctl import threadpool_limits
     # The chapter's exercises, against numpy (ONNX has no such operators).
     print(f"{'layer':32s} {'batch':>5s} {'thr':>3s} {'host us':>10s} {'numpy us':>10s} {'host/np':>8s}")
     n, units = 64, 16
@@ -267,8 +291,74 @@ def main():
             print(f"{name:32s} {4096:5d} {threads:3d} {t_host * 1e6:10.1f} {t_np * 1e6:10.1f} "
                   f"{t_host / t_np:8.3f}")
 
-    for v in variants:
-        print(f"matrix kernels that ran in {v.label}: {', '.join(sorted(v.paths)) or 'not reported'}")
+
+def host_train_seconds(model_json, data, steps, threads):
+    """Wall seconds of `host train` for `steps` steps."""
+    cmd = [str(HOST), "train", str(model_json), "--data", str(data), "--loss", "cross_entropy",
+           "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "64", "--epochs", "1000",
+           "--max-steps", str(steps), "--quiet", "--out", str(data.with_suffix(".out")),
+           ]
+    start = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
+    return time.perf_counter() - start
+
+
+def training_rows(args, tmp):
+    """One training step of the 784 MLP at batch 64, host against torch eager."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        print("training: torch is not installed here; no training rows")
+        return
+    dims = [784, 1024, 1024, 10]
+    layers = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        if i:
+            layers.append({"type": "relu"})
+        layers.append({"type": "linear", "config": {"in_features": a, "out_features": b}})
+    model_json = tmp / "train-784.json"
+    model_json.write_text(json.dumps({"format": 1, "name": "train-784", "layers": layers}))
+    rng = np.random.default_rng(1)
+    examples = 1024
+    x = rng.random((examples, 784), dtype=np.float32)
+    y = rng.integers(0, 10, examples)
+    data = tmp / "train-784.npz"
+    np.savez(data, input=x, target=y)
+    print(f"torch {torch.__version__}; a training step of 784-1024-1024-10 (linear, relu), "
+          f"cross_entropy, Adam, batch 64")
+    print(f"{'training step':32s} {'batch':>5s} {'thr':>3s} {'host us':>10s} {'torch us':>10s}"
+          f" {'host/torch':>10s}")
+    for threads in args.threads:
+        short, extra = 3, 40
+        t_host = []
+        for _ in range(max(args.repeat, 3)):
+            t_host.append((host_train_seconds(model_json, data, short + extra, threads)
+                           - host_train_seconds(model_json, data, short, threads)) / extra)
+        t_host = sorted(t_host)[len(t_host) // 2]
+        torch.set_num_threads(threads)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        order = torch.randperm(examples)
+        state = {"at": 0}
+
+        def step():
+            at = state["at"]
+            rows = order[at:at + 64]
+            state["at"] = (at + 64) % examples
+            opt.zero_grad()
+            loss = F.cross_entropy(net(xt[rows]), yt[rows])
+            loss.backward()
+            opt.step()
+
+        t_torch = timed(step, args.min_time)
+        print(f"{'784-1024-1024-10 train step':32s} {64:5d} {threads:3d} {t_host * 1e6:10.1f} "
+              f"{t_torch * 1e6:10.1f} {t_host / t_torch:10.3f}")
 
 
 if __name__ == "__main__":

@@ -358,6 +358,7 @@ fn shipped_runs(dir: &Path) -> Vec<(String, Vec<String>)> {
             m("encoder.json"),
             vec![format!("tokens={}", m("encoder-tokens.npy"))],
         ),
+        (m("regression.json"), vec![m("regression-input.npy")]),
     ]
 }
 
