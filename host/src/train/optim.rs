@@ -52,7 +52,8 @@ impl Optimizer {
         }
     }
 
-    /// Updates every parameter that has a gradient in `grads`.
+    /// Updates every parameter that has a gradient in `grads`: one pass
+    /// over each parameter, its gradient and its buffers.
     pub fn step(
         &self,
         state: &mut State,
@@ -64,7 +65,6 @@ impl Optimizer {
             let Some(p) = params.get_mut(name) else {
                 continue;
             };
-            let mut g = grad.clone();
             match *self {
                 Optimizer::Sgd {
                     lr,
@@ -73,32 +73,39 @@ impl Optimizer {
                     weight_decay,
                     nesterov,
                 } => {
-                    if weight_decay != 0.0 {
-                        Zip::from(&mut g)
-                            .and(&*p)
-                            .for_each(|g, &p| *g += weight_decay * p);
-                    }
-                    if momentum != 0.0 {
-                        let first = !state.buffers.contains_key(name);
-                        let bufs = state
-                            .buffers
-                            .entry(name.clone())
-                            .or_insert_with(|| vec![g.clone()]);
-                        let buf = &mut bufs[0];
-                        if !first {
-                            Zip::from(&mut *buf)
-                                .and(&g)
-                                .for_each(|b, &g| *b = *b * momentum + (1.0 - dampening) * g);
-                        }
-                        if nesterov {
-                            Zip::from(&mut g)
-                                .and(&*buf)
-                                .for_each(|g, &b| *g += momentum * b);
+                    let decayed = |g: f32, p: f32| {
+                        if weight_decay != 0.0 {
+                            g + weight_decay * p
                         } else {
-                            g.assign(buf);
+                            g
                         }
+                    };
+                    if momentum == 0.0 {
+                        Zip::from(&mut *p).and(grad).for_each(|p, &g| {
+                            *p += -lr * decayed(g, *p);
+                        });
+                        continue;
                     }
-                    Zip::from(&mut *p).and(&g).for_each(|p, &g| *p += -lr * g);
+                    // torch starts the momentum buffer at the first
+                    // gradient, undamped.
+                    let first = !state.buffers.contains_key(name);
+                    let bufs = state
+                        .buffers
+                        .entry(name.clone())
+                        .or_insert_with(|| vec![ArrayD::zeros(grad.raw_dim())]);
+                    Zip::from(&mut *p)
+                        .and(grad)
+                        .and(&mut bufs[0])
+                        .for_each(|p, &g, b| {
+                            let g = decayed(g, *p);
+                            *b = if first {
+                                g
+                            } else {
+                                *b * momentum + (1.0 - dampening) * g
+                            };
+                            let step = if nesterov { g + momentum * *b } else { *b };
+                            *p += -lr * step;
+                        });
                 }
                 Optimizer::Adam {
                     lr,
@@ -107,31 +114,31 @@ impl Optimizer {
                     eps,
                     weight_decay,
                 } => {
-                    if weight_decay != 0.0 {
-                        Zip::from(&mut g)
-                            .and(&*p)
-                            .for_each(|g, &p| *g += weight_decay * p);
-                    }
                     let bufs = state.buffers.entry(name.clone()).or_insert_with(|| {
-                        vec![ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())]
+                        vec![ArrayD::zeros(grad.raw_dim()), ArrayD::zeros(grad.raw_dim())]
                     });
                     let (m, v) = bufs.split_at_mut(1);
-                    let (m, v) = (&mut m[0], &mut v[0]);
-                    Zip::from(&mut *m)
-                        .and(&g)
-                        .for_each(|m, &g| *m += (1.0 - beta1) * (g - *m));
-                    Zip::from(&mut *v)
-                        .and(&g)
-                        .for_each(|v, &g| *v = *v * beta2 + (1.0 - beta2) * g * g);
                     let t = state.step as i32;
                     let bias1 = 1.0 - (beta1 as f64).powi(t);
                     let bias2 = 1.0 - (beta2 as f64).powi(t);
                     let step_size = (lr as f64 / bias1) as f32;
                     let bias2_sqrt = bias2.sqrt() as f32;
-                    Zip::from(&mut *p).and(&*m).and(&*v).for_each(|p, &m, &v| {
-                        let denom = v.sqrt() / bias2_sqrt + eps;
-                        *p += -step_size * (m / denom);
-                    });
+                    Zip::from(&mut *p)
+                        .and(grad)
+                        .and(&mut m[0])
+                        .and(&mut v[0])
+                        .for_each(|p, &g, m, v| {
+                            let g = if weight_decay != 0.0 {
+                                g + weight_decay * *p
+                            } else {
+                                g
+                            };
+                            // As torch: m.lerp_(g, 1 - beta1), v = beta2 v + (1 - beta2) g².
+                            *m += (1.0 - beta1) * (g - *m);
+                            *v = *v * beta2 + (1.0 - beta2) * g * g;
+                            let denom = v.sqrt() / bias2_sqrt + eps;
+                            *p += -step_size * (*m / denom);
+                        });
                 }
             }
         }
