@@ -11,6 +11,7 @@
 pub mod data;
 pub mod loss;
 pub mod optim;
+pub mod plot;
 
 use std::collections::{BTreeMap, BTreeSet};
 
