@@ -342,8 +342,21 @@ fn last_number_after(text: &str, label: &str) -> f64 {
 #[test]
 fn the_shipped_regression_example_learns_and_ends_where_torch_does() {
     let dir = tempfile::tempdir().unwrap();
-    let run = train_regression(dir.path(), &[]);
+    let plot = dir.path().join("loss.png");
+    let run = train_regression(dir.path(), &["--plot", path_str(&plot)]);
     run.ok();
+    // A PNG of 800 x 500: its signature, then the IHDR chunk's width and
+    // height (big-endian, at bytes 16..24).
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!(
+        (
+            u32::from_be_bytes(png[16..20].try_into().unwrap()),
+            u32::from_be_bytes(png[20..24].try_into().unwrap())
+        ),
+        (800, 500)
+    );
     let baseline = last_number_after(&run.stderr, "scores");
     let val = last_number_after(&run.stderr, "validation loss");
     // The stated margin: at least 20 times below predicting the mean.

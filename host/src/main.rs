@@ -186,6 +186,9 @@ struct TrainArgs {
     /// Write each step's loss as CSV: step,epoch,loss.
     #[arg(long, value_name = "LOSS.csv")]
     log: Option<PathBuf>,
+    /// Draw the training loss (each step) and the validation loss (each epoch) as a PNG.
+    #[arg(long, value_name = "LOSS.png")]
+    plot: Option<PathBuf>,
     /// Write a resumable checkpoint (parameters and optimizer state) every N steps.
     #[arg(long, value_name = "N")]
     checkpoint_every: Option<u64>,
@@ -679,6 +682,7 @@ fn train(args: TrainArgs) -> Result<(), Error> {
         out: args.out,
         order_out: args.order_out,
         log: args.log,
+        plot: args.plot,
         checkpoint_every: args.checkpoint_every,
         checkpoint: args.checkpoint,
         resume: args.resume,

@@ -38,6 +38,8 @@ pub struct TrainOptions {
     pub order_out: Option<PathBuf>,
     /// One line per step: `step,epoch,loss`.
     pub log: Option<PathBuf>,
+    /// A PNG of the training and validation loss curves.
+    pub plot: Option<PathBuf>,
     pub checkpoint_every: Option<u64>,
     pub checkpoint: Option<PathBuf>,
     pub resume: Option<PathBuf>,
@@ -97,6 +99,9 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     }
     if let Some(l) = &opts.log {
         outputs.push(("--log", l));
+    }
+    if let Some(p) = &opts.plot {
+        outputs.push(("--plot", p));
     }
     if opts.checkpoint_every.is_some() {
         outputs.push(("--checkpoint", &checkpoint_path));
@@ -210,6 +215,10 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
 
     let mut log = opts.log.as_ref().map(|_| String::from("step,epoch,loss\n"));
     let mut orders: Vec<Vec<usize>> = Vec::new();
+    // The curves of --plot: x in epochs (a step's at the fraction of its
+    // epoch done), y the loss.
+    let mut step_points: Vec<(f64, f64)> = Vec::new();
+    let mut val_points: Vec<(f64, f64)> = Vec::new();
     let terminal = !opts.quiet && std::io::stderr().is_terminal();
     let mut trained = Trained {
         steps: state.step,
@@ -263,6 +272,10 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
             opts.optimizer.step(&mut state, &mut params, &pass.grads);
             sum += pass.loss;
             count += 1;
+            step_points.push((
+                epoch as f64 + (at + rows.len()) as f64 / data.examples as f64,
+                pass.loss,
+            ));
             if let Some(log) = &mut log {
                 log.push_str(&format!("{},{},{:e}\n", state.step, epoch + 1, pass.loss));
             }
@@ -314,6 +327,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
                 let (inputs, target) = v.batch(&rows);
                 let l = trainer.evaluate(&plans, &params, &inputs, &target, opts.loss)?;
                 trained.val_losses.push(l);
+                val_points.push(((epoch + 1) as f64, l));
                 format!(", validation loss {l:.6}")
             }
             None => String::new(),
@@ -335,6 +349,27 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     model.close()?;
     if let (Some(path), Some(log)) = (&opts.log, &log) {
         write_atomically(path, |w| w.write_all(log.as_bytes()))?;
+    }
+    if let Some(path) = &opts.plot {
+        let name = if model.spec.name.is_empty() {
+            "model"
+        } else {
+            model.spec.name.as_str()
+        };
+        let mut curves = vec![crate::train::plot::Curve {
+            label: "training (each step)",
+            points: &step_points,
+        }];
+        if val.is_some() {
+            curves.push(crate::train::plot::Curve {
+                label: "validation (each epoch)",
+                points: &val_points,
+            });
+        }
+        let png =
+            crate::train::plot::render_png(&format!("{name}: {} loss", opts.loss.name()), &curves)
+                .map_err(|m| Error::Usage(format!("--plot {}: {m}", path.display())))?;
+        write_atomically(path, |w| w.write_all(&png))?;
     }
     if let Some(path) = &opts.order_out {
         let n = data.examples;
