@@ -270,6 +270,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
                 )));
             }
             opts.optimizer.step(&mut state, &mut params, &pass.grads);
+            trainer.recycle(pass.grads);
             sum += pass.loss;
             count += 1;
             step_points.push((

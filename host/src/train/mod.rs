@@ -44,6 +44,46 @@ pub struct Trainer<'m> {
     /// Per node: whether it runs `backward` at all.
     differentiated: Vec<bool>,
     output: Source,
+    buffers: Buffers,
+}
+
+/// Gradient buffers kept from step to step. A step needs the same large
+/// buffers each time (7 MB for the 784 MLP); taken anew from the system
+/// they came back as fresh pages, faulted in and zeroed by the kernel: a
+/// fifth of a step's time went to that.
+#[derive(Default)]
+struct Buffers {
+    free: std::sync::Mutex<Vec<Vec<f32>>>,
+}
+
+impl Buffers {
+    /// A zeroed array of `shape`, in a kept buffer of that size if any.
+    fn zeros(&self, shape: &[usize]) -> ArrayD<f32> {
+        let n: usize = shape.iter().product();
+        let kept = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            free.iter()
+                .position(|b| b.len() == n)
+                .map(|i| free.swap_remove(i))
+        };
+        let values = match kept {
+            Some(mut b) => {
+                b.fill(0.0);
+                b
+            }
+            None => vec![0.0; n],
+        };
+        ArrayD::from_shape_vec(ndarray::IxDyn(shape), values).expect("n elements")
+    }
+
+    /// Keeps `array`'s buffer for a later [`Buffers::zeros`].
+    fn keep(&self, array: ArrayD<f32>) {
+        let (values, _) = array.into_raw_vec_and_offset();
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(values);
+    }
 }
 
 /// The outcome of one forward and backward pass on a minibatch.
@@ -166,6 +206,7 @@ impl<'m> Trainer<'m> {
             frozen,
             differentiated,
             output: *output,
+            buffers: Buffers::default(),
         })
     }
 
@@ -304,7 +345,7 @@ impl<'m> Trainer<'m> {
                 .map(|p| {
                     self.trainable
                         .contains(&p.stored_as)
-                        .then(|| ArrayD::zeros(p.shape.as_slice()))
+                        .then(|| self.buffers.zeros(&p.shape))
                 })
                 .collect();
             {
@@ -393,6 +434,14 @@ impl<'m> Trainer<'m> {
             loss: value,
             grads: param_grads,
         })
+    }
+
+    /// Takes back the gradients of a [`Pass`] once the optimizer used them,
+    /// to reuse their buffers in the next.
+    pub fn recycle(&self, grads: BTreeMap<String, ArrayD<f32>>) {
+        for grad in grads.into_values() {
+            self.buffers.keep(grad);
+        }
     }
 
     fn loss_error(&self, message: String) -> Error {

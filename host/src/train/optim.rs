@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ndarray::{ArrayD, Zip};
+use ndarray::ArrayD;
 
 use crate::params::ParamStore;
 
@@ -61,84 +61,94 @@ impl Optimizer {
         grads: &BTreeMap<String, ArrayD<f32>>,
     ) {
         state.step += 1;
+        let t = state.step as i32;
         for (name, grad) in grads {
             let Some(p) = params.get_mut(name) else {
                 continue;
             };
-            match *self {
-                Optimizer::Sgd {
-                    lr,
-                    momentum,
-                    dampening,
-                    weight_decay,
-                    nesterov,
-                } => {
-                    let decayed = |g: f32, p: f32| {
-                        if weight_decay != 0.0 {
-                            g + weight_decay * p
-                        } else {
-                            g
-                        }
-                    };
-                    if momentum == 0.0 {
-                        Zip::from(&mut *p).and(grad).for_each(|p, &g| {
-                            *p += -lr * decayed(g, *p);
-                        });
-                        continue;
+            let buffers = self.buffer_names().len();
+            let first = !state.buffers.contains_key(name);
+            let bufs = state.buffers.entry(name.clone()).or_insert_with(|| {
+                (0..buffers)
+                    .map(|_| ArrayD::zeros(grad.raw_dim()))
+                    .collect()
+            });
+            let p = p.as_slice_mut().expect("parameters are contiguous");
+            let g = grad.as_slice().expect("gradients are contiguous");
+            let mut bufs: Vec<&mut [f32]> = bufs
+                .iter_mut()
+                .map(|b| b.as_slice_mut().expect("buffers are contiguous"))
+                .collect();
+            self.update(p, g, &mut bufs, first, t);
+        }
+    }
+
+    /// The update of elements `p` with gradients `g` and buffers `bufs`
+    /// (as [`Optimizer::buffer_names`]), at step `t`; `first`: the buffers
+    /// were just made.
+    fn update(&self, p: &mut [f32], g: &[f32], bufs: &mut [&mut [f32]], first: bool, t: i32) {
+        match *self {
+            Optimizer::Sgd {
+                lr,
+                momentum,
+                dampening,
+                weight_decay,
+                nesterov,
+            } => {
+                let decayed = |g: f32, p: f32| {
+                    if weight_decay != 0.0 {
+                        g + weight_decay * p
+                    } else {
+                        g
                     }
-                    // torch starts the momentum buffer at the first
-                    // gradient, undamped.
-                    let first = !state.buffers.contains_key(name);
-                    let bufs = state
-                        .buffers
-                        .entry(name.clone())
-                        .or_insert_with(|| vec![ArrayD::zeros(grad.raw_dim())]);
-                    Zip::from(&mut *p)
-                        .and(grad)
-                        .and(&mut bufs[0])
-                        .for_each(|p, &g, b| {
-                            let g = decayed(g, *p);
-                            *b = if first {
-                                g
-                            } else {
-                                *b * momentum + (1.0 - dampening) * g
-                            };
-                            let step = if nesterov { g + momentum * *b } else { *b };
-                            *p += -lr * step;
-                        });
+                };
+                if momentum == 0.0 {
+                    for (p, &g) in p.iter_mut().zip(g) {
+                        *p += -lr * decayed(g, *p);
+                    }
+                    return;
                 }
-                Optimizer::Adam {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                } => {
-                    let bufs = state.buffers.entry(name.clone()).or_insert_with(|| {
-                        vec![ArrayD::zeros(grad.raw_dim()), ArrayD::zeros(grad.raw_dim())]
-                    });
-                    let (m, v) = bufs.split_at_mut(1);
-                    let t = state.step as i32;
-                    let bias1 = 1.0 - (beta1 as f64).powi(t);
-                    let bias2 = 1.0 - (beta2 as f64).powi(t);
-                    let step_size = (lr as f64 / bias1) as f32;
-                    let bias2_sqrt = bias2.sqrt() as f32;
-                    Zip::from(&mut *p)
-                        .and(grad)
-                        .and(&mut m[0])
-                        .and(&mut v[0])
-                        .for_each(|p, &g, m, v| {
-                            let g = if weight_decay != 0.0 {
-                                g + weight_decay * *p
-                            } else {
-                                g
-                            };
-                            // As torch: m.lerp_(g, 1 - beta1), v = beta2 v + (1 - beta2) g².
-                            *m += (1.0 - beta1) * (g - *m);
-                            *v = *v * beta2 + (1.0 - beta2) * g * g;
-                            let denom = v.sqrt() / bias2_sqrt + eps;
-                            *p += -step_size * (*m / denom);
-                        });
+                // torch starts the momentum buffer at the first gradient,
+                // undamped.
+                for ((p, &g), b) in p.iter_mut().zip(g).zip(bufs[0].iter_mut()) {
+                    let g = decayed(g, *p);
+                    *b = if first {
+                        g
+                    } else {
+                        *b * momentum + (1.0 - dampening) * g
+                    };
+                    let step = if nesterov { g + momentum * *b } else { *b };
+                    *p += -lr * step;
+                }
+            }
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                let bias1 = 1.0 - (beta1 as f64).powi(t);
+                let bias2 = 1.0 - (beta2 as f64).powi(t);
+                let step_size = (lr as f64 / bias1) as f32;
+                let bias2_sqrt = bias2.sqrt() as f32;
+                let (m, v) = bufs.split_at_mut(1);
+                for (((p, &g), m), v) in p
+                    .iter_mut()
+                    .zip(g)
+                    .zip(m[0].iter_mut())
+                    .zip(v[0].iter_mut())
+                {
+                    let g = if weight_decay != 0.0 {
+                        g + weight_decay * *p
+                    } else {
+                        g
+                    };
+                    // As torch: m.lerp_(g, 1 - beta1), v = beta2 v + (1 - beta2) g².
+                    *m += (1.0 - beta1) * (g - *m);
+                    *v = *v * beta2 + (1.0 - beta2) * g * g;
+                    let denom = v.sqrt() / bias2_sqrt + eps;
+                    *p += -step_size * (*m / denom);
                 }
             }
         }

@@ -68,9 +68,11 @@ impl Linear {
 ///
 /// The copy is made on the first single-row call or the second call with
 /// more rows, not in `prepare`: training prepares every parameter set for
-/// one forward, where copying the weight costs more than repacking it
-/// once. (A single row always uses the copy, so its bits never depend on
-/// what ran before.)
+/// one forward, where copying the weight cost more than the slower product
+/// (784 MLP, 64 rows, Zen 4: 5.9 ms for both layers' copies against 3.2 ms
+/// lost in the products). A single row always uses the copy; with more rows
+/// the two give the same bits (a test checks it), so no output depends on
+/// what ran before.
 struct TransposedWeight {
     copy: OnceLock<Array2<f32>>,
     calls: AtomicUsize,
@@ -287,6 +289,25 @@ mod tests {
             .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 8.0)
             .collect();
         ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+    }
+
+    #[test]
+    fn the_weight_and_its_copy_give_the_same_bits_for_several_rows() {
+        // The kernels' paths differ in how they read the weight, not in the
+        // sums they form: several rows give the same bits either way.
+        for (rows, inp, out) in [(2, 784, 1024), (7, 33, 65), (64, 784, 1024), (300, 64, 128)] {
+            let x = filled(&[rows, inp], 3)
+                .into_dimensionality::<Ix2>()
+                .unwrap();
+            let w = filled(&[out, inp], 5).into_dimensionality::<Ix2>().unwrap();
+            let copy = w.t().as_standard_layout().into_owned();
+            let mut a = Array2::<f32>::zeros((rows, out));
+            let mut b = Array2::<f32>::zeros((rows, out));
+            layer_kernels::matmul(x.view(), w.t(), a.view_mut()).unwrap();
+            layer_kernels::matmul(x.view(), copy.view(), b.view_mut()).unwrap();
+            let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&a) == bits(&b), "{rows} x {inp} -> {out}");
+        }
     }
 
     /// torch.nn.Linear: `y[.., o] = Σ_i x[.., i] W[o, i] + b[o]`, by loops.
