@@ -219,7 +219,22 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     // epoch done), y the loss.
     let mut step_points: Vec<(f64, f64)> = Vec::new();
     let mut val_points: Vec<(f64, f64)> = Vec::new();
-    let terminal = !opts.quiet && std::io::stderr().is_terminal();
+    // On a terminal, a bar over every step the run will take, with the
+    // epoch and the epoch's running loss; elsewhere, one line per epoch.
+    let steps_per_epoch = data.examples.div_ceil(opts.batch_size) as u64;
+    let total_steps =
+        (opts.epochs as u64 * steps_per_epoch).min(opts.max_steps.unwrap_or(u64::MAX));
+    let bar = if !opts.quiet && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total_steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}, {msg}, {eta} left")
+                .expect("the template is valid"),
+        );
+        bar.set_position(state.step);
+        Some(bar)
+    } else {
+        None
+    };
     let mut trained = Trained {
         steps: state.step,
         epoch_losses: Vec::new(),
@@ -280,14 +295,14 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
             if let Some(log) = &mut log {
                 log.push_str(&format!("{},{},{:e}\n", state.step, epoch + 1, pass.loss));
             }
-            if terminal {
-                eprint!(
-                    "\repoch {}/{} step {} loss {:.6}   ",
+            if let Some(bar) = &bar {
+                bar.set_position(state.step);
+                bar.set_message(format!(
+                    "epoch {}/{}, loss {:.6}",
                     epoch + 1,
                     opts.epochs,
-                    state.step,
                     sum / count as f64
-                );
+                ));
             }
             if let Some(every) = opts.checkpoint_every {
                 if state.step % every == 0 {
@@ -334,18 +349,22 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
             None => String::new(),
         };
         if !opts.quiet {
-            if terminal {
-                eprint!("\r");
-            }
-            eprintln!(
+            let line = format!(
                 "epoch {}/{}: {} steps, training loss {mean:.6}{val_loss}",
                 epoch + 1,
                 opts.epochs,
                 state.step
             );
+            match &bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
         }
     }
     trained.steps = state.step;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     // Every layer's Drop before anything is written (as `run`).
     model.close()?;
     if let (Some(path), Some(log)) = (&opts.log, &log) {
