@@ -1134,6 +1134,18 @@ pub(crate) fn tensor_mut<'a>(
     }
 }
 
+/// A gradient lent to `backward`: `t`'s bytes, described by `shape`
+/// (`None`: a gradient the host does not want, lent absent).
+pub(crate) fn grad_mut<'a>(shape: &'a [usize], t: Option<&'a mut Tensor>) -> TensorMut<'a> {
+    match t {
+        Some(t) => {
+            let dtype = t.dtype();
+            tensor_mut(shape, dtype, t.bytes_mut())
+        }
+        None => tensor_mut(&[], DType::ABSENT, &mut []),
+    }
+}
+
 /// Checks the given inputs' shapes against a format-2 model's declared
 /// ones: ranks and sizes equal, and each symbol one size throughout.
 fn check_declared_shapes(spec: &ModelSpec, inputs: &[TensorSpec]) -> Result<(), String> {

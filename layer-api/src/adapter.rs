@@ -165,6 +165,28 @@ fn prepared_ref<'a>(handle: PreparedHandle) -> Result<Option<&'a (dyn Any + Send
     Ok(Some(unsafe { &**handle.0.cast::<Prepared>() }))
 }
 
+/// What `prepare` made of `params` for `forward` or `backward`: what the
+/// host passed, or, when it passed null (a host that predates `prepare`,
+/// or one that prepared nothing for this call), made here into `local` for
+/// this call only, so that the layer sees the same thing either way.
+fn prepared_for<'a, L: MultiLayer>(
+    layer: &L,
+    prepared: PreparedHandle,
+    inputs: &[TensorRef<'_>],
+    params: &[ParamRef<'_>],
+    local: &'a mut Option<Prepared>,
+) -> Result<Option<&'a (dyn Any + Send + Sync)>, String> {
+    if let Ok(p) = prepared_ref(prepared) {
+        return Ok(p);
+    }
+    let descs: Vec<Option<TensorInfo>> = inputs
+        .iter()
+        .map(|t| (t.dtype != DType::ABSENT).then(|| TensorInfo::new(t.dtype, t.shape.to_vec())))
+        .collect();
+    *local = layer.prepare(&descs, &Params::new(params))?;
+    Ok(local.as_deref())
+}
+
 extern "C" fn forward<L: MultiLayer>(
     handle: &LayerHandle,
     prepared: PreparedHandle,
@@ -176,23 +198,8 @@ extern "C" fn forward<L: MultiLayer>(
         let inst = instance::<L>(handle);
         let inputs = inputs.as_slice();
         let params = params.as_slice();
-        // A host that predates `prepare` never calls it: prepare here, for
-        // this call only, so the layer sees the same thing either way.
-        let local;
-        let prepared = match prepared_ref(prepared) {
-            Ok(p) => p,
-            Err(()) => {
-                let descs: Vec<Option<TensorInfo>> = inputs
-                    .iter()
-                    .map(|t| {
-                        (t.dtype != DType::ABSENT)
-                            .then(|| TensorInfo::new(t.dtype, t.shape.to_vec()))
-                    })
-                    .collect();
-                local = inst.layer.prepare(&descs, &Params::new(params))?;
-                local.as_deref()
-            }
-        };
+        let mut local = None;
+        let prepared = prepared_for(&inst.layer, prepared, inputs, params, &mut local)?;
         let params = Params::with_prepared(params, prepared);
         // SAFETY: `Outputs` only ever writes empty `RSliceMut`s into it.
         let outputs = unsafe { lent(outputs) };
@@ -230,24 +237,14 @@ extern "C" fn backward<L: MultiLayer>(
     guard(|| {
         let inst = instance::<L>(handle);
         let param_items = params.as_slice();
-        // A host that calls `backward` has `prepare` (both are 1.x
-        // entries, `prepare` the older); null means nothing was prepared
-        // for this call, so prepare here as `forward` does.
-        let local;
-        let prepared = match prepared_ref(prepared) {
-            Ok(p) => p,
-            Err(()) => {
-                let descs: Vec<Option<TensorInfo>> = inputs
-                    .iter()
-                    .map(|t| {
-                        (t.dtype != DType::ABSENT)
-                            .then(|| TensorInfo::new(t.dtype, t.shape.to_vec()))
-                    })
-                    .collect();
-                local = inst.layer.prepare(&descs, &Params::new(param_items))?;
-                local.as_deref()
-            }
-        };
+        let mut local = None;
+        let prepared = prepared_for(
+            &inst.layer,
+            prepared,
+            inputs.as_slice(),
+            param_items,
+            &mut local,
+        )?;
         let params = Params::with_prepared(param_items, prepared);
         // SAFETY: `Grads` only ever writes empty `RSliceMut`s into them.
         let (input_grads, param_grads) = unsafe { (lent(input_grads), lent(param_grads)) };

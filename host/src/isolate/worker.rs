@@ -719,12 +719,12 @@ impl crate::gradcheck::Differentiable for InWorker<'_> {
             let mut input_muts: Vec<TensorMut<'_>> = input_grads
                 .iter_mut()
                 .zip(&input_shapes)
-                .map(|(t, shape)| grad_mut(shape, t.as_mut()))
+                .map(|(t, shape)| crate::runtime::grad_mut(shape, t.as_mut()))
                 .collect();
             let mut param_muts: Vec<TensorMut<'_>> = param_grads
                 .iter_mut()
                 .zip(&param_shapes)
-                .map(|(t, shape)| grad_mut(shape, Some(t)))
+                .map(|(t, shape)| crate::runtime::grad_mut(shape, Some(t)))
                 .collect();
             backward(
                 self.handle,
@@ -740,23 +740,6 @@ impl crate::gradcheck::Differentiable for InWorker<'_> {
             .map_err(|e| call_failure("backward", e))
         })?;
         Ok((input_grads, param_grads))
-    }
-}
-
-/// A gradient buffer of `shape` lent to `backward` (`None`: not wanted,
-/// absent).
-fn grad_mut<'a>(shape: &'a [usize], t: Option<&'a mut Tensor>) -> TensorMut<'a> {
-    match t {
-        Some(t) => TensorMut {
-            dtype: t.dtype(),
-            shape: RSlice::from_slice(shape),
-            data: RSliceMut::from_mut_slice(t.bytes_mut()),
-        },
-        None => TensorMut {
-            dtype: DType::ABSENT,
-            shape: RSlice::from_slice(&[]),
-            data: RSliceMut::from_mut_slice(&mut []),
-        },
     }
 }
 

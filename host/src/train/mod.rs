@@ -368,13 +368,7 @@ impl<'m> Trainer<'m> {
                 let mut input_muts: Vec<TensorMut<'_>> = input_grads
                     .iter_mut()
                     .zip(&input_shapes)
-                    .map(|(t, shape)| match t {
-                        Some(t) => {
-                            let dtype = t.dtype();
-                            crate::runtime::tensor_mut(shape, dtype, t.bytes_mut())
-                        }
-                        None => crate::runtime::tensor_mut(&[], DType::ABSENT, &mut []),
-                    })
+                    .map(|(t, shape)| crate::runtime::grad_mut(shape, t.as_mut()))
                     .collect();
                 let param_shapes: Vec<Vec<usize>> =
                     plan.params.iter().map(|p| p.shape.clone()).collect();
