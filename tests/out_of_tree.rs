@@ -150,6 +150,15 @@ fn a_plugin_built_outside_the_workspace_runs_in_the_host() {
     .unwrap();
     let y = run(&["--params", path_str(&params)]);
     assert_eq!(y.as_slice().unwrap(), &[1.0, 4.0, 1.5, 0.5, -8.0, -3.0]);
+
+    // Its backward, built outside the repository, agrees with finite
+    // differences of its forward.
+    let report = host(&["check-plugin", "scale", "--plugin-dir", path_str(&plugins)]);
+    assert!(
+        report.ok().lines().any(|l| l.starts_with("PASS gradcheck")),
+        "{}",
+        report.stdout
+    );
 }
 
 #[test]

@@ -3,8 +3,10 @@
 //! because the crate is: `export_layer!` names it after the library,
 //! `libscale.so`.
 
-use layer_api::ndarray::Ix1;
-use layer_api::{export_layer, ArrayViewD, ArrayViewMutD, Init, Layer, ParamSpec, Params};
+use layer_api::ndarray::{Axis, Ix1};
+use layer_api::{
+    export_layer, ArrayViewD, ArrayViewMutD, Grads, Init, Layer, ParamSpec, Params, INPUT,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -68,6 +70,35 @@ impl Layer for Scale {
         output *= &factor; // broadcast along the last axis
         Ok(())
     }
+
+    // Optional: the gradients, so that `host train` can train through it.
+    const BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        input: ArrayViewD<'_, f32>,
+        _output: ArrayViewD<'_, f32>,
+        params: &Params<'_>,
+        grad_output: ArrayViewD<'_, f32>,
+        grads: &mut Grads<'_>,
+    ) -> Result<(), String> {
+        let factor = params.get::<Ix1>("factor")?;
+        // dL/dx = dL/dy * factor (`None`: the host does not need it).
+        if let Some(mut grad_input) = grads.input::<f32>(INPUT)? {
+            grad_input.assign(&grad_output);
+            grad_input *= &factor;
+        }
+        // dL/dfactor[i] = the sum, over every row, of dL/dy[.., i] * x[.., i].
+        if let Some(mut grad_factor) = grads.param("factor")? {
+            let features = factor.len();
+            let rows = input.len().checked_div(features).unwrap_or(0);
+            let products = (&grad_output * &input)
+                .into_shape_with_order((rows, features))
+                .map_err(|e| e.to_string())?;
+            grad_factor.assign(&products.sum_axis(Axis(0)).into_dyn());
+        }
+        Ok(())
+    }
 }
 
 export_layer!(Scale);
@@ -76,7 +107,7 @@ export_layer!(Scale);
 mod tests {
     use super::*;
     use layer_api::ndarray::array;
-    use layer_api::testing;
+    use layer_api::testing::{self, gradcheck, Harness, Tolerance};
 
     #[test]
     fn multiplies_each_feature_by_its_own_factor() {
@@ -84,5 +115,19 @@ mod tests {
         let factor = array![1.0f32, -2.0, 0.5].into_dyn();
         let y = testing::forward::<Scale>("{}", x, &[("factor", factor)]).unwrap();
         assert_eq!(y, array![[1.0f32, 4.0, 1.5], [0.5, -8.0, -3.0]].into_dyn());
+    }
+
+    #[test]
+    fn backward_agrees_with_finite_differences_of_forward() {
+        let x = array![[1.0f32, -2.0, 3.0], [0.5, 4.0, -6.0]].into_dyn();
+        let factor = array![1.0f32, -2.0, 0.5].into_dyn();
+        let layer = Harness::new::<Scale>("{}").unwrap();
+        gradcheck(
+            &layer,
+            vec![(INPUT, x.into())],
+            &[("factor", factor)],
+            Tolerance::F32,
+        )
+        .unwrap();
     }
 }
