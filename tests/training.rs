@@ -425,8 +425,6 @@ fn resuming_from_a_checkpoint_continues_bit_for_bit() {
                 optimizer,
                 "--lr",
                 "0.01",
-                "--momentum",
-                "0.9",
                 "--batch-size",
                 "8",
                 "--epochs",
@@ -441,6 +439,9 @@ fn resuming_from_a_checkpoint_continues_bit_for_bit() {
                 path_str(&out),
                 "--quiet",
             ];
+            if optimizer == "sgd" {
+                args.extend_from_slice(&["--momentum", "0.9"]);
+            }
             args.extend_from_slice(extra);
             host(&args).ok();
             std::fs::read(out).unwrap()
@@ -638,4 +639,143 @@ fn a_data_file_without_target_names_what_it_holds() {
         err.contains("has no array 'target' (it holds: input)"),
         "{err}"
     );
+}
+
+/// `host train` on the seed MLP with `extra` arguments, from `dir`.
+fn train_seed_mlp(dir: &Path, extra: &[&str]) -> Run {
+    let init = fixture("seed-mlp-init.safetensors");
+    let out = dir.join("w.safetensors");
+    let mut args = vec![
+        "train",
+        "tests/fixtures/training/seed-mlp.json",
+        "--data",
+        "tests/fixtures/training/seed-mlp-data.npz",
+        "--loss",
+        "mse",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--params",
+        path_str(&init),
+        "--out",
+        path_str(&out),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    host(&args)
+}
+
+#[test]
+fn a_checkpoint_that_lacks_a_tensor_or_disagrees_with_the_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ck.safetensors");
+    train_seed_mlp(
+        dir.path(),
+        &[
+            "--checkpoint-every",
+            "3",
+            "--checkpoint",
+            path_str(&ckpt),
+            "--max-steps",
+            "3",
+        ],
+    )
+    .ok();
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = header.metadata().clone();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // Rewritten without one tensor, or with its step moved: both refused,
+    // naming what is wrong.
+    let rewrite = |name: &str, drop: &str, step: Option<&str>| {
+        let path = dir.path().join(name);
+        let mut meta = metadata.clone().unwrap();
+        if let Some(step) = step {
+            meta.insert("step".into(), step.into());
+        }
+        let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = file
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n != drop)
+            .collect();
+        safetensors::serialize_to_file(kept, Some(meta), &path).unwrap();
+        path
+    };
+    for (path, expected) in [
+        (
+            rewrite("no-bias.safetensors", "1.bias", None),
+            "lacks parameter '1.bias'",
+        ),
+        (
+            rewrite(
+                "no-moment.safetensors",
+                "optimizer.exp_avg_sq.0.weight",
+                None,
+            ),
+            "lacks optimizer buffer 'optimizer.exp_avg_sq.0.weight'",
+        ),
+        (
+            rewrite("far.safetensors", "", Some("1000")),
+            "says step 1000 at example 24 of epoch 1",
+        ),
+    ] {
+        let err = train_seed_mlp(dir.path(), &["--resume", path_str(&path)])
+            .failed()
+            .to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
+#[test]
+fn targets_are_checked_before_the_first_step_naming_the_file_and_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.npz");
+    let mut target = ndarray::ArrayD::<i64>::zeros(ndarray::IxDyn(&[32]));
+    target[[29]] = 10;
+    let mut npz = NpzOut::create(&data);
+    npz.add(
+        "tokens",
+        &read_npz::<i64>(&fixture("encoder-data.npz"), "tokens"),
+    )
+    .add("target", &target);
+    npz.finish();
+    let err = host(&[
+        "train",
+        "models/encoder.json",
+        "--data",
+        path_str(&data),
+        "--loss",
+        "cross_entropy",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--out",
+        path_str(&dir.path().join("w.safetensors")),
+    ])
+    .failed()
+    .to_string();
+    assert!(
+        err.contains("d.npz: 'target': row 29 holds class 10, outside [0, 10)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn two_outputs_naming_one_new_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let same = dir.path().join("same.safetensors");
+    let err = train_seed_mlp(
+        dir.path(),
+        &["--log", path_str(&same), "--plot", path_str(&same)],
+    )
+    .failed()
+    .to_string();
+    assert!(err.contains("--log and --plot both name"), "{err}");
+    assert!(!same.exists());
 }

@@ -108,6 +108,19 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Whether two output paths name one file, existing or not: the same file
+/// now, or the same name in the same directory (links resolved).
+pub fn names_same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some((dir.canonicalize().ok()?, p.file_name()?.to_os_string()))
+    };
+    same_file(a, b) || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Refuses writing `output` (given as `flag`) when it is the same file as
 /// one of `others` (each with its role, e.g. "the model file"), naming both.
 pub fn refuse_overwriting(

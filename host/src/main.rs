@@ -100,7 +100,7 @@ enum Command {
     /// Pin each layer (node) of a model to the SHA-256 of the plugin library it resolves to.
     Lock(LockArgs),
     /// Train a model's parameters on an .npz data set through the layers' backward.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -139,25 +139,25 @@ struct TrainArgs {
     optimizer: OptimizerArg,
     /// Learning rate.
     #[arg(long, value_parser = parse_non_negative)]
-    lr: f32,
+    lr: f64,
     /// SGD momentum, as torch's.
     #[arg(long, default_value = "0", value_parser = parse_non_negative)]
-    momentum: f32,
+    momentum: f64,
     /// SGD dampening, as torch's.
     #[arg(long, default_value = "0", value_parser = parse_non_negative)]
-    dampening: f32,
+    dampening: f64,
     /// SGD Nesterov momentum, as torch's.
     #[arg(long)]
     nesterov: bool,
     /// L2 penalty added to the gradient, as torch's SGD and Adam `weight_decay`.
     #[arg(long, default_value = "0", value_parser = parse_non_negative)]
-    weight_decay: f32,
+    weight_decay: f64,
     /// Adam's betas, as torch's.
     #[arg(long, default_value = "0.9,0.999", value_name = "B1,B2", value_parser = parse_betas)]
-    betas: (f32, f32),
+    betas: (f64, f64),
     /// Adam's eps, as torch's.
     #[arg(long, default_value = "1e-8", value_parser = parse_non_negative)]
-    eps: f32,
+    eps: f64,
     /// Passes over the training data.
     #[arg(long, default_value = "1")]
     epochs: usize,
@@ -205,17 +205,17 @@ struct TrainArgs {
     plugins: PluginDirs,
 }
 
-fn parse_non_negative(text: &str) -> Result<f32, String> {
-    match text.parse::<f32>() {
+fn parse_non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("'{text}' is not a non-negative number (e.g. 0.01)")),
     }
 }
 
-fn parse_betas(text: &str) -> Result<(f32, f32), String> {
+fn parse_betas(text: &str) -> Result<(f64, f64), String> {
     let parse = |t: &str| {
         t.trim()
-            .parse::<f32>()
+            .parse::<f64>()
             .ok()
             .filter(|b| (0.0..1.0).contains(b))
     };
@@ -646,8 +646,27 @@ fn init(args: InitArgs) -> Result<(), Error> {
     })
 }
 
-fn train(args: TrainArgs) -> Result<(), Error> {
+fn train(args: Box<TrainArgs>) -> Result<(), Error> {
     use host::train::optim::Optimizer;
+    let usage = |m: &str| Err(Error::Usage(m.to_string()));
+    match args.optimizer {
+        OptimizerArg::Sgd if args.nesterov && (args.momentum == 0.0 || args.dampening != 0.0) => {
+            return usage(
+                "--nesterov needs a --momentum above 0 and --dampening 0 (as torch's SGD)",
+            )
+        }
+        OptimizerArg::Adam if args.momentum != 0.0 || args.dampening != 0.0 || args.nesterov => {
+            return usage(
+                "--momentum, --dampening and --nesterov are SGD's; Adam's are --betas and --eps",
+            )
+        }
+        OptimizerArg::Sgd if args.betas != (0.9, 0.999) || args.eps != 1e-8 => {
+            return usage(
+                "--betas and --eps are Adam's; SGD's are --momentum, --dampening, --nesterov",
+            )
+        }
+        _ => {}
+    }
     let optimizer = match args.optimizer {
         OptimizerArg::Sgd => Optimizer::Sgd {
             lr: args.lr,

@@ -227,7 +227,10 @@ fn check_outputs(
     }
     for (k, output) in outputs.iter().enumerate() {
         refuse_overwriting("--output", output, &others)?;
-        if let Some(earlier) = outputs[..k].iter().find(|e| names_same_file(e, output)) {
+        if let Some(earlier) = outputs[..k]
+            .iter()
+            .find(|e| crate::atomic_file::names_same_file(e, output))
+        {
             return Err(Error::Usage(format!(
                 "--output {} and --output {} name the same file; each output needs a file of \
                  its own",
@@ -238,20 +241,6 @@ fn check_outputs(
         check_writable(output)?;
     }
     Ok(())
-}
-
-/// Whether two output paths name one file, existing or not: the same file
-/// now, or the same name in the same directory (links resolved).
-fn names_same_file(a: &Path, b: &Path) -> bool {
-    let resolved = |p: &Path| {
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        Some((dir.canonicalize().ok()?, p.file_name()?.to_os_string()))
-    };
-    crate::atomic_file::same_file(a, b)
-        || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The file given for each of `names` (the model's inputs or outputs,

@@ -69,6 +69,17 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     if opts.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1".into()));
     }
+    if opts.epochs == 0 || opts.max_steps == Some(0) {
+        return Err(usage(
+            "--epochs and --max-steps must be at least 1: a run of no steps trains nothing".into(),
+        ));
+    }
+    if opts.checkpoint.is_some() && opts.checkpoint_every.is_none() {
+        return Err(usage(
+            "--checkpoint names where checkpoints go; add --checkpoint-every N to write them"
+                .into(),
+        ));
+    }
     if opts.checkpoint_every == Some(0) {
         return Err(usage(
             "--checkpoint-every must be at least 1 (steps between checkpoints)".into(),
@@ -121,6 +132,15 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
         }
         refuse_overwriting(flag, path, &others)?;
         check_writable(path)?;
+        if let Some((earlier, _)) = outputs[..i]
+            .iter()
+            .find(|(_, p)| crate::atomic_file::names_same_file(p, path))
+        {
+            return Err(usage(format!(
+                "{earlier} and {flag} both name {}; give each output a file of its own",
+                path.display()
+            )));
+        }
     }
 
     let registry = PluginRegistry::new(&opts.plugin_dirs);
@@ -134,30 +154,38 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
         .transpose()?;
     // Plans depend on the batch size; one per size seen (the last batch
     // of an epoch may be smaller).
-    let mut plans_by_rows: HashMap<usize, Vec<LayerPlan>> = HashMap::new();
+    // Keyed by the inputs' types and shapes: a validation file may differ
+    // from the training file in more than its number of rows.
+    let mut plans_by_rows: PlanCache = HashMap::new();
     let plans_for = |rows: usize,
                      set: &Dataset,
-                     cache: &mut HashMap<usize, Vec<LayerPlan>>|
-     -> Result<Vec<LayerPlan>, Error> {
-        if let Some(p) = cache.get(&rows) {
-            return Ok(p.clone());
+                     cache: &mut PlanCache|
+     -> Result<(Vec<TensorSpec>, Vec<LayerPlan>), Error> {
+        let specs = batch_specs(set, rows);
+        let key: Vec<(u32, Vec<usize>)> =
+            specs.iter().map(|s| (s.dtype.0, s.shape.clone())).collect();
+        if let Some(p) = cache.get(&key) {
+            return Ok((specs, p.clone()));
         }
-        let specs: Vec<TensorSpec> = set
-            .inputs
-            .iter()
-            .map(|t| {
-                let mut shape = t.shape().to_vec();
-                shape[0] = rows;
-                TensorSpec::new(t.dtype(), &shape)
-            })
-            .collect();
         let plans = model.plan_inputs(&specs)?;
-        cache.insert(rows, plans.clone());
-        Ok(plans)
+        cache.insert(key, plans.clone());
+        Ok((specs, plans))
     };
     let first_rows = opts.batch_size.min(data.examples);
-    let plans = plans_for(first_rows, &data, &mut plans_by_rows)?;
+    let (_, plans) = plans_for(first_rows, &data, &mut plans_by_rows)?;
     let trainer = Trainer::new(&model, &plans)?;
+    // Every target checked against the loss and the output before any step:
+    // a bad row found at the last step would throw the run away.
+    let output = model.graph.outputs[0].1;
+    let mut example_shape = |set: &Dataset| -> Result<Vec<usize>, Error> {
+        let (specs, plans) = plans_for(opts.batch_size.min(set.examples), set, &mut plans_by_rows)?;
+        Ok(model.source_spec(&plans, &specs, output).shape[1..].to_vec())
+    };
+    let shape = example_shape(&data)?;
+    data.check_target(opts.loss, &shape)?;
+    if let Some(v) = &val {
+        v.check_target(opts.loss, &example_shape(v)?)?;
+    }
     let infos = Model::param_infos(&plans);
     let mut params = match &opts.params {
         Some(path) => ParamStore::load(path, &infos, false)?,
@@ -181,7 +209,12 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     }
     if !opts.quiet {
         for f in &trainer.frozen {
-            eprintln!("note: parameter '{}' is frozen: {}", f.name, f.why);
+            let what = if f.partial {
+                "gets part of its gradient"
+            } else {
+                "is frozen"
+            };
+            eprintln!("note: parameter '{}' {what}: {}", f.name, f.why);
         }
     }
 
@@ -190,22 +223,11 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     let mut start_epoch = 0usize;
     let mut start_position = 0usize;
     if let Some(path) = &opts.resume {
-        let ck = Checkpoint::read(path)?;
+        let ck = Checkpoint::read(path, &opts.optimizer)?;
         ck.check_settings(path, &settings_text(&opts, &data))?;
+        ck.check_against(path, &params, &opts, data.examples)?;
         for (name, value) in ck.params {
-            match params.get_mut(&name) {
-                Some(p) if p.shape() == value.shape() => *p = value,
-                _ => {
-                    return Err(Error::Params {
-                        path: path.clone(),
-                        message: format!(
-                            "holds parameter '{name}' of shape {:?}, which this model does not \
-                             have with that shape",
-                            value.shape()
-                        ),
-                    })
-                }
-            }
+            *params.get_mut(&name).expect("checked") = value;
         }
         state = ck.state;
         rng = ck.epoch_rng;
@@ -222,8 +244,9 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     // On a terminal, a bar over every step the run will take, with the
     // epoch and the epoch's running loss; elsewhere, one line per epoch.
     let steps_per_epoch = data.examples.div_ceil(opts.batch_size) as u64;
-    let total_steps =
-        (opts.epochs as u64 * steps_per_epoch).min(opts.max_steps.unwrap_or(u64::MAX));
+    let total_steps = (opts.epochs as u64)
+        .saturating_mul(steps_per_epoch)
+        .min(opts.max_steps.unwrap_or(u64::MAX));
     let bar = if !opts.quiet && std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(total_steps);
         bar.set_style(
@@ -241,11 +264,8 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
         val_losses: Vec::new(),
     };
     if let (false, Some(v)) = (opts.quiet, &val) {
-        let baseline = constant_baseline(opts.loss, &data, v).map_err(|m| Error::Params {
-            path: v.path.clone(),
-            message: m,
-        })?;
-        eprintln!(
+        if let Some(baseline) = constant_baseline(opts.loss, &data, v, &shape) {
+            eprintln!(
             "validation {}: a constant predictor (the training targets' {}) scores {baseline:.6}",
             opts.loss.name(),
             match opts.loss {
@@ -253,6 +273,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
                 Loss::CrossEntropy => "class frequencies",
             }
         );
+        }
     }
     'epochs: for epoch in start_epoch..opts.epochs {
         let epoch_rng = rng;
@@ -264,16 +285,17 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
         };
         let mut sum = 0.0;
         let mut count = 0usize;
+        let mut stop = false;
         for (chunk, rows) in order.chunks(opts.batch_size).enumerate() {
             let at = chunk * opts.batch_size;
             if at < position {
                 continue;
             }
             if opts.max_steps.is_some_and(|m| state.step >= m) {
-                orders.push(order.clone());
-                break 'epochs;
+                stop = true;
+                break;
             }
-            let plans = plans_for(rows.len(), &data, &mut plans_by_rows)?;
+            let (_, plans) = plans_for(rows.len(), &data, &mut plans_by_rows)?;
             let (inputs, target) = data.batch(rows);
             let pass = trainer.pass(&plans, &params, &inputs, &target, opts.loss)?;
             if !pass.loss.is_finite() {
@@ -329,17 +351,17 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
                 }
             }
         }
+        if count == 0 {
+            // --max-steps was reached as this epoch began.
+            break 'epochs;
+        }
         orders.push(order);
-        let mean = if count > 0 {
-            sum / count as f64
-        } else {
-            f64::NAN
-        };
+        let mean = sum / count as f64;
         trained.epoch_losses.push(mean);
         let val_loss = match &val {
             Some(v) => {
                 let rows: Vec<usize> = (0..v.examples).collect();
-                let plans = plans_for(v.examples, v, &mut plans_by_rows)?;
+                let (_, plans) = plans_for(v.examples, v, &mut plans_by_rows)?;
                 let (inputs, target) = v.batch(&rows);
                 let l = trainer.evaluate(&plans, &params, &inputs, &target, opts.loss)?;
                 trained.val_losses.push(l);
@@ -350,15 +372,23 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
         };
         if !opts.quiet {
             let line = format!(
-                "epoch {}/{}: {} steps, training loss {mean:.6}{val_loss}",
+                "epoch {}/{}: {} steps, training loss {mean:.6}{val_loss}{}",
                 epoch + 1,
                 opts.epochs,
-                state.step
+                state.step,
+                if stop {
+                    " (stopped by --max-steps)"
+                } else {
+                    ""
+                }
             );
             match &bar {
                 Some(bar) => bar.println(line),
                 None => eprintln!("{line}"),
             }
+        }
+        if stop {
+            break;
         }
     }
     trained.steps = state.step;
@@ -425,34 +455,59 @@ fn frozen_text(trainer: &Trainer<'_>) -> String {
 }
 
 /// The validation loss of predicting, for every example, the training
-/// targets' mean (mse) or their class frequencies (cross_entropy).
-fn constant_baseline(loss: Loss, train: &Dataset, val: &Dataset) -> Result<f64, String> {
-    match loss {
+/// targets' mean (mse) or their class frequencies (cross_entropy); both
+/// targets were checked against the loss and the output (`example_shape`).
+fn constant_baseline(
+    loss: Loss,
+    train: &Dataset,
+    val: &Dataset,
+    example_shape: &[usize],
+) -> Option<f64> {
+    Some(match loss {
         Loss::Mse => {
             let t = train.target.to_f64();
-            let n = t.shape()[0] as f64;
-            let mean = t.sum_axis(ndarray::Axis(0)) / n;
             let v = val.target.to_f64();
+            // A model whose output follows its input's shape may answer
+            // the two files in different shapes: then no constant fits.
+            if t.shape()[1..] != v.shape()[1..] {
+                return None;
+            }
+            let mean = t.sum_axis(ndarray::Axis(0)) / train.examples as f64;
             let diff = &v - &mean;
-            Ok(diff.iter().map(|d| d * d).sum::<f64>() / diff.len().max(1) as f64)
+            diff.iter().map(|d| d * d).sum::<f64>() / diff.len().max(1) as f64
         }
         Loss::CrossEntropy => {
-            let ids = train.target.to_f64();
-            let classes = ids.iter().fold(0f64, |m, &v| m.max(v)) as usize + 1;
+            let classes = example_shape.first().copied().unwrap_or(0);
             let mut counts = vec![0f64; classes];
-            for &c in ids.iter() {
+            for &c in train.target.to_f64().iter() {
                 counts[c as usize] += 1.0;
             }
-            let n = ids.len() as f64;
             let v = val.target.to_f64();
-            let mut total = 0.0;
-            for &c in v.iter() {
-                let p = counts.get(c as usize).copied().unwrap_or(0.0) / n;
-                total -= p.max(1e-12).ln();
-            }
-            Ok(total / v.len().max(1) as f64)
+            let total: f64 = v
+                .iter()
+                .map(|&c| {
+                    let count = counts.get(c as usize).copied().unwrap_or(0.0);
+                    -(count / train.examples as f64).max(1e-12).ln()
+                })
+                .sum();
+            total / v.len().max(1) as f64
         }
-    }
+    })
+}
+
+/// The cache of plans, by the inputs' element types and shapes.
+type PlanCache = HashMap<Vec<(u32, Vec<usize>)>, Vec<LayerPlan>>;
+
+/// The specs of `set`'s inputs for a batch of `rows` examples.
+fn batch_specs(set: &Dataset, rows: usize) -> Vec<TensorSpec> {
+    set.inputs
+        .iter()
+        .map(|t| {
+            let mut shape = t.shape().to_vec();
+            shape[0] = rows;
+            TensorSpec::new(t.dtype(), &shape)
+        })
+        .collect()
 }
 
 /// The settings a checkpoint must be resumed with, as text compared whole.
@@ -526,7 +581,7 @@ impl Checkpoint {
         write_atomically(path, |w| w.write_all(&encoded))
     }
 
-    fn read(path: &Path) -> Result<Checkpoint, Error> {
+    fn read(path: &Path, optimizer: &Optimizer) -> Result<Checkpoint, Error> {
         let bad = |message: String| Error::Params {
             path: path.to_path_buf(),
             message,
@@ -578,14 +633,34 @@ impl Checkpoint {
                 }
             }
         }
-        // Buffers in the optimizer's order: exp_avg before exp_avg_sq.
+        // Each parameter's buffers, in the optimizer's order, all of them.
+        let kinds = optimizer.buffer_names();
         let buffers = buffers
             .into_iter()
-            .map(|(param, mut list)| {
-                list.sort_by_key(|(kind, _)| kind.len());
-                (param, list.into_iter().map(|(_, a)| a).collect())
+            .map(|(param, list)| {
+                let mut ordered = Vec::with_capacity(kinds.len());
+                for kind in kinds {
+                    let at = list.iter().position(|(k, _)| k == kind).ok_or_else(|| {
+                        bad(format!(
+                            "lacks optimizer buffer '{OPTIMIZER_PREFIX}{kind}.{param}' ({} keeps \
+                             {})",
+                            optimizer.name(),
+                            kinds.join(", ")
+                        ))
+                    })?;
+                    ordered.push(list[at].1.clone());
+                }
+                if let Some((k, _)) = list.iter().find(|(k, _)| !kinds.contains(&k.as_str())) {
+                    return Err(bad(format!(
+                        "holds optimizer buffer '{OPTIMIZER_PREFIX}{k}.{param}', which {} does not \
+                         keep (it keeps: {})",
+                        optimizer.name(),
+                        if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") }
+                    )));
+                }
+                Ok((param, ordered))
             })
-            .collect();
+            .collect::<Result<_, Error>>()?;
         Ok(Checkpoint {
             params,
             state: State {
@@ -597,6 +672,101 @@ impl Checkpoint {
             position: number("position")? as usize,
             settings: meta.get("settings").cloned().unwrap_or_default(),
         })
+    }
+
+    /// Checks the checkpoint against the model's parameters and the run:
+    /// every parameter there with its shape, each buffer of its
+    /// parameter's shape, and a step count that agrees with the epoch and
+    /// the place in it.
+    fn check_against(
+        &self,
+        path: &Path,
+        params: &ParamStore,
+        opts: &TrainOptions,
+        examples: usize,
+    ) -> Result<(), Error> {
+        let bad = |message: String| Error::Params {
+            path: path.to_path_buf(),
+            message,
+        };
+        for (name, value) in params.iter() {
+            match self.params.get(name) {
+                None => return Err(bad(format!("lacks parameter '{name}'"))),
+                Some(v) if v.shape() != value.shape() => {
+                    return Err(bad(format!(
+                        "holds parameter '{name}' of shape {:?}; the model's is {:?}",
+                        v.shape(),
+                        value.shape()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if let Some(name) = self.params.keys().find(|n| params.get(n).is_none()) {
+            return Err(bad(format!(
+                "holds parameter '{name}', which the model does not have"
+            )));
+        }
+        for (name, bufs) in &self.state.buffers {
+            let Some(p) = params.get(name) else {
+                return Err(bad(format!(
+                    "holds optimizer buffers for '{name}', which the model does not have"
+                )));
+            };
+            if let Some(b) = bufs.iter().find(|b| b.shape() != p.shape()) {
+                return Err(bad(format!(
+                    "holds an optimizer buffer of shape {:?} for parameter '{name}' of shape {:?}",
+                    b.shape(),
+                    p.shape()
+                )));
+            }
+        }
+        let tensors = self.params.iter().map(|(n, v)| (n.clone(), v)).chain(
+            self.state.buffers.iter().flat_map(|(n, bufs)| {
+                bufs.iter()
+                    .map(move |b| (format!("an optimizer buffer of '{n}'"), b))
+            }),
+        );
+        for (name, t) in tensors {
+            if let Some(v) = t.iter().find(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "holds {v} in {name}; a checkpoint holds finite numbers"
+                )));
+            }
+        }
+        if let Optimizer::Adam { .. } = opts.optimizer {
+            if let Some((name, _)) = self
+                .state
+                .buffers
+                .iter()
+                .find(|(_, b)| b.get(1).is_some_and(|sq| sq.iter().any(|&v| v < 0.0)))
+            {
+                return Err(bad(format!(
+                    "holds a negative value in Adam's exp_avg_sq of '{name}', an average of \
+                     squares"
+                )));
+            }
+        }
+        let per_epoch = examples.div_ceil(opts.batch_size) as u64;
+        let consistent = self.epoch <= opts.epochs
+            && self.position < examples
+            && self.position % opts.batch_size == 0
+            && (self.epoch as u64)
+                .checked_mul(per_epoch)
+                .and_then(|s| s.checked_add((self.position / opts.batch_size) as u64))
+                == Some(self.state.step);
+        if !consistent {
+            return Err(bad(format!(
+                "says step {} at example {} of epoch {}, which a run of {} epochs of {examples} \
+                 examples in batches of {} cannot reach",
+                self.state.step,
+                self.position,
+                self.epoch.saturating_add(1),
+                opts.epochs,
+                opts.batch_size
+            )));
+        }
+        Ok(())
     }
 
     fn check_settings(&self, path: &Path, now: &str) -> Result<(), Error> {

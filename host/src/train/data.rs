@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use layer_api::DType;
+
 use crate::error::Error;
 use crate::runtime::Model;
 use crate::tensor::Tensor;
@@ -83,12 +85,81 @@ impl Dataset {
         if examples == 0 {
             return Err(invalid("holds no examples".to_string()));
         }
+        for (name, t) in names
+            .iter()
+            .copied()
+            .zip(&inputs)
+            .chain([(TARGET, &target)])
+        {
+            if let Some((i, v)) = t.to_f64().iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(invalid(format!(
+                    "array '{name}' holds {v} at {:?}; training needs finite numbers",
+                    crate::gradcheck::unravel(i, t.shape())
+                )));
+            }
+        }
         Ok(Dataset {
             path: path.to_path_buf(),
             inputs,
             target,
             examples,
         })
+    }
+
+    /// Checks the target against the loss and the model's output, whose
+    /// shape for one example is `example_shape` (its axis 0 left out), for
+    /// every example before any step: a bad row found at the last step
+    /// would throw the run away.
+    pub fn check_target(&self, loss: super::Loss, example_shape: &[usize]) -> Result<(), Error> {
+        let invalid = |message: String| Error::Params {
+            path: self.path.clone(),
+            message: format!("'{TARGET}': {message}"),
+        };
+        let mut expected = vec![self.examples];
+        match loss {
+            super::Loss::Mse => {
+                expected.extend_from_slice(example_shape);
+                if !matches!(self.target.dtype(), DType::F32 | DType::F64)
+                    || self.target.shape() != expected
+                {
+                    return Err(invalid(format!(
+                        "is {} {:?}; mse needs float32 or float64 of the model output's shape \
+                         {expected:?}",
+                        self.target.dtype(),
+                        self.target.shape()
+                    )));
+                }
+            }
+            super::Loss::CrossEntropy => {
+                let [classes] = example_shape else {
+                    return Err(invalid(format!(
+                        "cross_entropy needs a model output of shape (N, classes); the model's \
+                         is (N, {example_shape:?})"
+                    )));
+                };
+                if !matches!(self.target.dtype(), DType::I64 | DType::I32)
+                    || self.target.shape() != expected
+                {
+                    return Err(invalid(format!(
+                        "is {} {:?}; cross_entropy needs int64 class ids of shape {expected:?}",
+                        self.target.dtype(),
+                        self.target.shape()
+                    )));
+                }
+                let ids = self.target.to_f64();
+                if let Some((row, id)) = ids
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &id)| id < 0.0 || id >= *classes as f64)
+                {
+                    return Err(invalid(format!(
+                        "row {row} holds class {id}, outside [0, {classes}) (the model's output \
+                         has {classes} classes)"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The examples `rows` as one minibatch: the inputs, then the target.

@@ -32,6 +32,8 @@ pub use loss::Loss;
 pub struct Frozen {
     pub name: String,
     pub why: String,
+    /// A shared parameter that trains through its other uses.
+    pub partial: bool,
 }
 
 /// What training needs of a model: which output the loss reads, and which
@@ -188,18 +190,35 @@ impl<'m> Trainer<'m> {
                 frozen.push(Frozen {
                     name: p.name.clone(),
                     why,
+                    partial: false,
                 });
             }
         }
-        // A shared parameter trains if any of its users does.
-        frozen.retain(|f| {
+        // A shared parameter trains if any of its users does; the uses a
+        // gradient cannot reach are then left out of its sum, and said so.
+        for f in &mut frozen {
             let stored = plans
                 .iter()
                 .flat_map(|p| &p.params)
                 .find(|p| p.name == f.name)
-                .map(|p| p.stored_as.as_str());
-            !stored.is_some_and(|s| trainable.contains(s))
-        });
+                .map(|p| p.stored_as.clone());
+            if let Some(stored) = stored.filter(|s| trainable.contains(s)) {
+                f.why = if stored == f.name {
+                    format!(
+                        "it trains through the layers that share it, but its own layer's use \
+                         adds nothing to its gradient, because {}",
+                        f.why
+                    )
+                } else {
+                    format!(
+                        "it shares '{stored}', which trains through its other uses, but this \
+                         use adds nothing to its gradient, because {}",
+                        f.why
+                    )
+                };
+                f.partial = true;
+            }
+        }
         Ok(Trainer {
             model,
             trainable,

@@ -11,18 +11,18 @@ use crate::params::ParamStore;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Optimizer {
     Sgd {
-        lr: f32,
-        momentum: f32,
-        dampening: f32,
-        weight_decay: f32,
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
         nesterov: bool,
     },
     Adam {
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        weight_decay: f32,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
     },
 }
 
@@ -60,8 +60,8 @@ impl Optimizer {
         params: &mut ParamStore,
         grads: &BTreeMap<String, ArrayD<f32>>,
     ) {
-        state.step += 1;
-        let t = state.step as i32;
+        state.step = state.step.saturating_add(1);
+        let t = state.step as f64;
         for (name, grad) in grads {
             let Some(p) = params.get_mut(name) else {
                 continue;
@@ -85,8 +85,10 @@ impl Optimizer {
 
     /// The update of elements `p` with gradients `g` and buffers `bufs`
     /// (as [`Optimizer::buffer_names`]), at step `t`; `first`: the buffers
-    /// were just made.
-    fn update(&self, p: &mut [f32], g: &[f32], bufs: &mut [&mut [f32]], first: bool, t: i32) {
+    /// were just made. As torch: the settings are doubles, and each
+    /// scalar an operation takes (`1 - beta1`, `lr / bias_correction1`) is
+    /// computed in double and then rounded to float32.
+    fn update(&self, p: &mut [f32], g: &[f32], bufs: &mut [&mut [f32]], first: bool, t: f64) {
         match *self {
             Optimizer::Sgd {
                 lr,
@@ -95,6 +97,9 @@ impl Optimizer {
                 weight_decay,
                 nesterov,
             } => {
+                let (lr, momentum, weight_decay) =
+                    (lr as f32, momentum as f32, weight_decay as f32);
+                let undamped = (1.0 - dampening) as f32;
                 let decayed = |g: f32, p: f32| {
                     if weight_decay != 0.0 {
                         g + weight_decay * p
@@ -115,7 +120,7 @@ impl Optimizer {
                     *b = if first {
                         g
                     } else {
-                        *b * momentum + (1.0 - dampening) * g
+                        *b * momentum + undamped * g
                     };
                     let step = if nesterov { g + momentum * *b } else { *b };
                     *p += -lr * step;
@@ -128,10 +133,10 @@ impl Optimizer {
                 eps,
                 weight_decay,
             } => {
-                let bias1 = 1.0 - (beta1 as f64).powi(t);
-                let bias2 = 1.0 - (beta2 as f64).powi(t);
-                let step_size = (lr as f64 / bias1) as f32;
-                let bias2_sqrt = bias2.sqrt() as f32;
+                let step_size = (lr / (1.0 - beta1.powf(t))) as f32;
+                let bias2_sqrt = (1.0 - beta2.powf(t)).sqrt() as f32;
+                let (w1, beta2_32, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+                let (eps, weight_decay) = (eps as f32, weight_decay as f32);
                 let (m, v) = bufs.split_at_mut(1);
                 for (((p, &g), m), v) in p
                     .iter_mut()
@@ -144,9 +149,14 @@ impl Optimizer {
                     } else {
                         g
                     };
-                    // As torch: m.lerp_(g, 1 - beta1), v = beta2 v + (1 - beta2) g².
-                    *m += (1.0 - beta1) * (g - *m);
-                    *v = *v * beta2 + (1.0 - beta2) * g * g;
+                    // m.lerp_(g, 1 - beta1), in the form torch's lerp takes
+                    // for that weight; v = beta2 v + (1 - beta2) g².
+                    *m = if w1 < 0.5 {
+                        *m + w1 * (g - *m)
+                    } else {
+                        g - (g - *m) * (1.0 - w1)
+                    };
+                    *v = *v * beta2_32 + w2 * g * g;
                     let denom = v.sqrt() / bias2_sqrt + eps;
                     *p += -step_size * (*m / denom);
                 }
