@@ -729,6 +729,42 @@ fn a_checkpoint_that_lacks_a_tensor_or_disagrees_with_the_run_is_refused() {
             .to_string();
         assert!(err.contains(expected), "{err}");
     }
+    // Other data of the same size: not the same run.
+    let data = dir.path().join("other.npz");
+    let mut x = read_npz::<f32>(&fixture("seed-mlp-data.npz"), "input");
+    x[[0, 0]] += 1.0;
+    let mut npz = NpzOut::create(&data);
+    npz.add("input", &x).add(
+        "target",
+        &read_npz::<f32>(&fixture("seed-mlp-data.npz"), "target"),
+    );
+    npz.finish();
+    let init = fixture("seed-mlp-init.safetensors");
+    let err = host(&[
+        "train",
+        "tests/fixtures/training/seed-mlp.json",
+        "--data",
+        path_str(&data),
+        "--loss",
+        "mse",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--params",
+        path_str(&init),
+        "--out",
+        path_str(&dir.path().join("o.safetensors")),
+        "--resume",
+        path_str(&ckpt),
+    ])
+    .failed()
+    .to_string();
+    assert!(err.contains("data_sha256 was "), "{err}");
 }
 
 #[test]

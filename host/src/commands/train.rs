@@ -145,6 +145,13 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
 
     let registry = PluginRegistry::new(&opts.plugin_dirs);
     let spec = ModelSpec::load(&opts.model)?;
+    let model_sha256 =
+        crate::train::data::hex_sha256(&std::fs::read(&opts.model).map_err(|source| {
+            Error::Read {
+                path: opts.model.clone(),
+                source,
+            }
+        })?);
     let model = Model::load(spec, &registry)?;
     let data = Dataset::read(&opts.data, &model)?;
     let val = opts
@@ -224,7 +231,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     let mut start_position = 0usize;
     if let Some(path) = &opts.resume {
         let ck = Checkpoint::read(path, &opts.optimizer)?;
-        ck.check_settings(path, &settings_text(&opts, &data))?;
+        ck.check_settings(path, &settings_text(&opts, &data, &model_sha256))?;
         ck.check_against(path, &params, &opts, data.examples)?;
         for (name, value) in ck.params {
             *params.get_mut(&name).expect("checked") = value;
@@ -345,7 +352,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
                         epoch_rng,
                         epoch,
                         position,
-                        settings: settings_text(&opts, &data),
+                        settings: settings_text(&opts, &data, &model_sha256),
                     };
                     ck.write(&checkpoint_path, &opts.optimizer)?;
                 }
@@ -511,16 +518,20 @@ fn batch_specs(set: &Dataset, rows: usize) -> Vec<TensorSpec> {
 }
 
 /// The settings a checkpoint must be resumed with, as text compared whole.
-fn settings_text(opts: &TrainOptions, data: &Dataset) -> String {
+/// The model file's and the data's SHA-256 are part of them: resuming on
+/// other data or another model would not continue the same run.
+fn settings_text(opts: &TrainOptions, data: &Dataset, model_sha256: &str) -> String {
     format!(
-        "loss={} optimizer={:?} epochs={} batch_size={} seed={} shuffle={} examples={}",
+        "loss={} optimizer={:?} epochs={} batch_size={} seed={} shuffle={} examples={} \
+         model_sha256={model_sha256} data_sha256={}",
         opts.loss.name(),
         opts.optimizer,
         opts.epochs,
         opts.batch_size,
         opts.seed,
         opts.shuffle,
-        data.examples
+        data.examples,
+        data.sha256
     )
 }
 
@@ -773,11 +784,48 @@ impl Checkpoint {
         if self.settings == now {
             return Ok(());
         }
+        // The settings that differ, each as the checkpoint has it and as
+        // this run does (the optimizer's text holds spaces: compare
+        // `key=value` runs split where a new key starts).
+        let fields = |text: &str| -> Vec<(String, String)> {
+            let mut out: Vec<(String, String)> = Vec::new();
+            for word in text.split(' ') {
+                match word.split_once('=') {
+                    Some((k, v)) if !k.contains(['(', '{', ':', ',']) => {
+                        out.push((k.to_string(), v.to_string()))
+                    }
+                    _ => {
+                        if let Some(last) = out.last_mut() {
+                            last.1.push(' ');
+                            last.1.push_str(word);
+                        }
+                    }
+                }
+            }
+            out
+        };
+        let then = fields(&self.settings);
+        let differ: Vec<String> = fields(now)
+            .into_iter()
+            .filter(|(k, v)| !then.iter().any(|(k2, v2)| k2 == k && v2 == v))
+            .map(|(k, v)| {
+                let was = then
+                    .iter()
+                    .find(|(k2, _)| *k2 == k)
+                    .map_or("(none)".to_string(), |(_, v)| v.clone());
+                format!("{k} was {was}, is now {v}")
+            })
+            .collect();
         Err(Error::Params {
             path: path.to_path_buf(),
             message: format!(
-                "was written with other settings ({}); resume with the same ones, not ({now})",
-                self.settings
+                "was written by a run with other settings ({}); resume with the same model, data \
+                 and settings",
+                if differ.is_empty() {
+                    "their text differs".to_string()
+                } else {
+                    differ.join("; ")
+                }
             ),
         })
     }

@@ -14,6 +14,8 @@ use crate::tensor::Tensor;
 /// to the types the model takes) and the target.
 pub struct Dataset {
     pub path: PathBuf,
+    /// The SHA-256 of the file, in hex: what a checkpoint records of it.
+    pub sha256: String,
     pub inputs: Vec<Tensor>,
     pub target: Tensor,
     pub examples: usize,
@@ -32,6 +34,7 @@ impl Dataset {
             path: path.to_path_buf(),
             message,
         };
+        let sha256 = hex_sha256(&bytes);
         let mut arrays = crate::npz::read(bytes).map_err(&invalid)?;
         let names = model.input_names();
         let listed = arrays
@@ -100,6 +103,7 @@ impl Dataset {
         }
         Ok(Dataset {
             path: path.to_path_buf(),
+            sha256,
             inputs,
             target,
             examples,
@@ -169,6 +173,15 @@ impl Dataset {
             self.target.select_rows(rows),
         )
     }
+}
+
+/// The SHA-256 of `bytes`, in hex.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// SplitMix64: the generator behind the shuffle, chosen because it is a
