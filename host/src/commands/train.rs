@@ -201,7 +201,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
             None => ParamStore::initialize(&infos, opts.seed),
         },
     };
-    if trainable_count(&trainer) == 0 {
+    if trainer.trainable.is_empty() {
         return Err(Error::Model {
             path: model.spec.path.clone(),
             message: format!(
@@ -446,10 +446,6 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
         );
     }
     Ok(trained)
-}
-
-fn trainable_count(trainer: &Trainer<'_>) -> usize {
-    trainer.trainable.len()
 }
 
 fn frozen_text(trainer: &Trainer<'_>) -> String {
