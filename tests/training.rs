@@ -647,15 +647,21 @@ fn a_data_file_without_target_names_what_it_holds() {
     );
 }
 
-/// `host train` on the seed MLP with `extra` arguments, from `dir`.
+/// `host train` on the seed MLP and its data with `extra` arguments,
+/// writing into `dir`.
 fn train_seed_mlp(dir: &Path, extra: &[&str]) -> Run {
+    train_seed_mlp_on(&fixture("seed-mlp-data.npz"), dir, extra)
+}
+
+/// [`train_seed_mlp`] on the data file `data`.
+fn train_seed_mlp_on(data: &Path, dir: &Path, extra: &[&str]) -> Run {
     let init = fixture("seed-mlp-init.safetensors");
     let out = dir.join("w.safetensors");
     let mut args = vec![
         "train",
         "tests/fixtures/training/seed-mlp.json",
         "--data",
-        "tests/fixtures/training/seed-mlp-data.npz",
+        path_str(data),
         "--loss",
         "mse",
         "--optimizer",
@@ -745,31 +751,9 @@ fn a_checkpoint_that_lacks_a_tensor_or_disagrees_with_the_run_is_refused() {
         &read_npz::<f32>(&fixture("seed-mlp-data.npz"), "target"),
     );
     npz.finish();
-    let init = fixture("seed-mlp-init.safetensors");
-    let err = host(&[
-        "train",
-        "tests/fixtures/training/seed-mlp.json",
-        "--data",
-        path_str(&data),
-        "--loss",
-        "mse",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.01",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "2",
-        "--params",
-        path_str(&init),
-        "--out",
-        path_str(&dir.path().join("o.safetensors")),
-        "--resume",
-        path_str(&ckpt),
-    ])
-    .failed()
-    .to_string();
+    let err = train_seed_mlp_on(&data, dir.path(), &["--resume", path_str(&ckpt)])
+        .failed()
+        .to_string();
     assert!(err.contains("data_sha256 was "), "{err}");
 }
 

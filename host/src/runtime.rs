@@ -1134,16 +1134,39 @@ pub(crate) fn tensor_mut<'a>(
     }
 }
 
-/// A gradient lent to `backward`: `t`'s bytes, described by `shape`
-/// (`None`: a gradient the host does not want, lent absent).
-pub(crate) fn grad_mut<'a>(shape: &'a [usize], t: Option<&'a mut Tensor>) -> TensorMut<'a> {
-    match t {
-        Some(t) => {
-            let dtype = t.dtype();
-            tensor_mut(shape, dtype, t.bytes_mut())
-        }
-        None => tensor_mut(&[], DType::ABSENT, &mut []),
-    }
+/// Tensors lent to a layer for reading, in order (`None`: absent).
+pub(crate) fn tensor_refs<'a>(
+    tensors: impl IntoIterator<Item = Option<&'a Tensor>>,
+) -> Vec<TensorRef<'a>> {
+    tensors.into_iter().map(tensor_ref).collect()
+}
+
+/// The shape of each gradient buffer (empty for one not wanted): what
+/// [`grad_muts`] lends them with.
+pub(crate) fn grad_shapes(grads: &[Option<Tensor>]) -> Vec<Vec<usize>> {
+    grads
+        .iter()
+        .map(|t| t.as_ref().map_or(Vec::new(), |t| t.shape().to_vec()))
+        .collect()
+}
+
+/// Gradient buffers lent to `backward`, each described by its shape from
+/// [`grad_shapes`]; one not wanted (`None`) is lent absent.
+pub(crate) fn grad_muts<'a>(
+    grads: &'a mut [Option<Tensor>],
+    shapes: &'a [Vec<usize>],
+) -> Vec<TensorMut<'a>> {
+    grads
+        .iter_mut()
+        .zip(shapes)
+        .map(|(t, shape)| match t {
+            Some(t) => {
+                let dtype = t.dtype();
+                tensor_mut(shape, dtype, t.bytes_mut())
+            }
+            None => tensor_mut(&[], DType::ABSENT, &mut []),
+        })
+        .collect()
 }
 
 /// Checks the given inputs' shapes against a format-2 model's declared

@@ -692,40 +692,19 @@ impl crate::gradcheck::Differentiable for InWorker<'_> {
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        let mut param_grads: Vec<Tensor> = params
+        let mut param_grads: Vec<Option<Tensor>> = params
             .iter()
-            .map(|p| self.zeros(DType::F32, p.shape()))
+            .map(|p| self.zeros(DType::F32, p.shape()).map(Some))
             .collect::<Result<_, _>>()?;
         let backward = self.backward;
         self.with_prepared(inputs, params, |prepared, refs| {
-            let input_refs: Vec<TensorRef<'_>> = inputs
-                .iter()
-                .map(|t| crate::runtime::tensor_ref(t.as_ref()))
-                .collect();
-            let output_refs: Vec<TensorRef<'_>> = outputs
-                .iter()
-                .map(|t| crate::runtime::tensor_ref(Some(t)))
-                .collect();
-            let grad_refs: Vec<TensorRef<'_>> = output_grads
-                .iter()
-                .map(|t| crate::runtime::tensor_ref(t.as_ref()))
-                .collect();
-            let input_shapes: Vec<Vec<usize>> = input_grads
-                .iter()
-                .map(|t| t.as_ref().map_or(Vec::new(), |t| t.shape().to_vec()))
-                .collect();
-            let param_shapes: Vec<Vec<usize>> =
-                param_grads.iter().map(|t| t.shape().to_vec()).collect();
-            let mut input_muts: Vec<TensorMut<'_>> = input_grads
-                .iter_mut()
-                .zip(&input_shapes)
-                .map(|(t, shape)| crate::runtime::grad_mut(shape, t.as_mut()))
-                .collect();
-            let mut param_muts: Vec<TensorMut<'_>> = param_grads
-                .iter_mut()
-                .zip(&param_shapes)
-                .map(|(t, shape)| crate::runtime::grad_mut(shape, Some(t)))
-                .collect();
+            let input_refs = crate::runtime::tensor_refs(inputs.iter().map(Option::as_ref));
+            let output_refs = crate::runtime::tensor_refs(outputs.iter().map(Some));
+            let grad_refs = crate::runtime::tensor_refs(output_grads.iter().map(Option::as_ref));
+            let input_shapes = crate::runtime::grad_shapes(&input_grads);
+            let param_shapes = crate::runtime::grad_shapes(&param_grads);
+            let mut input_muts = crate::runtime::grad_muts(&mut input_grads, &input_shapes);
+            let mut param_muts = crate::runtime::grad_muts(&mut param_grads, &param_shapes);
             backward(
                 self.handle,
                 prepared,
@@ -739,6 +718,7 @@ impl crate::gradcheck::Differentiable for InWorker<'_> {
             .into_result()
             .map_err(|e| call_failure("backward", e))
         })?;
+        let param_grads = param_grads.into_iter().flatten().collect();
         Ok((input_grads, param_grads))
     }
 }

@@ -358,53 +358,29 @@ impl<'m> Trainer<'m> {
                     _ => Ok(None),
                 })
                 .collect::<Result<_, Error>>()?;
-            let mut pgrads: Vec<Option<ArrayD<f32>>> = plan
+            let mut pgrads: Vec<Option<Tensor>> = plan
                 .params
                 .iter()
                 .map(|p| {
                     self.trainable
                         .contains(&p.stored_as)
-                        .then(|| self.buffers.zeros(&p.shape))
+                        .then(|| Tensor::F32(self.buffers.zeros(&p.shape)))
                 })
                 .collect();
             {
-                let input_refs: Vec<TensorRef<'_>> = sources
-                    .iter()
-                    .map(|s| crate::runtime::tensor_ref(s.map(|s| lookup(&values, inputs, s))))
-                    .collect();
-                let output_refs: Vec<TensorRef<'_>> = output_tensors
-                    .iter()
-                    .map(|t| crate::runtime::tensor_ref(Some(t)))
-                    .collect();
-                let grad_refs: Vec<TensorRef<'_>> = output_grads
-                    .iter()
-                    .map(|t| crate::runtime::tensor_ref(t.as_ref()))
-                    .collect();
-                let input_shapes: Vec<Vec<usize>> = input_grads
-                    .iter()
-                    .map(|t| t.as_ref().map_or(Vec::new(), |t| t.shape().to_vec()))
-                    .collect();
-                let mut input_muts: Vec<TensorMut<'_>> = input_grads
-                    .iter_mut()
-                    .zip(&input_shapes)
-                    .map(|(t, shape)| crate::runtime::grad_mut(shape, t.as_mut()))
-                    .collect();
-                let param_shapes: Vec<Vec<usize>> =
-                    plan.params.iter().map(|p| p.shape.clone()).collect();
-                let mut param_muts: Vec<TensorMut<'_>> = pgrads
-                    .iter_mut()
-                    .zip(&param_shapes)
-                    .map(|(g, shape)| match g {
-                        Some(g) => crate::runtime::tensor_mut(
-                            shape,
-                            DType::F32,
-                            bytemuck::cast_slice_mut(
-                                g.as_slice_mut().expect("owned arrays are contiguous"),
-                            ),
-                        ),
-                        None => crate::runtime::tensor_mut(&[], DType::ABSENT, &mut []),
-                    })
-                    .collect();
+                let input_refs = crate::runtime::tensor_refs(
+                    sources
+                        .iter()
+                        .map(|s| s.map(|s| lookup(&values, inputs, s))),
+                );
+                let output_refs =
+                    crate::runtime::tensor_refs(output_tensors.iter().map(|t| Some(*t)));
+                let grad_refs =
+                    crate::runtime::tensor_refs(output_grads.iter().map(Option::as_ref));
+                let input_shapes = crate::runtime::grad_shapes(&input_grads);
+                let param_shapes = crate::runtime::grad_shapes(&pgrads);
+                let mut input_muts = crate::runtime::grad_muts(&mut input_grads, &input_shapes);
+                let mut param_muts = crate::runtime::grad_muts(&mut pgrads, &param_shapes);
                 layer.call_backward(
                     data.handle,
                     &input_refs,
@@ -432,7 +408,7 @@ impl<'m> Trainer<'m> {
                 accumulate(&mut grads_of, *source, grad);
             }
             for (p, grad) in plan.params.iter().zip(pgrads) {
-                if let Some(grad) = grad {
+                if let Some(Tensor::F32(grad)) = grad {
                     check_finite(layer, &p.local_name, &grad)?;
                     match param_grads.get_mut(&p.stored_as) {
                         Some(sum) => *sum += &grad,
