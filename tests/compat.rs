@@ -406,13 +406,13 @@ fn future_crates(work: &Path) {
     );
     edit(
         &adapter,
-        "&[\"flops\", \"prepare\", \"backward\"]",
-        "&[\"flops\", \"prepare\", \"backward\", \"teleport\"]",
+        "&[\"flops\", \"prepare\", \"backward\", \"lend-pool\"]",
+        "&[\"flops\", \"prepare\", \"backward\", \"lend-pool\", \"teleport\"]",
     );
     edit(
         &adapter,
-        "&[\"flops\", \"prepare\"]\n",
-        "&[\"flops\", \"prepare\", \"teleport\"]\n",
+        "&[\"flops\", \"prepare\", \"lend-pool\"]\n",
+        "&[\"flops\", \"prepare\", \"lend-pool\", \"teleport\"]\n",
     );
     edit(
         &adapter,

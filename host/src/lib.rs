@@ -30,6 +30,7 @@ pub mod param_file;
 pub mod params;
 pub mod pin;
 pub mod plan;
+pub mod pool;
 pub mod print;
 pub mod registry;
 pub mod runner;

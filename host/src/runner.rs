@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RSlice;
@@ -72,7 +72,7 @@ pub struct Runner<'m> {
     taken: Vec<Tensor>,
     /// Per node: the pieces its batch is split into (empty: run whole).
     pieces: Vec<Vec<Piece>>,
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<Arc<rayon::ThreadPool>>,
     peak_bytes: usize,
 }
 
@@ -123,17 +123,7 @@ impl<'m> Runner<'m> {
         let pieces = (0..model.layers.len())
             .map(|node| split(model, plans, inputs, &batched, node, threads))
             .collect::<Vec<_>>();
-        let pool = if pieces.iter().any(|p| !p.is_empty()) {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("layer-worker-{i}"))
-                    .build()
-                    .map_err(|e| Error::Threads(e.to_string()))?,
-            )
-        } else {
-            None
-        };
+        let pool = crate::pool::shared(threads)?;
         let out_slots = (0..model.layers.len())
             .map(|node| {
                 (0..plans[node].outputs.len())
@@ -301,7 +291,7 @@ impl<'m> Runner<'m> {
                     self.prepared[node].handle,
                     std::slice::from_mut(out),
                     &self.pieces[node],
-                    self.pool.as_ref(),
+                    self.pool.as_deref(),
                 )?;
                 layer.check_outputs(std::slice::from_ref(out))?;
                 if let (Some(observe), Some(started)) = (after_layer.as_mut(), started) {
@@ -345,7 +335,7 @@ impl<'m> Runner<'m> {
                     self.prepared[node].handle,
                     &mut taken,
                     &self.pieces[node],
-                    self.pool.as_ref(),
+                    self.pool.as_deref(),
                 )
                 .and_then(|()| layer.check_outputs(&taken))
             };
@@ -756,7 +746,9 @@ fn run_node(
                             .zip(plan.outputs.iter())
                             .map(|((y, (shape, _)), spec)| tensor_mut(shape, spec.dtype, y))
                             .collect();
-                        if let Err(e) = layer.call_forward(prepared, &refs, params, &mut muts) {
+                        // Split here, so the pool is not lent as well.
+                        if let Err(e) = layer.call_forward(prepared, &refs, params, &mut muts, None)
+                        {
                             let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
                             slot.get_or_insert(e);
                         }
@@ -773,7 +765,7 @@ fn run_node(
             let refs = [input_ref(&inputs[0], None)];
             let spec = &plan.outputs[0];
             let mut muts = [tensor_mut(&spec.shape, spec.dtype, outputs[0].bytes_mut())];
-            layer.call_forward(prepared, &refs, params, &mut muts)
+            layer.call_forward(prepared, &refs, params, &mut muts, pool)
         }
         _ => {
             let refs: Vec<TensorRef<'_>> = inputs.iter().map(|v| input_ref(v, None)).collect();
@@ -782,7 +774,7 @@ fn run_node(
                 .zip(&plan.outputs)
                 .map(|(t, spec)| tensor_mut(&spec.shape, spec.dtype, t.bytes_mut()))
                 .collect();
-            layer.call_forward(prepared, &refs, params, &mut muts)
+            layer.call_forward(prepared, &refs, params, &mut muts, pool)
         }
     };
     result

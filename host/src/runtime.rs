@@ -711,7 +711,7 @@ impl ModelLayer {
                 .zip(&plan.outputs)
                 .map(|(t, spec)| tensor_mut(&spec.shape, spec.dtype, t.bytes_mut()))
                 .collect();
-            self.call_forward(prepared.handle, &input_refs, &refs, &mut output_muts)?;
+            self.call_forward(prepared.handle, &input_refs, &refs, &mut output_muts, None)?;
         }
         prepared.close()?;
         self.check_outputs(&outputs)?;
@@ -838,13 +838,16 @@ impl ModelLayer {
     }
 
     /// One in-process `forward` call through the plugin boundary: the
-    /// single place the host lends its own tensors to a layer.
+    /// single place the host lends its own tensors to a layer, and `pool`
+    /// (if any) for the layer to spread this call's work over (see
+    /// [`crate::pool`]).
     pub(crate) fn call_forward(
         &self,
         prepared: Prepared,
         inputs: &[TensorRef<'_>],
         params: &[ParamRef<'_>],
         outputs: &mut [TensorMut<'_>],
+        pool: Option<&rayon::ThreadPool>,
     ) -> Result<(), Error> {
         let (Link::InProcess { plugin, handle }, Prepared::InProcess(prepared)) =
             (&self.link, prepared)
@@ -859,13 +862,15 @@ impl ModelLayer {
                 self.plain_error("was used after it was closed (a bug in the host)".to_string())
             );
         };
-        (plugin.core.forward)(
-            handle,
-            prepared,
-            RSlice::from_slice(inputs),
-            RSlice::from_slice(params),
-            RSliceMut::from_mut_slice(outputs),
-        )
+        crate::pool::lending(&plugin.table, pool, || {
+            (plugin.core.forward)(
+                handle,
+                prepared,
+                RSlice::from_slice(inputs),
+                RSlice::from_slice(params),
+                RSliceMut::from_mut_slice(outputs),
+            )
+        })
         .into_result()
         .map_err(|e| self.error(e))
     }
@@ -939,6 +944,7 @@ impl ModelLayer {
     /// One in-process `backward` call: the gradients of the `forward` call
     /// that was given `inputs`, `params` and `prepared` and wrote `outputs`,
     /// for `output_grads`; see [`layer_api::abi::PluginTable::backward`].
+    /// `pool`: as for `forward`.
     #[allow(clippy::too_many_arguments)]
     pub fn call_backward(
         &self,
@@ -949,6 +955,7 @@ impl ModelLayer {
         output_grads: &[TensorRef<'_>],
         input_grads: &mut [TensorMut<'_>],
         param_grads: &mut [TensorMut<'_>],
+        pool: Option<&rayon::ThreadPool>,
     ) -> Result<(), Error> {
         let (Link::InProcess { plugin, handle }, Prepared::InProcess(prepared)) =
             (&self.link, prepared)
@@ -971,16 +978,18 @@ impl ModelLayer {
                 self.plain_error("was used after it was closed (a bug in the host)".to_string())
             );
         };
-        backward(
-            handle,
-            prepared,
-            RSlice::from_slice(inputs),
-            RSlice::from_slice(params),
-            RSlice::from_slice(outputs),
-            RSlice::from_slice(output_grads),
-            RSliceMut::from_mut_slice(input_grads),
-            RSliceMut::from_mut_slice(param_grads),
-        )
+        crate::pool::lending(&plugin.table, pool, || {
+            backward(
+                handle,
+                prepared,
+                RSlice::from_slice(inputs),
+                RSlice::from_slice(params),
+                RSlice::from_slice(outputs),
+                RSlice::from_slice(output_grads),
+                RSliceMut::from_mut_slice(input_grads),
+                RSliceMut::from_mut_slice(param_grads),
+            )
+        })
         .into_result()
         .map_err(|e| self.error(e))
     }

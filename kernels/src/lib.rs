@@ -20,7 +20,10 @@
 //! two or more rows (threads, streaming) and expects the same bits. It runs
 //! on the calling thread: the host parallelizes batch-independent layers
 //! across the batch, so kernels never start threads of their own (no
-//! oversubscription).
+//! oversubscription). When the host instead lends its threads to a call
+//! (a batch too small to split by rows; see `layer_api::parallel`),
+//! [`matmul`] splits a large product's output columns among them, which
+//! changes no bit of the result.
 
 mod driver;
 pub mod elementwise;
@@ -47,9 +50,67 @@ pub fn matmul(
     out: ArrayViewMut2<'_, f32>,
 ) -> Result<(), String> {
     let policy = Policy::from_env()?;
+    // The path is the whole product's, whichever columns a task computes.
     let isa = policy.path_for(x.nrows(), w.ncols());
     report_first_use(policy, isa, x.dim(), w.ncols());
-    matmul_on(isa, x, w, out)
+    let (m, k) = x.dim();
+    let n = w.ncols();
+    let tasks = column_tasks(m, k, n, layer_api::parallel::threads());
+    if tasks < 2 || w.nrows() != k || out.dim() != (m, n) {
+        return matmul_on(isa, x, w, out);
+    }
+    // Blocks of whole vector widths, each a product of its own: an
+    // element's sum does not depend on the other columns (tested below), so
+    // the bits are the same however many tasks there are.
+    let width = n.div_ceil(tasks).next_multiple_of(SPLIT_COLUMNS);
+    let mut blocks = Vec::with_capacity(tasks);
+    let mut rest = out;
+    let mut start = 0;
+    while start < n {
+        let end = (start + width).min(n);
+        let (block, tail) = rest.split_at(ndarray::Axis(1), end - start);
+        blocks.push((start..end, block));
+        rest = tail;
+        start = end;
+    }
+    let failure = std::sync::Mutex::new(None);
+    layer_api::parallel::for_each_part(blocks, |_, (columns, block)| {
+        let w = w.slice(ndarray::s![.., columns]);
+        if let Err(e) = matmul_on(isa, x, w, block) {
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The smallest share of a product worth a task of its own: waking another
+/// thread costs microseconds, so a product is split only when each part
+/// still has this many floating-point operations.
+const MIN_FLOPS_PER_TASK: usize = 500_000;
+/// Column blocks are multiples of this many columns (a 512-bit vector of
+/// `f32`s), so that every task runs the microkernels at full width.
+const SPLIT_COLUMNS: usize = 16;
+
+/// Runs `f` with `threads` threads lent, as the host lends them.
+#[cfg(test)]
+fn testing_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    layer_api::testing::with_lent_threads(threads, f)
+}
+
+/// How many column blocks an `(m, k) · (k, n)` product is cut into when
+/// `threads` threads were lent to the call.
+fn column_tasks(m: usize, k: usize, n: usize, threads: usize) -> usize {
+    let flops = 2usize.saturating_mul(m).saturating_mul(k).saturating_mul(n);
+    threads
+        .min(flops / MIN_FLOPS_PER_TASK)
+        .min(n / SPLIT_COLUMNS)
+        .max(1)
 }
 
 fn report_first_use(policy: Policy, isa: Isa, (m, k): (usize, usize), n: usize) {
@@ -434,6 +495,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the host's lent threads do to a product: its output columns
+    /// split among tasks, with the same bits as on one thread.
+    #[test]
+    fn products_split_over_lent_threads_match_one_thread_bit_for_bit() {
+        for (rows, k, n) in [
+            (1, 784, 1024),
+            (16, 300, 200),
+            (64, 784, 1024),
+            (13, 1000, 40),
+        ] {
+            let x = irregular(rows, k, 11);
+            let w = irregular(k, n, 12);
+            let mut alone = Array2::zeros((rows, n));
+            matmul(x.view(), w.view(), alone.view_mut()).unwrap();
+            for threads in [2, 3, 8] {
+                assert!(
+                    column_tasks(rows, k, n, threads) > 1,
+                    "({rows},{k},{n}) is split"
+                );
+                let mut split = Array2::from_elem((rows, n), f32::NAN);
+                crate::testing_threads(threads, || {
+                    matmul(x.view(), w.view(), split.view_mut()).unwrap()
+                });
+                let same = split
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "({rows},{k},{n}) on {threads} lent threads");
+            }
+        }
+    }
+
+    #[test]
+    fn small_or_narrow_products_are_not_split() {
+        // The seed MLP's layers, an attention head's scores and its values.
+        assert_eq!(column_tasks(1, 64, 8, 2), 1);
+        assert_eq!(column_tasks(64, 64, 8, 2), 1);
+        assert_eq!(column_tasks(128, 16, 128, 2), 1);
+        assert_eq!(column_tasks(128, 128, 16, 2), 1);
+        assert_eq!(column_tasks(1, 784, 1024, 1), 1);
+        assert_eq!(column_tasks(1, 784, 1024, 2), 2);
+        assert_eq!(column_tasks(usize::MAX, usize::MAX, 32, 64), 2);
     }
 
     #[test]

@@ -41,8 +41,8 @@ use abi_stable::{
 pub const ABI_MAJOR: u32 = 1;
 /// The interface's minor version as this copy of layer-api defines it.
 /// 1.0: the core; 1.1: `flops`, `prepare` and `drop_prepared`; 1.2:
-/// `backward`.
-pub const ABI_MINOR: u32 = 2;
+/// `backward`; 1.3: `lend_pool`.
+pub const ABI_MINOR: u32 = 3;
 
 /// The abi_stable release series whose layout descriptions
 /// (`core_layout`) the table carries. A host reads a plugin's description
@@ -387,7 +387,39 @@ pub struct PluginTable {
     /// starts at zero: a layer may add into it or write it whole (an
     /// embedding writes only the rows it read).
     pub backward: Option<BackwardFn>,
+
+    // ---- 1.3 ----
+    /// Lends the host's thread pool to the plugin's calls on the calling
+    /// thread (`Some`), or ends the loan (`None`). Between the two, a
+    /// `forward` or `backward` on this thread may spread its work over
+    /// `pool` (see [`HostPool`]); the host lends its pool only to a call it
+    /// does not itself split across threads, so the threads it asked for
+    /// are never exceeded. The plugin copies `*pool`; the loan ends, and
+    /// `pool.context` may die, at the call with `None`, which the host makes
+    /// on the same thread before `pool` goes away.
+    pub lend_pool: Option<extern "C" fn(pool: Option<&HostPool>)>,
 }
+
+/// The host's thread pool as it lends it to a plugin
+/// ([`PluginTable::lend_pool`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HostPool {
+    /// How many tasks the pool runs at once: its threads, at least 2.
+    pub threads: usize,
+    /// The host's own state, passed back to `run`.
+    pub context: *const c_void,
+    /// Runs `task(data, i)` once for every `i` in `0..tasks`, spread over
+    /// the pool's threads, and returns once every one has returned. The
+    /// calling thread waits (it may run tasks itself). `task` must not
+    /// unwind, and must not call `run` again.
+    pub run:
+        extern "C" fn(context: *const c_void, tasks: usize, task: PoolTask, data: *const c_void),
+}
+
+/// One task of [`HostPool::run`]: `data` as given to `run`, and the task's
+/// index.
+pub type PoolTask = extern "C" fn(data: *const c_void, index: usize);
 
 /// The type of [`PluginTable::backward`].
 pub type BackwardFn = extern "C" fn(
@@ -408,7 +440,12 @@ unsafe impl Sync for PluginTable {}
 /// The table's capabilities by name, with the minor version that added each
 /// and whether this host understands it. Manifests list capabilities by
 /// these names.
-pub const CAPABILITIES: &[(&str, u32)] = &[("flops", 1), ("prepare", 1), ("backward", 2)];
+pub const CAPABILITIES: &[(&str, u32)] = &[
+    ("flops", 1),
+    ("prepare", 1),
+    ("backward", 2),
+    ("lend-pool", 3),
+];
 
 /// The layout the host compares a plugin's `core_layout` with.
 pub const CORE_LAYOUT: &TypeLayout = <CoreTable as StableAbi>::LAYOUT;
@@ -540,5 +577,9 @@ impl TableRef {
     appended_entry!(
         /// 1.2: `backward`, if the plugin's table has it.
         backward: Option<BackwardFn>
+    );
+    appended_entry!(
+        /// 1.3: `lend_pool`, if the plugin's table has it.
+        lend_pool: Option<extern "C" fn(Option<&HostPool>)>
     );
 }

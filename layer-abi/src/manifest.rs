@@ -14,7 +14,7 @@
 //! | `description` | one line saying what the layer computes |
 //! | `abi` | `[major, minor]`: the interface version the plugin was built against |
 //! | `layer_api` | the version of the layer-api crate it was built with (information only) |
-//! | `offers` | capabilities its table provides beyond the 1.0 core (`flops`, `prepare`, `backward`) |
+//! | `offers` | capabilities its table provides beyond the 1.0 core (`flops`, `prepare`, `backward`, `lend-pool`) |
 //! | `needs` | capabilities the host must have for the plugin to work at all |
 //! | `panic` | `unwind` or `abort`: the plugin's panic strategy |
 //! | `abi_stable` | `major.minor` of the abi_stable crate whose layout descriptions the table points to (absent: 0.11) |

@@ -324,6 +324,7 @@ pub const fn plugin_table<L: MultiLayer>() -> PluginTable {
         } else {
             None
         },
+        lend_pool: Some(crate::parallel::lend_pool),
     }
 }
 
@@ -332,9 +333,9 @@ pub const fn plugin_table<L: MultiLayer>() -> PluginTable {
 #[doc(hidden)]
 pub const fn offers<L: MultiLayer>() -> &'static [&'static str] {
     if L::BACKWARD {
-        &["flops", "prepare", "backward"]
+        &["flops", "prepare", "backward", "lend-pool"]
     } else {
-        &["flops", "prepare"]
+        &["flops", "prepare", "lend-pool"]
     }
 }
 
@@ -387,13 +388,31 @@ fn install_panic_hook() {
     });
 }
 
+/// Runs `f` with panics recorded as under [`guard`] rather than printed: for
+/// tasks that run plugin code on the host's pool threads.
+pub(crate) fn capturing<T>(f: impl FnOnce() -> T) -> T {
+    install_panic_hook();
+    let was_capturing = CAPTURING.with(|c| c.replace(true));
+    let result = f();
+    CAPTURING.with(|c| c.set(was_capturing));
+    result
+}
+
+/// The message of the last panic recorded on this thread, taken.
+pub(crate) fn take_last_panic() -> Option<String> {
+    LAST_PANIC.with(|p| p.borrow_mut().take())
+}
+
+/// Records `message` as this thread's last panic, for a panic raised again
+/// here that was first raised on another thread.
+pub(crate) fn set_last_panic(message: Option<String>) {
+    LAST_PANIC.with(|p| *p.borrow_mut() = message);
+}
+
 /// Runs plugin code, turning an `Err` into a [`LayerError`] and a panic into
 /// one marked `panicked`, so that nothing unwinds into the host.
 pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, LayerError> {
-    install_panic_hook();
-    let was_capturing = CAPTURING.with(|c| c.replace(true));
-    let result = panic::catch_unwind(AssertUnwindSafe(f));
-    CAPTURING.with(|c| c.set(was_capturing));
+    let result = capturing(|| panic::catch_unwind(AssertUnwindSafe(f)));
     match result {
         Ok(Ok(value)) => ROk(value),
         Ok(Err(message)) => RErr(LayerError {
@@ -401,8 +420,7 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, Laye
             message: message.into(),
         }),
         Err(payload) => {
-            let message = LAST_PANIC
-                .with(|p| p.borrow_mut().take())
+            let message = take_last_panic()
                 .unwrap_or_else(|| format!("panicked: {}", payload_text(payload.as_ref())));
             // A payload whose own `Drop` panics would unwind out of here and
             // across the boundary: drop it under a guard too, and leak it if

@@ -55,6 +55,7 @@ mod authoring;
 #[doc(hidden)]
 pub mod core_1_0;
 mod init;
+pub mod parallel;
 /// The plugin manifest (the `layer-abi` crate): for hosts.
 pub use layer_abi::manifest;
 pub mod testing;

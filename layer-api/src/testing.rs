@@ -35,6 +35,49 @@ use crate::adapter::plugin_table;
 use crate::authoring::{Element, MultiLayer, INPUT, OUTPUT};
 use crate::{abi, Layer};
 
+/// Runs `f` as the host runs a call it lends its threads to: every
+/// `forward` and `backward` that `f` makes on this thread sees `threads`
+/// lent threads ([`parallel::threads`](crate::parallel::threads)), and
+/// [`parallel::for_each`](crate::parallel::for_each) runs each of their
+/// tasks on a thread of its own. How a layer's author tests that its
+/// results do not depend on the threads.
+pub fn with_lent_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    let pool = abi::HostPool {
+        threads: threads.max(1),
+        context: std::ptr::null(),
+        run: run_on_scoped_threads,
+    };
+    crate::parallel::lend_pool(Some(&pool));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    crate::parallel::lend_pool(None);
+    result.unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+}
+
+/// [`abi::HostPool::run`] for [`with_lent_threads`]: each task on a scoped
+/// thread of its own (on this one, if a thread cannot be started).
+extern "C" fn run_on_scoped_threads(
+    _context: *const std::ffi::c_void,
+    tasks: usize,
+    task: abi::PoolTask,
+    data: *const std::ffi::c_void,
+) {
+    struct Data(*const std::ffi::c_void);
+    // SAFETY: `data` is only passed back to `task`, which the caller of
+    // `run` made to be called from any thread.
+    unsafe impl Sync for Data {}
+    let data = Data(data);
+    let data = &data;
+    std::thread::scope(|scope| {
+        for index in 0..tasks {
+            let started =
+                std::thread::Builder::new().spawn_scoped(scope, move || task(data.0, index));
+            if started.is_err() {
+                task(data.0, index);
+            }
+        }
+    });
+}
+
 /// An owned tensor of any element type.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Tensor {
@@ -762,6 +805,68 @@ mod tests {
     use crate::{ArrayViewD, ArrayViewMutD, Init, NoConfig};
     use ndarray::{array, Ix0};
 
+    /// `y = x + (the number of lent threads)`, computed in one task per
+    /// element; an element of 13 makes its task panic.
+    struct Spread;
+    impl Layer for Spread {
+        const DESCRIPTION: &'static str = "y = x + threads";
+        type Config = NoConfig;
+        fn new(_: NoConfig) -> Result<Self, String> {
+            Ok(Spread)
+        }
+        fn output_shape(&self, s: &[usize]) -> Result<Vec<usize>, String> {
+            Ok(s.to_vec())
+        }
+        fn batch_independent(&self) -> bool {
+            true
+        }
+        fn forward(
+            &self,
+            x: ArrayViewD<f32>,
+            _: &Params,
+            mut y: ArrayViewMutD<f32>,
+        ) -> Result<(), String> {
+            let threads = crate::parallel::threads() as f32;
+            let x = x.as_slice().ok_or("not contiguous")?;
+            let y = y.as_slice_mut().ok_or("not contiguous")?;
+            let caller = std::thread::current().id();
+            let elsewhere = std::sync::atomic::AtomicBool::new(false);
+            crate::parallel::for_each_part(y.iter_mut().collect(), |i, y| {
+                assert!(x[i] != 13.0, "unlucky element {i}");
+                if std::thread::current().id() != caller {
+                    elsewhere.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                *y = x[i] + threads;
+            });
+            // Lent threads: every task but the first ran on another thread.
+            if threads > 1.0 && x.len() > 1 && !elsewhere.into_inner() {
+                return Err("no task ran on a lent thread".into());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lent_threads_run_the_tasks_of_one_call() {
+        let x = array![1.0f32, 2.0, 3.0, 4.0].into_dyn();
+        let alone = forward::<Spread>("{}", x.clone(), &[]).unwrap();
+        assert_eq!(alone, array![2.0f32, 3.0, 4.0, 5.0].into_dyn());
+        let lent = with_lent_threads(3, || forward::<Spread>("{}", x.clone(), &[])).unwrap();
+        assert_eq!(lent, array![4.0f32, 5.0, 6.0, 7.0].into_dyn());
+        // The loan ended with the closure.
+        assert_eq!(crate::parallel::threads(), 1);
+    }
+
+    #[test]
+    fn a_panic_in_a_lent_thread_is_the_calls_error() {
+        let x = array![1.0f32, 13.0, 3.0].into_dyn();
+        for threads in [1, 2] {
+            let e =
+                with_lent_threads(threads, || forward::<Spread>("{}", x.clone(), &[])).unwrap_err();
+            assert!(e.contains("unlucky element 1"), "{threads} threads: {e}");
+        }
+    }
+
     /// `y = a · x` with a scalar parameter `a`.
     struct Scale;
 
@@ -920,10 +1025,13 @@ mod tests {
                 Ok(())
             }
         }
-        assert_eq!(crate::__private::offers::<Plain>(), ["flops", "prepare"]);
+        assert_eq!(
+            crate::__private::offers::<Plain>(),
+            ["flops", "prepare", "lend-pool"]
+        );
         assert_eq!(
             crate::__private::offers::<Scale>(),
-            ["flops", "prepare", "backward"]
+            ["flops", "prepare", "backward", "lend-pool"]
         );
         let err = Harness::new::<Plain>("{}")
             .unwrap()

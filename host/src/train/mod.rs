@@ -269,7 +269,7 @@ impl<'m> Trainer<'m> {
                         crate::runtime::tensor_mut(&spec.shape, spec.dtype, t.bytes_mut())
                     })
                     .collect();
-                layer.call_forward(data.handle, &input_refs, &refs, &mut muts)?;
+                layer.call_forward(data.handle, &input_refs, &refs, &mut muts, None)?;
             }
             layer.check_outputs(&outputs)?;
             for (output, t) in outputs.into_iter().enumerate() {
@@ -389,6 +389,7 @@ impl<'m> Trainer<'m> {
                     &grad_refs,
                     &mut input_muts,
                     &mut param_muts,
+                    None,
                 )?;
             }
             data.close()?;
