@@ -383,7 +383,7 @@ fn future_crates(work: &Path) {
         &abi,
         "pub const CAPABILITIES",
         "];",
-        &format!(", (\"teleport\", {minor})"),
+        &format!("    (\"teleport\", {minor}),\n"),
     );
     edit(
         &work.join("layer-abi/src/manifest.rs"),
