@@ -59,8 +59,10 @@ OPENBLAS_L2_SIZE in the environment; for a fair sgemm figure run this
 script with both unset (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`).
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -420,6 +422,7 @@ def main():
         variants.append(HostVariant("base", args.baseline, "auto"))
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="layer-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # inputs of up to tens of MB
     print(f"CPU: {cpu_description()}")
     print(f"onnxruntime {ort.__version__}, numpy {np.__version__}, "
           f"BLAS {[i.get('internal_api') + ' ' + str(i.get('architecture')) for i in threadpool_info()]}")
