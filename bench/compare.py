@@ -1,15 +1,44 @@
-"""Runs the same models with the same weights in ONNX Runtime, numpy and
-`host bench`, in one go, and prints time-per-forward ratios.
+"""The host against ONNX Runtime, numpy and PyTorch eager: same models, same weights.
+
+Runs each model in ONNX Runtime, numpy, torch eager (where torch is
+installed) and `host bench`, in one go, and prints time-per-forward ratios.
 
     pip install numpy safetensors onnx onnxruntime threadpoolctl
+    pip install torch    # optional: the torch columns and the training rows
     cargo build --release
     python3 bench/compare.py [--threads 1 2] [--min-time 1.0]
         [--isa auto avx2] [--baseline OLD/host] [--repeat 3]
-        [--sections inference exercises training]
+        [--sections inference graph exercises training]
 
 Optional, not run by CI. Ratios are host time / other time: below 1 means
 the host is faster. Measured in one run, so they compare like with like on
 a shared, noisy machine; absolute times from different runs do not.
+
+Sections (all by default):
+
+- inference: the seed MLP (64-8-1) and the 784-1024-1024-10 MLP with
+  `centered`, at batch 1, 64 and 4096, against ONNX Runtime (MatMul, Add,
+  Relu), numpy and torch (nn.Sequential of Linear and ReLU).
+- graph: the encoder example (models/encoder.json with its shipped weights:
+  embedding, one TransformerEncoderLayer(64, 4, 128), the mean over the
+  sequence, a linear head) on int64 tokens (64, 128); the same with a key
+  padding mask (tests/fixtures/graph/encoder-masked.json, each row keeping
+  at least half its keys); and its multihead_attention layer alone
+  (embed_dim 64, 4 heads, q = k = v) on a float32 (64, 128, 64) input with
+  random weights. ONNX Runtime runs the same function built with
+  onnx.helper (opset 17: Gather, MatMul, Split, Softmax, Where,
+  LayerNormalization, ReduceMean, ...), torch nn.Embedding +
+  nn.TransformerEncoderLayer(dropout=0, batch_first=True) + nn.Linear, or
+  nn.MultiheadAttention, with the weights loaded from the same arrays.
+  Under each encoder row, the host's time per node.
+- exercises: tensor_reduction and fourier against numpy.
+- training: one training step, below.
+
+Every inference and graph row also runs `host run` once on the same input
+and prints the largest absolute difference of each other runtime's output
+from the host's: they must agree within 1e-4 times the largest output
+magnitude (at least 1), or the row compares different functions; the script
+then names the rows and exits with status 1 at the end.
 
 It prints the CPU (model, family, the vector features that matter) and the
 matrix-kernel path each host run took, as the kernels report it
@@ -30,8 +59,10 @@ OPENBLAS_L2_SIZE in the environment; for a fair sgemm figure run this
 script with both unset (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`).
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,6 +134,196 @@ def numpy_forward(dims, params, centered):
     return forward
 
 
+def torch_mlp(torch, dims, params, centered):
+    """The MLP as torch.nn.Sequential of Linear and ReLU, with the same
+    weights (mydense's are (in, out), Linear's (out, in))."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        linear = torch.nn.Linear(a, b)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(params[f"{i}.weight"].T))
+            linear.bias.copy_(torch.from_numpy(params[f"{i}.bias"]))
+        layers += [linear, torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers).eval()
+
+    def forward(x):
+        y = net(x)
+        return y - y.mean() if centered else y
+    return forward
+
+
+def torch_timed(torch, forward, inputs, threads, min_time):
+    """Seconds per call of `forward` on the numpy arrays `inputs`, in
+    inference mode on `threads` threads, and its output."""
+    torch.set_num_threads(threads)
+    tensors = [torch.from_numpy(x) for x in inputs]
+    with torch.inference_mode():
+        seconds = timed(lambda: forward(*tensors), min_time)
+        return seconds, forward(*tensors).numpy()
+
+
+class OnnxGraph:
+    """An ONNX graph under construction: `op` adds a node and returns the
+    name of its output (or outputs), `const` an initializer."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def const(self, name, value):
+        from onnx import numpy_helper
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type, *inputs, outputs=1, **attrs):
+        from onnx import helper
+        names = [f"{op_type.lower()}{len(self.nodes)}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def session(self, inputs, output, threads):
+        """A session for the graph, fed `inputs` ({name: array}, the first
+        two axes named batch and seq) and giving `output`."""
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+        declared = [helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(x.dtype), ["batch", "seq", *x.shape[2:]])
+            for name, x in inputs.items()]
+        graph = helper.make_graph(self.nodes, "graph", declared,
+                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+                                  self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+
+
+def onnx_linear(g, x, params, prefix):
+    """torch.nn.Linear: x · Wᵀ + b, Wᵀ stored as the initializer."""
+    w = g.const(f"{prefix}.weight.T", params[f"{prefix}.weight"].T)
+    return g.op("Add", g.op("MatMul", x, w), g.const(f"{prefix}.bias", params[f"{prefix}.bias"]))
+
+
+def onnx_attention(g, x, params, prefix, heads, mask=None):
+    """torch.nn.MultiheadAttention(batch_first=True) self-attention on x
+    (b, s, E), as torch computes it: one in-projection split into q, k, v;
+    q scaled by 1/√d; per head softmax(q kᵀ) v, keys where the bool `mask`
+    (b, s) is true set to -inf first; the heads concatenated, projected."""
+    e = params[f"{prefix}.in_proj_weight"].shape[1]
+    d = e // heads
+    qkv = g.op("Add", g.op("MatMul", x, g.const(f"{prefix}.in_proj_weight.T",
+                                                 params[f"{prefix}.in_proj_weight"].T)),
+               g.const(f"{prefix}.in_proj_bias", params[f"{prefix}.in_proj_bias"]))
+    q, k, v = g.op("Split", qkv, g.const(f"{prefix}.split", np.array([e] * 3, np.int64)),
+                   axis=2, outputs=3)
+    by_head = g.const(f"{prefix}.by_head", np.array([0, 0, heads, d], np.int64))
+    scale = g.const(f"{prefix}.scale", np.array(np.sqrt(1 / d), np.float32))
+    q = g.op("Transpose", g.op("Reshape", g.op("Mul", q, scale), by_head), perm=[0, 2, 1, 3])
+    k = g.op("Transpose", g.op("Reshape", k, by_head), perm=[0, 2, 3, 1])
+    v = g.op("Transpose", g.op("Reshape", v, by_head), perm=[0, 2, 1, 3])
+    scores = g.op("MatMul", q, k)
+    if mask is not None:
+        keys = g.op("Unsqueeze", mask, g.const(f"{prefix}.mask_axes", np.array([1, 2], np.int64)))
+        scores = g.op("Where", keys, g.const(f"{prefix}.minus_inf", np.array(-np.inf, np.float32)),
+                      scores)
+    context = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    context = g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]),
+                   g.const(f"{prefix}.merged", np.array([0, 0, e], np.int64)))
+    return onnx_linear(g, context, params, f"{prefix}.out_proj")
+
+
+def onnx_encoder(g, params, heads, tokens, mask=None):
+    """models/encoder.json: embedding; TransformerEncoderLayer (post-norm,
+    relu) as design.md spells it out; the mean over the sequence; head."""
+    def layer_norm(x, prefix):
+        return g.op("LayerNormalization", x,
+                    g.const(f"{prefix}.weight", params[f"{prefix}.weight"]),
+                    g.const(f"{prefix}.bias", params[f"{prefix}.bias"]), axis=-1, epsilon=1e-5)
+
+    x = g.op("Gather", g.const("embed.weight", params["embed.weight"]), tokens, axis=0)
+    a = onnx_attention(g, x, params, "encoder.self_attn", heads, mask)
+    h = layer_norm(g.op("Add", x, a), "encoder.norm1")
+    f = onnx_linear(g, g.op("Relu", onnx_linear(g, h, params, "encoder.linear1")), params,
+                    "encoder.linear2")
+    y = layer_norm(g.op("Add", h, f), "encoder.norm2")
+    return onnx_linear(g, g.op("ReduceMean", y, axes=[1], keepdims=0), params, "head")
+
+
+def torch_encoder(torch, params, heads):
+    """The same encoder in torch: nn.Embedding, nn.TransformerEncoderLayer
+    (dropout 0, batch_first, eval), the mean over the sequence, nn.Linear;
+    the safetensors keys are its state_dict's."""
+    nn = torch.nn
+    vocab, d = params["embed.weight"].shape
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d)
+            self.encoder = nn.TransformerEncoderLayer(
+                d, heads, params["encoder.linear1.weight"].shape[0], dropout=0.0, batch_first=True)
+            self.head = nn.Linear(d, params["head.weight"].shape[0])
+
+        def forward(self, tokens, mask=None):
+            h = self.encoder(self.embed(tokens), src_key_padding_mask=mask)
+            return self.head(h.mean(dim=1))
+
+    model = Encoder()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    return model.eval()
+
+
+def torch_attention(torch, params, prefix, heads):
+    """nn.MultiheadAttention(E, heads, batch_first=True) on q = k = v."""
+    mha = torch.nn.MultiheadAttention(params[f"{prefix}.in_proj_weight"].shape[1], heads,
+                                      batch_first=True)
+    mha.load_state_dict({k[len(prefix) + 1:]: torch.from_numpy(v) for k, v in params.items()})
+    mha.eval()
+    return lambda x: mha(x, x, x, need_weights=False)[0]
+
+
+def host_run(model_json, params_file, inputs, threads, out):
+    """The model's output from `host run` on the .npy files `inputs` names
+    ({input name: path}; the name None for a chain's one input)."""
+    cmd = [str(HOST), "run", str(model_json), "--params", str(params_file), "--output", str(out),
+           "--threads", str(threads), "--quiet"]
+    for name, path in inputs.items():
+        cmd += ["--input", str(path) if name is None else f"{name}={path}"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
+    return np.load(out)
+
+
+# Rows whose outputs differed from the host's, reported at the end.
+MISMATCHES = []
+TOLERANCE = 1e-4
+
+
+def output_check(row, reference, outputs):
+    """The largest absolute difference of each of `outputs` ({runtime:
+    array}) from the host's `reference`, as a line to print. Within
+    TOLERANCE times the largest magnitude of the reference (at least 1),
+    they compute the same function; else the row is recorded as a
+    mismatch, as its timings would compare different things."""
+    largest = float(np.abs(reference).max(initial=0))
+    parts = []
+    for runtime, out in outputs.items():
+        if out.shape != reference.shape:
+            MISMATCHES.append(f"{row}: {runtime}'s output has shape {out.shape}, "
+                              f"the host's {reference.shape}")
+            parts.append(f"{runtime} shape {out.shape} MISMATCH")
+            continue
+        diff = float(np.abs(out.astype(np.float64) - reference).max(initial=0))
+        same = diff <= TOLERANCE * max(1.0, largest)  # False for NaN
+        if not same:
+            MISMATCHES.append(f"{row}: {runtime} differs from host run by up to {diff:.3g}")
+        parts.append(f"{runtime} {diff:.1e}" + ("" if same else " MISMATCH"))
+    return (f"max |output - host run's|: {', '.join(parts)} (outputs up to {largest:.3g}; "
+            f"same within {TOLERANCE:g} x max(1, that))")
+
+
 # The features that decide which matrix kernels can run, as /proc/cpuinfo
 # spells them.
 VECTOR_FLAGS = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
@@ -133,9 +354,15 @@ class HostVariant:
         self.label, self.host, self.isa = label, host, isa
         self.paths = set()  # kernel paths the runs reported
 
-    def bench(self, model_json, params_file, batch, features, threads, min_time):
-        cmd = [str(self.host), "bench", str(model_json), "--batch", str(batch), "--features",
-               str(features), "--threads", str(threads), "--min-time", str(min_time), "--json"]
+    def bench(self, model_json, params_file, batch, features, threads, min_time, inputs=None):
+        """`host bench --json`: a chain on a made-up (batch, features) input,
+        or a model on the .npy files `inputs` names ({input name: path})."""
+        cmd = [str(self.host), "bench", str(model_json), "--threads", str(threads),
+               "--min-time", str(min_time), "--json"]
+        if batch is not None:
+            cmd += ["--batch", str(batch), "--features", str(features)]
+        for name, path in (inputs or {}).items():
+            cmd += ["--input", f"{name}={path}"]
         if params_file:
             cmd += ["--params", str(params_file)]
         env = dict(os.environ, LAYER_KERNELS_REPORT="1")
@@ -151,13 +378,13 @@ class HostVariant:
         return json.loads(run.stdout)
 
 
-def host_benches(variants, repeat, *args):
+def host_benches(variants, repeat, *args, **kwargs):
     """Each variant's report with the median time of `repeat` runs, the
     variants run in turn so that each sees the same machine."""
     runs = {v.label: [] for v in variants}
     for _ in range(repeat):
         for v in variants:
-            runs[v.label].append(v.bench(*args))
+            runs[v.label].append(v.bench(*args, **kwargs))
     return {label: sorted(reports, key=lambda r: r["seconds"])[len(reports) // 2]
             for label, reports in runs.items()}
 
@@ -182,8 +409,8 @@ def main():
                          "run on the CPU's best path")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each host variant per row, in turn; the median is kept")
-    ap.add_argument("--sections", nargs="+", default=["inference", "exercises", "training"],
-                    choices=["inference", "exercises", "training"])
+    sections = ["inference", "graph", "exercises", "training"]
+    ap.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args = ap.parse_args()
     if not HOST.exists():
         sys.exit(f"{HOST} not found: run `cargo build --release` first")
@@ -195,9 +422,16 @@ def main():
         variants.append(HostVariant("base", args.baseline, "auto"))
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="layer-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # inputs of up to tens of MB
     print(f"CPU: {cpu_description()}")
     print(f"onnxruntime {ort.__version__}, numpy {np.__version__}, "
           f"BLAS {[i.get('internal_api') + ' ' + str(i.get('architecture')) for i in threadpool_info()]}")
+    try:
+        import torch
+        print(f"torch {torch.__version__} (eager, inference_mode)")
+    except ImportError:
+        torch = None
+        print("torch is not installed here: no torch columns (pip install torch to add them)")
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in os.environ:
             print(f"note: {var}={os.environ[var]} is set and may slow numpy's OpenBLAS")
@@ -206,16 +440,21 @@ def main():
         for v in variants))
 
     if "inference" in args.sections:
-        inference_rows(args, rng, tmp, variants)
+        inference_rows(args, rng, tmp, variants, torch)
+    if "graph" in args.sections:
+        graph_rows(args, rng, tmp, variants, torch)
     if "exercises" in args.sections:
         exercise_rows(args, rng, tmp, variants)
     if "training" in args.sections:
         training_rows(args, tmp)
     for v in variants:
         print(f"matrix kernels that ran in {v.label}: {', '.join(sorted(v.paths)) or 'not reported'}")
+    if MISMATCHES:
+        sys.exit("outputs that differ from the host's (their rows time different functions):\n  "
+                 + "\n  ".join(MISMATCHES))
 
 
-def inference_rows(args, rng, tmp, variants):
+def inference_rows(args, rng, tmp, variants, torch):
     from threadpoolctl import threadpool_limits
     # The machine's sgemm rate, through numpy's BLAS on float32.
     a = rng.random((4096, 784), dtype=np.float32)
@@ -227,7 +466,9 @@ def inference_rows(args, rng, tmp, variants):
 
     extra = variants[1:]
     print(f"{'model':32s} {'batch':>5s} {'thr':>3s} {'host us':>10s} {'ort us':>10s} {'numpy us':>10s}"
-          f" {'host/ort':>8s} {'host/np':>8s} {'host GF/s':>9s}"
+          + (f" {'torch us':>10s}" if torch else "")
+          + f" {'host/ort':>8s} {'host/np':>8s}" + (f" {'host/torch':>10s}" if torch else "")
+          + f" {'host GF/s':>9s}"
           + "".join(f" {v.label + ' us':>10s} {v.label + '/ort':>9s} {'host/' + v.label:>9s}"
                     for v in extra))
     for name, dims, centered in [("seed-mlp 64-8-1", [64, 8, 1], False),
@@ -238,27 +479,138 @@ def inference_rows(args, rng, tmp, variants):
         model_json = tmp / f"{dims[0]}.json"
         model_json.write_text(json.dumps(mlp_model(dims, centered)))
         np_forward = numpy_forward(dims, params, centered)
+        torch_forward = torch_mlp(torch, dims, params, centered) if torch else None
         for threads in args.threads:
             session = ort_session(dims, params, centered, threads)
             for batch in (1, 64, 4096):
                 x = rng.random((batch, dims[0]), dtype=np.float32)
+                x_file = tmp / "x.npy"
+                np.save(x_file, x)
                 t_ort = timed(lambda: session.run(None, {"x": x}), args.min_time)
                 with threadpool_limits(threads):
                     t_np = timed(lambda: np_forward(x), args.min_time)
+                outputs = {"ort": session.run(None, {"x": x})[0], "numpy": np_forward(x)}
+                if torch:
+                    t_torch, outputs["torch"] = torch_timed(torch, torch_forward, [x], threads,
+                                                            args.min_time)
                 reports = host_benches(variants, args.repeat, model_json, params_file, batch,
                                        dims[0], threads, args.min_time)
                 report = reports["host"]
                 t_host = report["seconds"]
                 print(f"{name:32s} {batch:5d} {threads:3d} {t_host * 1e6:10.1f} {t_ort * 1e6:10.1f} "
-                      f"{t_np * 1e6:10.1f} {t_host / t_ort:8.3f} {t_host / t_np:8.3f} "
-                      f"{report['flops'] / t_host / 1e9:9.2f}"
+                      f"{t_np * 1e6:10.1f}" + (f" {t_torch * 1e6:10.1f}" if torch else "")
+                      + f" {t_host / t_ort:8.3f} {t_host / t_np:8.3f}"
+                      + (f" {t_host / t_torch:10.3f}" if torch else "")
+                      + f" {report['flops'] / t_host / 1e9:9.2f}"
                       + "".join(f" {reports[v.label]['seconds'] * 1e6:10.1f}"
                                 f" {reports[v.label]['seconds'] / t_ort:9.3f}"
                                 f" {t_host / reports[v.label]['seconds']:9.3f}" for v in extra))
+                reference = host_run(model_json, params_file, {None: x_file}, threads,
+                                     tmp / "y.npy")
+                print(f"{'':34s}{output_check(f'{name}, batch {batch}', reference, outputs)}")
                 for layer in report["layers"]:
                     if layer["flops"] and batch == 4096 and layer["plugin"] == "mydense":
                         print(f"{'':34s}layer {layer['name']} ({layer['plugin']}): "
                               f"{layer['flops'] / layer['seconds'] / 1e9:.1f} GFLOP/s")
+
+
+def graph_rows(args, rng, tmp, variants, torch):
+    """The encoder example (format 2) at batch 64, sequence 128, without and
+    with a key padding mask, and its attention layer alone, against the
+    same functions with the same weights in ONNX Runtime (built with
+    onnx.helper) and torch eager; each output checked against `host run`'s."""
+    from safetensors.numpy import load_file
+
+    batch, seq = 64, 128
+    encoder_json = ROOT / "models" / "encoder.json"
+    encoder_params = load_file(str(ROOT / "models" / "encoder.safetensors"))
+    spec = {n["name"]: n for n in json.loads(encoder_json.read_text())["nodes"]}
+    vocab = spec["embed"]["config"]["num_embeddings"]
+    heads = spec["encoder.self_attn"]["config"]["num_heads"]
+    e = spec["encoder.self_attn"]["config"]["embed_dim"]
+    tokens = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+    # Each row keeps its first half or more of the keys visible.
+    lengths = rng.integers(seq // 2, seq + 1, batch)
+    mask = np.arange(seq)[None, :] >= lengths[:, None]
+    x = rng.random((batch, seq, e), dtype=np.float32)
+
+    # The attention layer alone: a graph of one node on a float input,
+    # with weights in the ranges torch initializes them to, and biases
+    # nonzero (torch starts them at zero) so that they are checked too.
+    attention_json = tmp / "attention.json"
+    attention_json.write_text(json.dumps({
+        "format": 2, "name": "attention",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", "seq", e]}],
+        "nodes": [{"name": "attn", "type": "multihead_attention",
+                   "config": {"embed_dim": e, "num_heads": heads},
+                   "inputs": {"query": "x", "key": "x", "value": "x"}}],
+        "outputs": ["attn"]}))
+    bound = np.sqrt(6 / (4 * e))
+    attention_params = {
+        "attn.in_proj_weight": rng.uniform(-bound, bound, (3 * e, e)).astype(np.float32),
+        "attn.in_proj_bias": rng.uniform(-0.1, 0.1, 3 * e).astype(np.float32),
+        "attn.out_proj.weight": rng.uniform(-e ** -0.5, e ** -0.5, (e, e)).astype(np.float32),
+        "attn.out_proj.bias": rng.uniform(-0.1, 0.1, e).astype(np.float32),
+    }
+    attention_file = tmp / "attention.safetensors"
+    save_file(attention_params, str(attention_file))
+
+    # (row name, model, parameter file, inputs, ONNX graph of the same
+    # function on the input names, torch module on the input tensors)
+    cases = [
+        (f"encoder E{e} h{heads} s{seq}", encoder_json, ROOT / "models" / "encoder.safetensors",
+         {"tokens": tokens},
+         lambda g: onnx_encoder(g, encoder_params, heads, "tokens"),
+         lambda: torch_encoder(torch, encoder_params, heads)),
+        (f"encoder E{e} h{heads} s{seq} +mask",
+         ROOT / "tests" / "fixtures" / "graph" / "encoder-masked.json",
+         ROOT / "models" / "encoder.safetensors", {"tokens": tokens, "mask": mask},
+         lambda g: onnx_encoder(g, encoder_params, heads, "tokens", "mask"),
+         lambda: torch_encoder(torch, encoder_params, heads)),
+        (f"multihead_attention E{e} h{heads} s{seq}", attention_json, attention_file, {"x": x},
+         lambda g: onnx_attention(g, "x", attention_params, "attn", heads),
+         lambda: torch_attention(torch, attention_params, "attn", heads)),
+    ]
+
+    extra = variants[1:]
+    print(f"{'graph model':32s} {'batch':>5s} {'thr':>3s} {'host us':>10s} {'ort us':>10s}"
+          + (f" {'torch us':>10s}" if torch else "") + f" {'host/ort':>8s}"
+          + (f" {'host/torch':>10s}" if torch else "") + f" {'host GF/s':>9s}"
+          + "".join(f" {v.label + ' us':>10s} {v.label + '/ort':>9s} {'host/' + v.label:>9s}"
+                    for v in extra))
+    for name, model_json, params_file, inputs, onnx_build, torch_build in cases:
+        files = {}
+        for input_name, value in inputs.items():
+            files[input_name] = tmp / f"{input_name}.npy"
+            np.save(files[input_name], value)
+        t_model = torch_build() if torch else None
+        for threads in args.threads:
+            g = OnnxGraph()
+            session = g.session(inputs, onnx_build(g), threads)
+            t_ort = timed(lambda: session.run(None, inputs), args.min_time)
+            outputs = {"ort": session.run(None, inputs)[0]}
+            if torch:
+                t_torch, outputs["torch"] = torch_timed(torch, t_model, list(inputs.values()),
+                                                        threads, args.min_time)
+            reports = host_benches(variants, args.repeat, model_json, params_file, None, None,
+                                   threads, args.min_time, inputs=files)
+            report = reports["host"]
+            t_host = report["seconds"]
+            print(f"{name:32s} {batch:5d} {threads:3d} {t_host * 1e6:10.1f} {t_ort * 1e6:10.1f}"
+                  + (f" {t_torch * 1e6:10.1f}" if torch else "") + f" {t_host / t_ort:8.3f}"
+                  + (f" {t_host / t_torch:10.3f}" if torch else "")
+                  + f" {report['flops'] / t_host / 1e9:9.2f}"
+                  + "".join(f" {reports[v.label]['seconds'] * 1e6:10.1f}"
+                            f" {reports[v.label]['seconds'] / t_ort:9.3f}"
+                            f" {t_host / reports[v.label]['seconds']:9.3f}" for v in extra))
+            reference = host_run(model_json, params_file, files, threads, tmp / "y.npy")
+            print(f"{'':34s}{output_check(f'{name}, {threads} thread(s)', reference, outputs)}")
+            if len(report["layers"]) > 1:
+                nodes = sorted(report["layers"], key=lambda n: -n["seconds"])
+                total = sum(n["seconds"] for n in nodes)
+                print(f"{'':34s}host nodes (median us, share of their sum): " + ", ".join(
+                    f"{n['name']} {n['seconds'] * 1e6:.0f} ({n['seconds'] / total:.0%})"
+                    for n in nodes))
 
 
 def exercise_rows(args, rng, tmp, variants):
