@@ -97,9 +97,23 @@ fn case(name: &'static str) -> Case {
 /// Runs `host train` for `steps` steps; returns the trained parameters and
 /// the per-step losses.
 fn train(case: &Case, steps: u64, dir: &Path) -> (BTreeMap<String, ArrayD<f32>>, Vec<f64>) {
+    train_on(
+        case,
+        fixture(&format!("{}-data.npz", case.name)),
+        steps,
+        dir,
+    )
+}
+
+/// [`train`] on the data file `data`.
+fn train_on(
+    case: &Case,
+    data: PathBuf,
+    steps: u64,
+    dir: &Path,
+) -> (BTreeMap<String, ArrayD<f32>>, Vec<f64>) {
     let out = dir.join(format!("{}-{steps}.safetensors", case.name));
     let log = dir.join(format!("{}-{steps}.csv", case.name));
-    let data = fixture(&format!("{}-data.npz", case.name));
     let mut args = vec![
         "train".to_string(),
         path_str(&case.model).to_string(),
@@ -401,6 +415,33 @@ fn the_shipped_regression_example_learns_and_ends_where_torch_does() {
         path_str(&x),
     ])
     .ok();
+}
+
+#[test]
+fn threads_lent_to_the_layers_change_no_bit_of_training() {
+    // The 784 MLP at batch 32: its products are split over the lent threads
+    // by output columns, in forward and in backward.
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for threads in ["1", "2", "3"] {
+        let mut case = case("mlp784");
+        case.name = match threads {
+            "1" => "one",
+            "2" => "two",
+            _ => "three",
+        };
+        case.args
+            .extend(["--threads".to_string(), threads.to_string()]);
+        let (weights, losses) = train_on(&case, fixture("mlp784-data.npz"), 3, dir.path());
+        runs.push((threads, weights, losses));
+    }
+    let (_, one, one_losses) = &runs[0];
+    for (threads, weights, losses) in &runs[1..] {
+        assert_eq!(losses, one_losses, "losses on {threads} threads against 1");
+        for (name, w) in weights {
+            assert_same_bits_f32(w, &one[name], &format!("{name} on {threads} threads"));
+        }
+    }
 }
 
 #[test]

@@ -198,6 +198,10 @@ struct TrainArgs {
     /// Continue from a checkpoint, with the same settings, bit for bit.
     #[arg(long, value_name = "CKPT.safetensors")]
     resume: Option<PathBuf>,
+    /// Threads the layers may spread each step's products over (default: every core).
+    #[arg(long, value_name = "N", default_value_t = host::runner::default_threads(),
+          value_parser = parse_threads)]
+    threads: usize,
     /// Print nothing but errors.
     #[arg(long)]
     quiet: bool,
@@ -705,6 +709,7 @@ fn train(args: Box<TrainArgs>) -> Result<(), Error> {
         checkpoint_every: args.checkpoint_every,
         checkpoint: args.checkpoint,
         resume: args.resume,
+        threads: args.threads,
         quiet: args.quiet,
         plugin_dirs: args.plugins.plugin_dirs,
     })

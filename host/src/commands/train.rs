@@ -43,6 +43,8 @@ pub struct TrainOptions {
     pub checkpoint_every: Option<u64>,
     pub checkpoint: Option<PathBuf>,
     pub resume: Option<PathBuf>,
+    /// Threads lent to the layers' calls (interface 1.3's `lend_pool`).
+    pub threads: usize,
     pub quiet: bool,
     pub plugin_dirs: Vec<PathBuf>,
 }
@@ -180,7 +182,7 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
     };
     let first_rows = opts.batch_size.min(data.examples);
     let (_, plans) = plans_for(first_rows, &data, &mut plans_by_rows)?;
-    let trainer = Trainer::new(&model, &plans)?;
+    let trainer = Trainer::new(&model, &plans, opts.threads)?;
     // Every target checked against the loss and the output before any step:
     // a bad row found at the last step would throw the run away.
     let output = model.graph.outputs[0].1;

@@ -47,6 +47,9 @@ pub struct Trainer<'m> {
     differentiated: Vec<bool>,
     output: Source,
     buffers: Buffers,
+    /// Lent to every layer call: training runs each step as one batch, so
+    /// the layers spread their products over the threads themselves.
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 /// Gradient buffers kept from step to step. A step needs the same large
@@ -105,8 +108,13 @@ fn is_float(dtype: DType) -> bool {
 }
 
 impl<'m> Trainer<'m> {
-    /// Decides what trains, from the graph and `plans` (any batch size).
-    pub fn new(model: &'m Model, plans: &[LayerPlan]) -> Result<Trainer<'m>, Error> {
+    /// Decides what trains, from the graph and `plans` (any batch size);
+    /// layers may use `threads` threads in each call.
+    pub fn new(
+        model: &'m Model,
+        plans: &[LayerPlan],
+        threads: usize,
+    ) -> Result<Trainer<'m>, Error> {
         let invalid = |message: String| Error::Model {
             path: model.spec.path.clone(),
             message,
@@ -226,6 +234,7 @@ impl<'m> Trainer<'m> {
             differentiated,
             output: *output,
             buffers: Buffers::default(),
+            pool: crate::pool::shared(threads)?,
         })
     }
 
@@ -269,7 +278,13 @@ impl<'m> Trainer<'m> {
                         crate::runtime::tensor_mut(&spec.shape, spec.dtype, t.bytes_mut())
                     })
                     .collect();
-                layer.call_forward(data.handle, &input_refs, &refs, &mut muts, None)?;
+                layer.call_forward(
+                    data.handle,
+                    &input_refs,
+                    &refs,
+                    &mut muts,
+                    self.pool.as_deref(),
+                )?;
             }
             layer.check_outputs(&outputs)?;
             for (output, t) in outputs.into_iter().enumerate() {
@@ -389,7 +404,7 @@ impl<'m> Trainer<'m> {
                     &grad_refs,
                     &mut input_muts,
                     &mut param_muts,
-                    None,
+                    self.pool.as_deref(),
                 )?;
             }
             data.close()?;
