@@ -101,8 +101,9 @@ SKIP batch-independence     the plugin does not claim batch independence; nothin
 PASS deterministic          4 probes
 PASS threads                4 probes
 PASS finite-output          4 probes
+PASS lent-threads           4 probes
 SKIP gradcheck              forward-only: offers no backward
-8 passed, 0 failed, 2 skipped
+9 passed, 0 failed, 2 skipped
 "
         )
     );
@@ -112,7 +113,7 @@ SKIP gradcheck              forward-only: offers no backward
     let run = host_with_gather(&["check-plugin", "gather", "--config", r#"{"offset": 1}"#]);
     assert_eq!(
         run.failed(),
-        "error: plugin 'gather' failed 1 of 8 conformance checks\n"
+        "error: plugin 'gather' failed 1 of 9 conformance checks\n"
     );
     let line = run
         .stdout
@@ -267,7 +268,7 @@ fn check_plugin_compares_mydense_with_an_independent_reference() {
         "{stdout}"
     );
     assert!(
-        stdout.ends_with("11 passed, 0 failed, 0 skipped\n"),
+        stdout.ends_with("12 passed, 0 failed, 0 skipped\n"),
         "{stdout}"
     );
 
@@ -284,7 +285,7 @@ fn check_plugin_compares_mydense_with_an_independent_reference() {
     ]);
     assert_eq!(
         run.failed(),
-        "error: plugin 'mydense' failed 1 of 11 conformance checks\n"
+        "error: plugin 'mydense' failed 1 of 12 conformance checks\n"
     );
     let line = reference_line(&run.stdout);
     let expected = reference_value(&perturbed, "output.output", [2, 1]);
@@ -454,7 +455,7 @@ fn gradcheck_passes_a_right_backward_in_both_precisions() {
          tensor of more than 256 elements is checked on a fixed sample of 256",
     );
     assert!(
-        stdout.ends_with("10 passed, 0 failed, 0 skipped\n"),
+        stdout.ends_with("11 passed, 0 failed, 0 skipped\n"),
         "{stdout}"
     );
 }
@@ -468,7 +469,7 @@ fn gradcheck_names_the_tensor_and_element_of_a_wrong_gradient() {
         let run = host_with_gradprobe(&["check-plugin", "gradprobe", "--config", config]);
         assert_eq!(
             run.failed(),
-            "error: plugin 'gradprobe' failed 1 of 10 conformance checks\n"
+            "error: plugin 'gradprobe' failed 1 of 11 conformance checks\n"
         );
         let line = gradcheck_line(&run.stdout);
         let compact: String = config.chars().filter(|c| *c != ' ').collect();
@@ -501,7 +502,7 @@ fn gradcheck_fails_a_plugin_that_aborts_in_backward_and_goes_on() {
     ]);
     assert_eq!(
         run.failed(),
-        "error: plugin 'gradprobe' failed 1 of 18 conformance checks\n"
+        "error: plugin 'gradprobe' failed 1 of 20 conformance checks\n"
     );
     let (aborted, rest) = run
         .stdout
@@ -528,7 +529,7 @@ fn gradcheck_fails_a_plugin_that_hangs_in_backward() {
     ]);
     assert_eq!(
         run.failed(),
-        "error: plugin 'gradprobe' failed 1 of 10 conformance checks\n"
+        "error: plugin 'gradprobe' failed 1 of 11 conformance checks\n"
     );
     assert_eq!(
         gradcheck_line(&run.stdout),

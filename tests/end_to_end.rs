@@ -336,6 +336,48 @@ fn a_panicking_plugin_is_reported_naming_the_layer_and_the_host_survives() {
 }
 
 #[test]
+fn a_panic_on_a_thread_lent_to_a_plugin_is_reported_naming_the_layer() {
+    let dir = model_with_layers(
+        r#"[{"type": "faulty", "name": "boom", "config": {"fail": "panic_in_lent_task"}}]"#,
+    );
+    let out = dir.path().join("y.npy");
+    let model = dir.path().join("m.json");
+    let run = host(&[
+        "run",
+        path_str(&model),
+        "--input",
+        "models/centered-input.npy",
+        "--output",
+        path_str(&out),
+        "--threads",
+        "2",
+    ]);
+    let err = run.failed();
+    assert!(
+        err.contains("layer 'boom' (plugin 'faulty') panicked"),
+        "{err}"
+    );
+    assert!(err.contains("told to panic in a lent task"), "{err}");
+    assert!(!out.exists());
+    // On one thread nothing is lent, and the layer passes its input on.
+    host(&[
+        "run",
+        path_str(&model),
+        "--input",
+        "models/centered-input.npy",
+        "--output",
+        path_str(&out),
+        "--threads",
+        "1",
+    ])
+    .ok();
+    assert_eq!(
+        read_npy_f32(&out),
+        read_npy_as::<i64>(&repo_root().join("models/centered-input.npy")).mapv(|v| v as f32)
+    );
+}
+
+#[test]
 fn a_plugin_name_with_a_path_is_refused() {
     for name in ["../mydense", "sub/mydense", ".."] {
         let dir = model_with_layers(&format!(r#"[{{"type": "{name}"}}]"#));

@@ -296,7 +296,7 @@ fn a_perturbed_reference_output_fails_check_plugin() {
     let run = check_reference("multihead_attention", config.trim(), &bad);
     assert_eq!(
         run.failed(),
-        "error: plugin 'multihead_attention' failed 1 of 11 conformance checks\n"
+        "error: plugin 'multihead_attention' failed 1 of 12 conformance checks\n"
     );
     let line = reference_line(&run.stdout);
     let prefix = "FAIL reference              output 'weights': 1 of 24 elements differ from the \

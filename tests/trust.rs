@@ -66,6 +66,7 @@ fn check_plugin_passes_the_shipped_plugins() {
             ("deterministic", "PASS"),
             ("threads", "PASS"),
             ("finite-output", "PASS"),
+            ("lent-threads", "PASS"),
             ("gradcheck", "PASS"),
         ],
     );
@@ -108,7 +109,7 @@ fn check_plugin_passes_the_shipped_plugins() {
         "{stdout}"
     );
     assert!(
-        stdout.ends_with("9 passed, 0 failed, 1 skipped\n"),
+        stdout.ends_with("10 passed, 0 failed, 1 skipped\n"),
         "{stdout}"
     );
 }
@@ -120,6 +121,8 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
         "batch_dependent",
         "panic_on_empty_batch",
         "nondeterministic",
+        "thread_dependent",
+        "panic_in_lent_task",
         "infinite_output",
         "panic_in_shape",
         "panic_in_new",
@@ -135,7 +138,7 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
     let err = run.failed();
     assert_eq!(
         err,
-        "error: plugin 'faulty' failed 10 of 43 conformance checks\n"
+        "error: plugin 'faulty' failed 13 of 64 conformance checks\n"
     );
     let table = outcomes(&run.stdout);
     let pass = "PASS";
@@ -149,6 +152,7 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
             "deterministic",
             "threads",
             "finite-output",
+            "lent-threads",
         ]
         .into_iter()
         .map(|name| (name, if failing.contains(&name) { fail } else { pass }))
@@ -174,7 +178,22 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
     expect_outcomes(
         &table,
         r#"{"fail":"nondeterministic"}"#,
-        &all_pass_but(&["batch-independence", "deterministic", "threads"]),
+        &all_pass_but(&[
+            "batch-independence",
+            "deterministic",
+            "threads",
+            "lent-threads",
+        ]),
+    );
+    expect_outcomes(
+        &table,
+        r#"{"fail":"thread_dependent"}"#,
+        &all_pass_but(&["lent-threads"]),
+    );
+    expect_outcomes(
+        &table,
+        r#"{"fail":"panic_in_lent_task"}"#,
+        &all_pass_but(&["lent-threads"]),
     );
     expect_outcomes(
         &table,
@@ -199,6 +218,7 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
             ("deterministic", "SKIP"),
             ("threads", "SKIP"),
             ("finite-output", "SKIP"),
+            ("lent-threads", "SKIP"),
             ("gradcheck", "SKIP"),
         ],
     );
@@ -212,6 +232,11 @@ fn check_plugin_names_each_broken_behaviour_of_the_faulty_plugin() {
         "FAIL batch-independence     input [7, 3]: rows 0..3 alone differ from those rows of the \
          batch",
         "FAIL finite-output          input [3]: element 0 is -inf",
+        "FAIL lent-threads           input [3]: with 4 threads lent it differs from one thread: \
+         element 0 is ",
+        "FAIL lent-threads           input [3]: with 4 threads lent: layer 'faulty' (plugin \
+         'faulty') panicked: panicked at tests/plugins/faulty/src/lib.rs",
+        "faulty: told to panic in a lent task",
     ] {
         assert!(run.stdout.contains(fragment), "{fragment}\n{}", run.stdout);
     }

@@ -37,6 +37,9 @@
 //! * `deterministic`: the same inputs twice give the same bits.
 //! * `threads`: four threads calling `forward` at once on one layer give the
 //!   same bits as one thread.
+//! * `lent-threads`: with a pool of four threads lent to the call
+//!   (interface 1.3, `layer_api::parallel`), every probe gives the same
+//!   bits as on one thread. A plugin older than 1.3: skipped.
 //! * `finite-output`: finite inputs give finite float outputs with the
 //!   default initialization (seed 0).
 //! * `reference` (with `--reference`): the layer, given the inputs and
@@ -757,6 +760,8 @@ fn check_config(
     checks.push(check("input-shapes", label, input_shapes(&probed)));
     if !probed.cases.is_empty() {
         probe_checks(&layer, &probed, label, checks);
+        let lends = plugin.manifest.offers.iter().any(|o| o == "lend-pool");
+        checks.push(lent_threads(&layer, &probed, label, lends));
     }
     if let Some(reference) = &options.reference {
         checks.push(check(
@@ -769,6 +774,27 @@ fn check_config(
     if !probed.cases.is_empty() {
         checks.push(gradcheck(&layer, &probed, label));
     }
+}
+
+/// `lent-threads`: with the host's pool of [`THREADS`] threads lent to it
+/// (interface 1.3), every probe gives the bits it gives on one thread.
+fn lent_threads(layer: &ModelLayer, probed: &Probed, label: Option<&str>, lends: bool) -> Check {
+    const NAME: &str = "lent-threads";
+    if !lends {
+        return skip(
+            NAME,
+            label,
+            "the plugin predates interface 1.3: it is never lent threads",
+        );
+    }
+    let outputs = &layer.signature.outputs;
+    every_probe(NAME, label, probed, |p, first| {
+        let lent = layer
+            .run_once_lent(&p.plan, &p.input_refs(), &p.params, fill_unwritten, THREADS)
+            .map_err(|e| format!("with {THREADS} threads lent: {e}"))?;
+        same_outputs(outputs, first, &lent)
+            .map_err(|e| format!("with {THREADS} threads lent it differs from one thread: {e}"))
+    })
 }
 
 /// The checks that run the layer on its probes.

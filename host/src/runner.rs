@@ -686,14 +686,20 @@ fn run_node(
 ) -> Result<(), Error> {
     if layer.is_isolated() {
         // The worker runs the pieces on its own threads.
-        let pieces = pieces
+        let pieces: Vec<_> = pieces
             .iter()
             .map(|p| crate::isolate::Piece {
                 inputs: p.inputs.clone(),
                 outputs: p.outputs.clone(),
             })
             .collect();
-        let mode = crate::isolate::CallMode::default();
+        let mode = crate::isolate::CallMode {
+            lend_threads: match pool {
+                Some(pool) if pieces.is_empty() => pool.current_num_threads(),
+                _ => 1,
+            },
+            ..Default::default()
+        };
         return layer.forward_isolated(plan, prepared, inputs, outputs, pieces, mode);
     }
     fn input_ref<'a>(

@@ -683,6 +683,19 @@ impl ModelLayer {
         params: &ParamStore,
         fill: impl Fn(&mut Tensor),
     ) -> Result<Vec<Tensor>, Error> {
+        self.run_once_lent(plan, inputs, params, fill, 1)
+    }
+
+    /// [`ModelLayer::run_once`] with a pool of `threads` threads lent to
+    /// the call (interface 1.3; in its worker, for an isolated layer).
+    pub fn run_once_lent(
+        &self,
+        plan: &LayerPlan,
+        inputs: &[Option<&Tensor>],
+        params: &ParamStore,
+        fill: impl Fn(&mut Tensor),
+        threads: usize,
+    ) -> Result<Vec<Tensor>, Error> {
         let refs = param_refs(plan, params)?;
         let prepared = self.prepare(plan, &refs)?;
         let mut outputs = self.filled_outputs(plan, &fill)?;
@@ -703,6 +716,7 @@ impl ModelLayer {
                 isolate::CallMode {
                     prefill: true,
                     together: false,
+                    lend_threads: threads,
                 },
             )?;
         } else {
@@ -711,7 +725,14 @@ impl ModelLayer {
                 .zip(&plan.outputs)
                 .map(|(t, spec)| tensor_mut(&spec.shape, spec.dtype, t.bytes_mut()))
                 .collect();
-            self.call_forward(prepared.handle, &input_refs, &refs, &mut output_muts, None)?;
+            let pool = crate::pool::shared(threads)?;
+            self.call_forward(
+                prepared.handle,
+                &input_refs,
+                &refs,
+                &mut output_muts,
+                pool.as_deref(),
+            )?;
         }
         prepared.close()?;
         self.check_outputs(&outputs)?;
@@ -786,6 +807,7 @@ impl ModelLayer {
         let mode = isolate::CallMode {
             prefill: true,
             together: true,
+            lend_threads: 1,
         };
         worker
             .forward(*id, prepared_id, &views, &mut outputs, pieces, mode)

@@ -73,6 +73,9 @@ pub fn settings() -> Settings {
 pub struct CallMode {
     pub prefill: bool,
     pub together: bool,
+    /// When the call has no pieces: the threads of the worker's pool to
+    /// lend to it (interface 1.3); below 2, none.
+    pub lend_threads: usize,
 }
 
 /// A call into an isolated plugin that did not succeed.
@@ -362,7 +365,7 @@ impl Worker {
         }
         // While the worker runs pieces on every core, polling for its
         // answer would take a core from it.
-        let spin = pieces.len() <= 1;
+        let spin = pieces.len() <= 1 && mode.lend_threads <= 1;
         let request = Request::Forward {
             layer,
             prepared,
@@ -370,6 +373,7 @@ impl Worker {
             outputs: out_slots.clone(),
             pieces,
             together: mode.together,
+            lend_threads: mode.lend_threads,
             new_input_region: new_input,
             new_output_region: new_output,
         };

@@ -106,6 +106,9 @@ pub enum Request {
         /// the same moment (`check-plugin`'s `threads` check), instead of
         /// on the worker's pool.
         together: bool,
+        /// Lend the worker's pool of this many threads to the call, when it
+        /// has no pieces (below 2: lend none).
+        lend_threads: usize,
         new_input_region: bool,
         new_output_region: bool,
     },

@@ -340,6 +340,7 @@ impl Worker {
                 outputs,
                 pieces,
                 together,
+                lend_threads,
                 new_input_region,
                 new_output_region,
             } => {
@@ -353,7 +354,13 @@ impl Worker {
                     let fd = fds.next().ok_or_else(|| failed("no output region came"))?;
                     self.output = Some(Mapped::writable(fd).map_err(map_failed)?);
                 }
-                self.forward(layer, prepared, &inputs, &outputs, &pieces, together)?;
+                let lend = if pieces.is_empty() {
+                    crate::pool::shared(lend_threads)
+                        .map_err(|e| failed(format!("cannot start threads: {e}")))?
+                } else {
+                    None
+                };
+                self.forward(layer, prepared, &inputs, &outputs, &pieces, together, lend)?;
                 Reply::Done
             }
             Request::Gradcheck {
@@ -420,6 +427,7 @@ impl Worker {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         layer: u64,
@@ -428,6 +436,7 @@ impl Worker {
         outputs: &[Slot],
         pieces: &[Piece],
         together: bool,
+        lend: Option<std::sync::Arc<rayon::ThreadPool>>,
     ) -> Result<(), Reply> {
         let entry = self
             .prepared
@@ -479,7 +488,9 @@ impl Worker {
                     data: RSliceMut::from_mut_slice(b),
                 })
                 .collect();
-            return call(&refs, &mut muts).map_err(from_layer_error);
+            let table = &self.plugin.table;
+            return crate::pool::lending(table, lend.as_deref(), || call(&refs, &mut muts))
+                .map_err(from_layer_error);
         }
         // Each output cut into the pieces' row ranges, in order.
         let mut per_piece: Vec<Vec<&mut [u8]>> = pieces.iter().map(|_| Vec::new()).collect();

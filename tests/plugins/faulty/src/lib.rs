@@ -28,6 +28,10 @@ pub enum Failure {
     PanicOnEmptyBatch,
     /// Adds the number of calls made so far.
     Nondeterministic,
+    /// Adds the number of threads the host lent to the call, less one.
+    ThreadDependent,
+    /// Panics in a task on the threads the host lent, when it lent some.
+    PanicInLentTask,
     /// Divides by zero.
     InfiniteOutput,
     /// Works, but panics when the layer is dropped.
@@ -151,6 +155,19 @@ impl Layer for Faulty {
                 static CALLS: AtomicU32 = AtomicU32::new(0);
                 let calls = CALLS.fetch_add(1, Ordering::Relaxed) as f32;
                 output.zip_mut_with(&input, |y, &x| *y = x + calls);
+                Ok(())
+            }
+            Failure::ThreadDependent => {
+                let extra = (layer_api::parallel::threads() - 1) as f32;
+                output.zip_mut_with(&input, |y, &x| *y = x + extra);
+                Ok(())
+            }
+            Failure::PanicInLentTask => {
+                output.assign(&input);
+                let lent = layer_api::parallel::threads() > 1;
+                layer_api::parallel::for_each(2, |task| {
+                    assert!(!(lent && task == 1), "faulty: told to panic in a lent task");
+                });
                 Ok(())
             }
             Failure::InfiniteOutput => {
