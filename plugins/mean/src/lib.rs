@@ -117,6 +117,12 @@ impl Layer for Mean {
         mut output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String> {
         let reduced = self.reduced(input.ndim())?;
+        if let Some((outer, count, inner)) = one_block(input.shape(), &reduced) {
+            if let (Some(x), Some(y)) = (input.as_slice(), output.as_slice_mut()) {
+                mean_of_block(x, (outer, count, inner), y);
+                return Ok(());
+            }
+        }
         // Kept axes first, then the reduced ones: in C order, each output
         // element's inputs are then one contiguous run of `count`.
         let (kept, gone): (Vec<usize>, Vec<usize>) = (0..input.ndim()).partition(|&a| !reduced[a]);
@@ -176,6 +182,55 @@ impl Layer for Mean {
             .ok_or("the output gradient does not broadcast to the input")?;
         dx.assign(&g);
         Ok(())
+    }
+}
+
+/// When the reduced axes are next to each other and not the last (the mean
+/// over a sequence, `(batch, seq, features)` with `dims = [1]`): the input
+/// as `(outer, count, inner)`, `count` the reduced axes' elements. The
+/// general path would first copy the input transposed.
+fn one_block(shape: &[usize], reduced: &[bool]) -> Option<(usize, usize, usize)> {
+    let first = reduced.iter().position(|&r| r)?;
+    let end = first + reduced[first..].iter().take_while(|&&r| r).count();
+    if end == shape.len() || reduced[end..].iter().any(|&r| r) {
+        return None;
+    }
+    let size = |axes: &[usize]| axes.iter().product::<usize>();
+    Some((
+        size(&shape[..first]),
+        size(&shape[first..end]),
+        size(&shape[end..]),
+    ))
+}
+
+/// The mean over the middle axis of a C-order `(outer, count, inner)`
+/// array into `(outer, inner)`: each element summed in `f64` over the
+/// middle axis in order (the general path's order, so the same bits), a
+/// whole contiguous row at a time.
+fn mean_of_block(x: &[f32], (outer, count, inner): (usize, usize, usize), y: &mut [f32]) {
+    if count == 0 {
+        y.fill(f32::NAN);
+        return;
+    }
+    if inner == 0 || outer == 0 {
+        return;
+    }
+    let mut sums = vec![0f64; inner];
+    for (block, y) in x
+        .chunks_exact(count * inner)
+        .zip(y.chunks_exact_mut(inner))
+        .take(outer)
+    {
+        // As `Iterator::sum` starts: an all -0.0 run stays -0.0.
+        sums.fill(-0.0);
+        for row in block.chunks_exact(inner) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += f64::from(v);
+            }
+        }
+        for (y, s) in y.iter_mut().zip(&sums) {
+            *y = (s / count as f64) as f32;
+        }
     }
 }
 
@@ -246,6 +301,59 @@ mod tests {
             kept.into_shape_with_order(vec![2, 5]).unwrap(),
             want.mapv(|v| v as f32)
         );
+    }
+
+    /// A block of middle axes (the mean over a sequence) against loops
+    /// summing in order in f64, bit for bit; empty inner or outer parts.
+    #[test]
+    fn middle_axes_match_ordered_loops_bit_for_bit() {
+        let x = filled(&[3, 7, 2, 5], 4);
+        // dims [1]: sum over j for each (i, k, l).
+        let mut want = Vec::new();
+        for i in 0..3 {
+            for k in 0..2 {
+                for l in 0..5 {
+                    let sum = (0..7).fold(-0.0f64, |s, j| s + f64::from(x[[i, j, k, l]]));
+                    want.push((sum / 7.0) as f32);
+                }
+            }
+        }
+        let y = run(r#"{"dims": [1]}"#, x.clone()).unwrap();
+        assert_eq!(y.shape(), &[3, 2, 5]);
+        assert_same_bits(y.iter().copied(), want);
+        // dims [2, 1]: sum over (j, k) in C order for each (i, l).
+        let mut want = Vec::new();
+        for i in 0..3 {
+            for l in 0..5 {
+                let mut sum = -0.0f64;
+                for j in 0..7 {
+                    for k in 0..2 {
+                        sum += f64::from(x[[i, j, k, l]]);
+                    }
+                }
+                want.push((sum / 14.0) as f32);
+            }
+        }
+        let y = run(r#"{"dims": [2, 1]}"#, x).unwrap();
+        assert_eq!(y.shape(), &[3, 5]);
+        assert_same_bits(y.iter().copied(), want);
+
+        let y = run(r#"{"dims": [1]}"#, ArrayD::zeros(IxDyn(&[2, 3, 0]))).unwrap();
+        assert_eq!(y.shape(), &[2, 0]);
+        let y = run(r#"{"dims": [1]}"#, ArrayD::zeros(IxDyn(&[0, 3, 4]))).unwrap();
+        assert_eq!(y.shape(), &[0, 4]);
+        let y = run(
+            r#"{"dims": [1]}"#,
+            ArrayD::from_elem(IxDyn(&[1, 2, 1]), -0.0f32),
+        )
+        .unwrap();
+        assert_eq!(y[[0, 0]].to_bits(), (-0.0f32).to_bits());
+    }
+
+    fn assert_same_bits(got: impl Iterator<Item = f32>, want: Vec<f32>) {
+        let got: Vec<u32> = got.map(f32::to_bits).collect();
+        let want: Vec<u32> = want.into_iter().map(f32::to_bits).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
