@@ -37,7 +37,6 @@ struct Worker {
     next_id: u64,
     input: Option<Mapped>,
     output: Option<Mapped>,
-    pool: Option<rayon::ThreadPool>,
 }
 
 fn failed(message: impl Into<String>) -> Reply {
@@ -110,7 +109,6 @@ pub fn main() -> i32 {
         next_id: 1,
         input: None,
         output: None,
-        pool: None,
     };
     // Whether this worker is in a run of short calls on one thread that
     // follow each other at once (a small batch through its layers): then
@@ -541,13 +539,11 @@ impl Worker {
                 None => Ok(()),
             };
         }
-        let pool = match self.pool.take() {
-            Some(pool) if pool.current_num_threads() >= pieces.len() => pool,
-            _ => rayon::ThreadPoolBuilder::new()
-                .num_threads(pieces.len())
-                .build()
-                .map_err(|e| failed(format!("cannot start threads: {e}")))?,
-        };
+        // The host cuts a call into at most `--threads` pieces, and lends
+        // `--threads` otherwise: one pool of that size serves both.
+        let pool = crate::pool::shared(pieces.len().max(2))
+            .map_err(|e| failed(format!("cannot start threads: {e}")))?
+            .ok_or_else(|| failed("no threads for the pieces (a bug in the host)"))?;
         let outcome: Result<(), Reply> = pool.scope(|scope| {
             for (piece, ys) in pieces.iter().zip(per_piece) {
                 let refs = piece_refs(&input_bytes, piece)?;
@@ -556,7 +552,6 @@ impl Worker {
             }
             Ok(())
         });
-        self.pool = Some(pool);
         outcome?;
         match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(from_layer_error(e)),
