@@ -22,6 +22,7 @@
 //! across the batch, so kernels never start threads of their own (no
 //! oversubscription).
 
+pub mod attention;
 mod driver;
 pub mod elementwise;
 mod isa;
