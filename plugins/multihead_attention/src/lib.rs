@@ -33,7 +33,9 @@
 //! kernels ([`layer_kernels::matmul`]) read them in place, with `1/√d`
 //! folded into the q block. Each projection is one product over the
 //! positions of a block of batch rows (about 512 positions); the scores,
-//! softmax and `attn · v` then run per batch row and head.
+//! softmax and `attn · v` then run per batch row and head, the softmax a
+//! float32 one ([`layer_kernels::attention::masked_softmax`], as torch's
+//! CPU softmax is float32 too).
 //!
 //! Parameters, named and laid out as torch's `state_dict`, so a saved
 //! `nn.MultiheadAttention` loads as it is; defaults as torch's
@@ -104,6 +106,7 @@ use layer_api::{
     export_layer, DType, FanMode, Grads, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params,
     Plan, Probe, ProbeInput, Signature, TensorInfo,
 };
+use layer_kernels::attention::masked_softmax;
 use layer_kernels::elementwise::add_bias;
 use layer_kernels::matmul;
 use ndarray::{
@@ -483,30 +486,12 @@ fn attend(
     context: ArrayViewMut2<'_, f32>,
 ) -> Result<(), String> {
     matmul(q, k.t(), probs.view_mut())?;
-    softmax_rows(probs.view_mut(), masked);
+    let keys = probs.ncols();
+    let scores = probs
+        .as_slice_mut()
+        .ok_or("the score buffer is not contiguous")?;
+    masked_softmax(scores, keys, masked)?;
     matmul(probs.view(), v, context)
-}
-
-/// Each row of `scores` becomes its softmax over the keys, masked keys
-/// (`true` in `mask`) getting weight 0. At least one key is visible.
-fn softmax_rows(mut scores: ArrayViewMut2<'_, f32>, mask: Option<&[bool]>) {
-    for mut row in scores.rows_mut() {
-        if let Some(mask) = mask {
-            for (x, &masked) in row.iter_mut().zip(mask) {
-                if masked {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0.0f32;
-        row.mapv_inplace(|x| {
-            let e = (x - max).exp();
-            sum += e;
-            e
-        });
-        row.mapv_inplace(|x| x / sum);
-    }
 }
 
 /// The mask flags of batch row `row`, one per key (`true`: ignore it).
