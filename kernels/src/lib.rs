@@ -25,6 +25,7 @@
 //! [`matmul`] splits a large product's output columns among them, which
 //! changes no bit of the result.
 
+pub mod attention;
 mod driver;
 pub mod elementwise;
 mod isa;

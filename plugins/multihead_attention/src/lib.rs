@@ -27,8 +27,15 @@
 //! `h·d .. (h+1)·d`: `scores = (q_h / √d) · k_hᵀ`, masked keys set to `-inf`,
 //! a softmax over the keys (the row maximum subtracted first), then
 //! `attn · v_h`; the heads' results concatenated, then
-//! `output = context · Woutᵀ + bout`. The projections are matrix products
-//! ([`layer_kernels::matmul`]).
+//! `output = context · Woutᵀ + bout`.
+//!
+//! How: `prepare` stores the projection weights transposed, as the matrix
+//! kernels ([`layer_kernels::matmul`]) read them in place, with `1/√d`
+//! folded into the q block. Each projection is one product over the
+//! positions of a block of batch rows (about 512 positions); the scores,
+//! softmax and `attn · v` then run per batch row and head, the softmax a
+//! float32 one ([`layer_kernels::attention::masked_softmax`], as torch's
+//! CPU softmax is float32 too).
 //!
 //! Parameters, named and laid out as torch's `state_dict`, so a saved
 //! `nn.MultiheadAttention` loads as it is; defaults as torch's
@@ -82,12 +89,15 @@
 //! zero. The bool `key_padding_mask` has no gradient.
 //!
 //! Batch-independent: each batch row is computed on its own (its own
-//! projections, heads and mask), so a batch split into pieces gives the same
+//! heads and mask; a projection's rows do not depend on which other rows
+//! share the product, and no product has a single row unless the batch
+//! does), so a batch split into pieces of two rows or more gives the same
 //! bits as the whole.
 //!
 //! Floating-point operations (`flops`), per batch row, multiply-add as two:
 //! the four projections `2·(2L + 2S)·E²` (plus `(2L + 2S)·E` bias additions
-//! when `bias`), scaling q `L·E`, scores and `attn · v` `2·L·S·E` each, the
+//! when `bias`; q's scaling by `1/√d` is folded into the prepared weights),
+//! scores and `attn · v` `2·L·S·E` each, the
 //! softmax `5·H·L·S` (maximum, subtraction, exponential, sum, division: an
 //! exponential counts as one), and with `need_weights` the head average
 //! `H·L·S`.
@@ -96,12 +106,16 @@ use layer_api::{
     export_layer, DType, FanMode, Grads, Init, Inputs, MultiLayer, Outputs, ParamSpec, Params,
     Plan, Probe, ProbeInput, Signature, TensorInfo,
 };
+use layer_kernels::attention::masked_softmax;
+use layer_kernels::elementwise::add_bias;
 use layer_kernels::matmul;
 use ndarray::{
-    s, Array2, ArrayView, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut,
+    s, Array1, Array2, ArrayView, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut,
     ArrayViewMut2, ArrayViewMut3, ArrayViewMutD, Axis, Dimension, Ix1, Ix2, Ix3,
 };
 use serde::Deserialize;
+use std::borrow::Cow;
+use std::ops::Range;
 
 /// Input and output names.
 pub const QUERY: &str = "query";
@@ -298,8 +312,8 @@ impl MultiheadAttention {
         })
     }
 
-    /// The parameters, `in_proj_weight` and `in_proj_bias` split into their
-    /// q, k and v blocks.
+    /// The raw weights, `in_proj_weight` split into its q, k and v row
+    /// blocks, checked against the config.
     fn projections<'a>(&self, params: &Params<'a>) -> Result<Projections<'a>, String> {
         let e = self.embed_dim;
         let w_in = params.get::<Ix2>(IN_PROJ_WEIGHT)?;
@@ -311,29 +325,64 @@ impl MultiheadAttention {
             ));
         }
         let w_out = params.get::<Ix2>(OUT_PROJ_WEIGHT)?;
-        let b_in = self.bias(params, IN_PROJ_BIAS)?;
-        let b_out = self.bias(params, OUT_PROJ_BIAS)?;
+        if w_out.dim() != (e, e) {
+            return Err(format!(
+                "parameter `{OUT_PROJ_WEIGHT}` has shape {:?}, not (E, E) = ({e}, {e})",
+                w_out.shape()
+            ));
+        }
         let w_block = |i: usize| w_in.slice_move(s![block(e, i), ..]);
-        let b_block = |i: usize| b_in.map(|b| b.slice_move(s![block(e, i)]));
         Ok(Projections {
             wq: w_block(0),
             wk: w_block(1),
             wv: w_block(2),
-            bq: b_block(0),
-            bk: b_block(1),
-            bv: b_block(2),
             w_out,
-            b_out,
         })
     }
 
-    /// A bias parameter when the config has biases.
+    /// A bias parameter when the config has biases, checked to have `len`
+    /// elements.
     fn bias<'a>(
         &self,
         params: &Params<'a>,
         name: &str,
+        len: usize,
     ) -> Result<Option<ArrayView1<'a, f32>>, String> {
-        self.bias.then(|| params.get::<Ix1>(name)).transpose()
+        if !self.bias {
+            return Ok(None);
+        }
+        let b = params.get::<Ix1>(name)?;
+        if b.len() != len {
+            return Err(format!(
+                "parameter `{name}` has shape {:?}, not ({len},)",
+                b.shape()
+            ));
+        }
+        Ok(Some(b))
+    }
+
+    /// The weights as the products read them (see [`PreparedWeights`]).
+    fn prepared_weights(&self, params: &Params<'_>) -> Result<PreparedWeights, String> {
+        let (e, d) = (self.embed_dim, self.head_dim());
+        let Projections { w_out, .. } = self.projections(params)?;
+        let w_in = params.get::<Ix2>(IN_PROJ_WEIGHT)?;
+        // torch scales q by √(1/d), computed in double, after adding bq.
+        let scale = (1.0 / d as f64).sqrt() as f32;
+        let mut w_in_t = w_in.t().as_standard_layout().into_owned();
+        w_in_t
+            .slice_mut(s![.., block(e, 0)])
+            .mapv_inplace(|w| w * scale);
+        let b_in = self.bias(params, IN_PROJ_BIAS, 3 * e)?.map(|b| {
+            let mut b = b.to_owned();
+            b.slice_mut(s![block(e, 0)]).mapv_inplace(|b| b * scale);
+            b
+        });
+        Ok(PreparedWeights {
+            w_in_t,
+            b_in,
+            w_out_t: w_out.t().as_standard_layout().into_owned(),
+            b_out: self.bias(params, OUT_PROJ_BIAS, e)?.map(|b| b.to_owned()),
+        })
     }
 }
 
@@ -346,17 +395,60 @@ struct Operands<'a> {
     sizes: Sizes,
 }
 
-/// The parameters: `Wq`, `Wk`, `Wv` (each `(E, E)`) and `bq`, `bk`, `bv`
-/// are the row blocks of `in_proj_weight` and `in_proj_bias`.
+/// The raw parameters backward reads: `Wq`, `Wk`, `Wv` (each `(E, E)`),
+/// the row blocks of `in_proj_weight`, and `out_proj.weight`, laid out
+/// `(out, in)` as torch's.
 struct Projections<'a> {
     wq: ArrayView2<'a, f32>,
     wk: ArrayView2<'a, f32>,
     wv: ArrayView2<'a, f32>,
-    bq: Option<ArrayView1<'a, f32>>,
-    bk: Option<ArrayView1<'a, f32>>,
-    bv: Option<ArrayView1<'a, f32>>,
     w_out: ArrayView2<'a, f32>,
-    b_out: Option<ArrayView1<'a, f32>>,
+}
+
+/// What `prepare` derives from one parameter set: the projection weights
+/// transposed, `(in, out)` row-major, which the matrix kernels read in
+/// place (torch's `(out, in)` layout, viewed transposed, makes them repack
+/// the weights on every product), with torch's scaling of q by `1/√d`
+/// folded into the q block's weights and bias (for `d` a power of 4, as
+/// the usual 16 or 64, the scaling is by a power of 2 and the bits are
+/// those of scaling q afterwards). 4E² + 4E floats: 64 KiB for E = 64.
+struct PreparedWeights {
+    /// `(E, 3E)`: `[s·Wq; Wk; Wv]ᵀ`.
+    w_in_t: Array2<f32>,
+    /// `(3E,)`: `[s·bq, bk, bv]`.
+    b_in: Option<Array1<f32>>,
+    /// `(E, E)`: `Woutᵀ`.
+    w_out_t: Array2<f32>,
+    b_out: Option<Array1<f32>>,
+}
+
+impl PreparedWeights {
+    /// Block `i` of the in-projection (q 0, k 1, v 2): `y = x · Wᵢᵀ + bᵢ`,
+    /// q scaled by `1/√d`.
+    fn project_in(
+        &self,
+        i: usize,
+        x: ArrayView2<'_, f32>,
+        y: ArrayViewMut2<'_, f32>,
+    ) -> Result<(), String> {
+        let e = self.w_out_t.nrows();
+        let b = self.b_in.as_ref().map(|b| b.slice(s![block(e, i)]));
+        project(x, self.w_in_t.slice(s![.., block(e, i)]), b, y)
+    }
+
+    /// `output = context · Woutᵀ + bout`.
+    fn project_out(
+        &self,
+        context: ArrayView2<'_, f32>,
+        output: ArrayViewMut2<'_, f32>,
+    ) -> Result<(), String> {
+        project(
+            context,
+            self.w_out_t.view(),
+            self.b_out.as_ref().map(|b| b.view()),
+            output,
+        )
+    }
 }
 
 /// Rows (or elements) of block `i` (q 0, k 1, v 2) of the in-projection.
@@ -364,42 +456,91 @@ fn block(e: usize, i: usize) -> std::ops::Range<usize> {
     i * e..(i + 1) * e
 }
 
-/// `y = x · wᵀ + b`, `w` laid out `(out, in)` as torch's.
+/// `y = x · w + b`, `w` laid out `(in, out)`; `y` is a contiguous buffer.
 fn project(
     x: ArrayView2<'_, f32>,
     w: ArrayView2<'_, f32>,
     b: Option<ArrayView1<'_, f32>>,
     mut y: ArrayViewMut2<'_, f32>,
 ) -> Result<(), String> {
-    matmul(x, w.t(), y.view_mut())?;
+    matmul(x, w, y.view_mut())?;
     if let Some(b) = b {
-        for mut row in y.rows_mut() {
-            row += &b;
-        }
+        let y = y
+            .as_slice_mut()
+            .ok_or("a projection's destination is not contiguous")?;
+        let b = b.as_slice().ok_or("a bias is not contiguous")?;
+        add_bias(y, b)?;
     }
     Ok(())
 }
 
-/// Each row of `scores` becomes its softmax over the keys, masked keys
-/// (`true` in `mask`) getting weight 0. At least one key is visible.
-fn softmax_rows(mut scores: ArrayViewMut2<'_, f32>, mask: Option<ArrayView1<'_, bool>>) {
-    for mut row in scores.rows_mut() {
-        if let Some(mask) = mask {
-            row.zip_mut_with(&mask, |x, &masked| {
-                if masked {
-                    *x = f32::NEG_INFINITY;
-                }
-            });
+/// One head of one batch row: `probs = softmax(q_h · k_hᵀ)` over the keys,
+/// masked keys getting weight exactly 0 (q already scaled), and `context_h
+/// = probs · v_h`. `probs` is a contiguous `(L, S)` buffer.
+fn attend(
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    masked: Option<&[bool]>,
+    mut probs: ArrayViewMut2<'_, f32>,
+    context: ArrayViewMut2<'_, f32>,
+) -> Result<(), String> {
+    matmul(q, k.t(), probs.view_mut())?;
+    let keys = probs.ncols();
+    let scores = probs
+        .as_slice_mut()
+        .ok_or("the score buffer is not contiguous")?;
+    masked_softmax(scores, keys, masked)?;
+    matmul(probs.view(), v, context)
+}
+
+/// The mask flags of batch row `row`, one per key (`true`: ignore it).
+fn mask_row<'m>(mask: &'m Option<ArrayView2<'_, bool>>, row: usize) -> Option<Cow<'m, [bool]>> {
+    mask.as_ref().map(|m| {
+        let flags = m.row(row);
+        match flags.to_slice() {
+            Some(flags) => Cow::Borrowed(flags),
+            None => Cow::Owned(flags.to_vec()),
         }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0.0f32;
-        row.mapv_inplace(|x| {
-            let e = (x - max).exp();
-            sum += e;
-            e
-        });
-        row.mapv_inplace(|x| x / sum);
-    }
+    })
+}
+
+/// Rows `rows` of a `(b, n, E)` tensor as one `(rows · n, E)` matrix.
+fn batch_rows<'v>(
+    name: &str,
+    x: &'v ArrayView3<'_, f32>,
+    rows: Range<usize>,
+) -> Result<ArrayView2<'v, f32>, String> {
+    let (n, e) = (x.dim().1, x.dim().2);
+    x.slice(s![rows.clone(), .., ..])
+        .into_shape_with_order((rows.len() * n, e))
+        .map_err(|err| format!("`{name}` is not laid out contiguously: {err}"))
+}
+
+/// Projected positions per block of batch rows in `forward`: enough rows
+/// for the matrix kernels to run at full speed (512 × 64 by 64 × 64 is as
+/// fast as 8192 × 64), few enough that a block's q, k, v and context stay
+/// in a 1 MiB L2 cache at E = 64, rather than the whole batch's going
+/// through memory.
+const BLOCK_POSITIONS: usize = 512;
+
+/// `forward`'s blocks of batch rows: about [`BLOCK_POSITIONS`] positions
+/// each, and at least two rows each unless the batch has one. A product
+/// of a single row takes the kernels' matrix-vector path, which rounds
+/// differently; with sequences of one position a leftover row alone would
+/// then not give the bits it gives when the host splits the batch
+/// otherwise (pieces of two rows or more).
+fn batch_blocks(batch: usize, positions: usize) -> impl Iterator<Item = Range<usize>> {
+    let per_block = (BLOCK_POSITIONS / positions.max(1)).max(2);
+    let blocks = (batch / per_block).max(1);
+    (0..blocks).map(move |i| {
+        let end = if i + 1 == blocks {
+            batch
+        } else {
+            (i + 1) * per_block
+        };
+        i * per_block..end
+    })
 }
 
 /// Each row of `grad` (the gradient of softmax output `probs`) becomes the
@@ -552,6 +693,14 @@ impl MultiLayer for MultiheadAttention {
         ]
     }
 
+    fn prepare(
+        &self,
+        _inputs: &[Option<TensorInfo>],
+        params: &Params<'_>,
+    ) -> Result<Option<layer_api::Prepared>, String> {
+        Ok(Some(Box::new(self.prepared_weights(params)?)))
+    }
+
     fn forward(
         &self,
         inputs: &Inputs<'_>,
@@ -571,16 +720,7 @@ impl MultiLayer for MultiheadAttention {
                 },
         } = self.operands(inputs)?;
         let (e, heads, d) = (self.embed_dim, self.num_heads, self.head_dim());
-        let Projections {
-            wq,
-            wk,
-            wv,
-            bq,
-            bk,
-            bv,
-            w_out,
-            b_out,
-        } = self.projections(params)?;
+        let prepared = params.prepared::<PreparedWeights>()?;
 
         let mut output = outputs
             .take::<f32>(OUTPUT)?
@@ -597,50 +737,61 @@ impl MultiLayer for MultiheadAttention {
             None
         };
 
-        // torch scales q by √(1/d), computed in double, before q · kᵀ.
-        let scale = (1.0 / d as f64).sqrt() as f32;
-        let mut q = Array2::<f32>::zeros((target, e));
-        let mut k = Array2::<f32>::zeros((source, e));
-        let mut v = Array2::<f32>::zeros((source, e));
-        let mut context = Array2::<f32>::zeros((target, e));
-        let mut scores = Array2::<f32>::zeros((target, source));
-        let mut summed = Array2::<f32>::zeros(if self.need_weights {
-            (target, source)
-        } else {
-            (0, 0)
-        });
-        for row in 0..batch {
-            let keys_masked = mask.as_ref().map(|m| m.row(row));
-            project(query.index_axis(Axis(0), row), wq, bq, q.view_mut())?;
-            q.mapv_inplace(|x| x * scale);
-            project(key.index_axis(Axis(0), row), wk, bk, k.view_mut())?;
-            project(value.index_axis(Axis(0), row), wv, bv, v.view_mut())?;
-            summed.fill(0.0);
-            for head in 0..heads {
-                let features = s![.., head * d..(head + 1) * d];
-                matmul(q.slice(features), k.slice(features).t(), scores.view_mut())?;
-                softmax_rows(scores.view_mut(), keys_masked);
-                matmul(
-                    scores.view(),
-                    v.slice(features),
-                    context.slice_mut(features),
-                )?;
-                if self.need_weights {
-                    summed += &scores;
+        // Each block's projections are one product over all its rows'
+        // positions; then each batch row and head on its own.
+        let blocks: Vec<_> = batch_blocks(batch, target.max(source)).collect();
+        let most = blocks.iter().map(|rows| rows.len()).max().unwrap_or(0);
+        let mut q = Array2::<f32>::zeros((most * target, e));
+        let mut k = Array2::<f32>::zeros((most * source, e));
+        let mut v = Array2::<f32>::zeros((most * source, e));
+        let mut context = Array2::<f32>::zeros((most * target, e));
+        let mut probs = Array2::<f32>::zeros((target, source));
+        for rows in blocks {
+            let n = rows.len();
+            let (mut q, mut k, mut v, mut context) = (
+                q.slice_mut(s![..n * target, ..]),
+                k.slice_mut(s![..n * source, ..]),
+                v.slice_mut(s![..n * source, ..]),
+                context.slice_mut(s![..n * target, ..]),
+            );
+            prepared.project_in(0, batch_rows(QUERY, &query, rows.clone())?, q.view_mut())?;
+            prepared.project_in(1, batch_rows(KEY, &key, rows.clone())?, k.view_mut())?;
+            prepared.project_in(2, batch_rows(VALUE, &value, rows.clone())?, v.view_mut())?;
+            for (i, row) in rows.clone().enumerate() {
+                let keys_masked = mask_row(&mask, row);
+                let queries = s![i * target..(i + 1) * target, ..];
+                let keys = s![i * source..(i + 1) * source, ..];
+                let (q, k, v) = (q.slice(queries), k.slice(keys), v.slice(keys));
+                let mut context = context.slice_mut(queries);
+                let mut weights = weights.as_mut().map(|w| w.index_axis_mut(Axis(0), row));
+                for head in 0..heads {
+                    let features = s![.., head * d..(head + 1) * d];
+                    attend(
+                        q.slice(features),
+                        k.slice(features),
+                        v.slice(features),
+                        keys_masked.as_deref(),
+                        probs.view_mut(),
+                        context.slice_mut(features),
+                    )?;
+                    if let Some(weights) = weights.as_mut() {
+                        if head == 0 {
+                            weights.assign(&probs);
+                        } else {
+                            *weights += &probs;
+                        }
+                    }
+                }
+                if let Some(weights) = weights.as_mut() {
+                    let h = heads as f32;
+                    weights.mapv_inplace(|total| total / h);
                 }
             }
-            project(
-                context.view(),
-                w_out,
-                b_out,
-                output.index_axis_mut(Axis(0), row),
-            )?;
-            if let Some(weights) = weights.as_mut() {
-                let h = heads as f32;
-                weights
-                    .index_axis_mut(Axis(0), row)
-                    .zip_mut_with(&summed, |w, &total| *w = total / h);
-            }
+            let output = output
+                .slice_mut(s![rows.clone(), .., ..])
+                .into_shape_with_order((n * target, e))
+                .map_err(|err| format!("`{OUTPUT}` is not laid out contiguously: {err}"))?;
+            prepared.project_out(context.view(), output)?;
         }
         Ok(())
     }
@@ -670,16 +821,8 @@ impl MultiLayer for MultiheadAttention {
                 },
         } = self.operands(inputs)?;
         let (e, heads, d) = (self.embed_dim, self.num_heads, self.head_dim());
-        let Projections {
-            wq,
-            wk,
-            wv,
-            bq,
-            bk,
-            bv,
-            w_out,
-            b_out: _,
-        } = self.projections(params)?;
+        let Projections { wq, wk, wv, w_out } = self.projections(params)?;
+        let prepared = params.prepared::<PreparedWeights>()?;
 
         let grad_output = shaped::<Ix3>(
             "output gradient",
@@ -729,25 +872,30 @@ impl MultiLayer for MultiheadAttention {
                 // No output depends on anything: every gradient is zero.
                 break;
             }
-            let keys_masked = mask.as_ref().map(|m| m.row(row));
+            let keys_masked = mask_row(&mask, row);
             let (query, key, value) = (
                 query.index_axis(Axis(0), row),
                 key.index_axis(Axis(0), row),
                 value.index_axis(Axis(0), row),
             );
             let grad_out = grad_output.index_axis(Axis(0), row);
-            project(query, wq, bq, q.view_mut())?;
-            q.mapv_inplace(|x| x * scale);
-            project(key, wk, bk, k.view_mut())?;
-            project(value, wv, bv, v.view_mut())?;
+            // As forward computes them (q scaled by the prepared weights).
+            prepared.project_in(0, query, q.view_mut())?;
+            prepared.project_in(1, key, k.view_mut())?;
+            prepared.project_in(2, value, v.view_mut())?;
 
             // output = context · Woutᵀ + bout.
             matmul(grad_out, w_out, grad_context.view_mut())?;
             for head in 0..heads {
                 let features = s![.., head * d..(head + 1) * d];
-                matmul(q.slice(features), k.slice(features).t(), probs.view_mut())?;
-                softmax_rows(probs.view_mut(), keys_masked);
-                matmul(probs.view(), v.slice(features), context.slice_mut(features))?;
+                attend(
+                    q.slice(features),
+                    k.slice(features),
+                    v.slice(features),
+                    keys_masked.as_deref(),
+                    probs.view_mut(),
+                    context.slice_mut(features),
+                )?;
                 // context_h = probs · v_h.
                 matmul(
                     grad_context.slice(features),
@@ -829,11 +977,10 @@ impl MultiLayer for MultiheadAttention {
         .map(|n| n as u64);
         let projected_rows = 2 * l + 2 * s; // q and output (L each), k and v (S each)
         let projections = 2 * projected_rows * e * e + u64::from(self.bias) * projected_rows * e;
-        let scaling = l * e;
         let attention = 2 * (2 * l * s * e); // q · kᵀ and attn · v, over all heads
         let softmax = 5 * h * l * s;
         let average = u64::from(self.need_weights) * h * l * s;
-        b * (projections + scaling + attention + softmax + average)
+        b * (projections + attention + softmax + average)
     }
 }
 

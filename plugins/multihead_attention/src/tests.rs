@@ -305,11 +305,12 @@ fn declares_torch_parameters_with_torch_initializers() {
         ]
     );
     assert_eq!(plan.outputs, [TensorInfo::new(DType::F32, [B, L, E])]);
-    // Projections 2·(2·3 + 2·4)·64 + 14·8 biases, scaling 24, scores and
-    // attn·v 2·2·3·4·8, softmax 5·2·3·4; per batch row.
+    // Projections 2·(2·3 + 2·4)·64 + 14·8 biases, scores and attn·v
+    // 2·2·3·4·8, softmax 5·2·3·4; per batch row (q's scaling is folded
+    // into the prepared weights).
     assert_eq!(
         layer.flops(&inputs),
-        2 * (2 * 14 * 64 + 14 * 8 + 24 + 2 * 2 * 3 * 4 * 8 + 5 * 2 * 3 * 4)
+        2 * (2 * 14 * 64 + 14 * 8 + 2 * 2 * 3 * 4 * 8 + 5 * 2 * 3 * 4)
     );
 }
 
@@ -389,6 +390,75 @@ fn empty_batches_and_queries_give_empty_outputs() {
         let out = run(WITH_WEIGHTS, &case, &w).unwrap();
         assert_eq!(out[0].1.shape(), [b, l, E]);
         assert_eq!(out[1].1.shape(), [b, l, S]);
+    }
+}
+
+/// Values in [-0.5, 0.5) with many significant bits, so that sums round
+/// differently when their order changes (`filled`'s multiples of 1/16 sum
+/// exactly in any order).
+fn irregular(shape: &[usize], seed: usize) -> ArrayD<f32> {
+    let n: usize = shape.iter().product();
+    let values = (0..n)
+        .map(|i| ((i * 131 + seed * 71) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+}
+
+#[test]
+fn pieces_of_a_batch_give_the_bits_of_the_whole_across_blocks() {
+    // Forward projects blocks of batch rows (about 512 positions each) in
+    // one product: 1025 rows of one position make two blocks, the second
+    // of 513 rows (never a row alone, which would take the kernels'
+    // matrix-vector path and round differently), and 8 rows of 130
+    // positions two (3 and 5). The host's pieces (two rows or more) cut
+    // across them; each must give the bits of the whole.
+    let e = 64;
+    let w = Weights {
+        in_proj_weight: irregular(&[3 * e, e], 1),
+        in_proj_bias: Some(irregular(&[3 * e], 2)),
+        out_proj_weight: irregular(&[e, e], 3),
+        out_proj_bias: Some(irregular(&[e], 4)),
+    };
+    let config = r#"{"embed_dim": 64, "num_heads": 4, "need_weights": true}"#;
+    for (b, l, s, cuts) in [
+        (1025, 1, 1, &[0, 2, 511, 514, 1023, 1025][..]),
+        (8, 130, 130, &[0, 2, 5, 8][..]),
+        (8, 3, 130, &[0, 4, 6, 8][..]),
+    ] {
+        let mask = ArrayD::from_shape_fn(IxDyn(&[b, s]), |i| s > 1 && (i[0] + i[1]) % 5 == 2);
+        let case = Case {
+            query: irregular(&[b, l, e], 5),
+            key: irregular(&[b, s, e], 6),
+            value: irregular(&[b, s, e], 7),
+            mask: Some(mask),
+        };
+        let harness = Harness::new::<MultiheadAttention>(config).unwrap();
+        let whole = harness.run(case.inputs(), &w.params()).unwrap();
+        for pair in cuts.windows(2) {
+            let rows = pair[0]..pair[1];
+            let cut = |x: &ArrayD<f32>| x.slice(s![rows.clone(), .., ..]).to_owned().into_dyn();
+            let piece = Case {
+                query: cut(&case.query),
+                key: cut(&case.key),
+                value: cut(&case.value),
+                mask: case
+                    .mask
+                    .as_ref()
+                    .map(|m| m.slice(s![rows.clone(), ..]).to_owned().into_dyn()),
+            };
+            let got = harness.run(piece.inputs(), &w.params()).unwrap();
+            for ((name, whole), (_, got)) in whole.iter().zip(&got) {
+                let whole = whole.clone().into_array::<f32>().unwrap();
+                let got = got.clone().into_array::<f32>().unwrap();
+                let expected = whole.slice_axis(Axis(0), (rows.start..rows.end).into());
+                assert!(
+                    got.iter()
+                        .zip(expected.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "({b}, {l}, {s}): {name} of rows {rows:?} differs from the whole batch's"
+                );
+            }
+        }
     }
 }
 
