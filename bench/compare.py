@@ -279,8 +279,49 @@ def torch_attention(torch, params, prefix, heads):
     mha = torch.nn.MultiheadAttention(params[f"{prefix}.in_proj_weight"].shape[1], heads,
                                       batch_first=True)
     mha.load_state_dict({k[len(prefix) + 1:]: torch.from_numpy(v) for k, v in params.items()})
-    mha.eval()
-    return lambda x: mha(x, x, x, need_weights=False)[0]
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    return SelfAttention().eval()
+
+
+def torch_export_session(torch, forward, inputs, threads):
+    """ONNX Runtime on torch's own ONNX export of `forward` (what a torch
+    user would run in ONNX Runtime), traced on `inputs` ({name: array}) at
+    opset 17. torch's fused attention kernel has no export, so the math path
+    is traced."""
+    import io
+    import warnings
+    import onnxruntime as ort
+
+    class Traced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.run = forward
+
+        def forward(self, *xs):
+            return self.run(*xs)
+
+    buffer = io.BytesIO()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Traced(), tuple(torch.from_numpy(x) for x in inputs.values()),
+                              buffer, input_names=list(inputs), output_names=["y"],
+                              dynamo=False, opset_version=17)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(buffer.getvalue(), so, providers=["CPUExecutionProvider"])
 
 
 def host_run(model_json, params_file, inputs, threads, out):
@@ -518,7 +559,9 @@ def graph_rows(args, rng, tmp, variants, torch):
     """The encoder example (format 2) at batch 64, sequence 128, without and
     with a key padding mask, and its attention layer alone, against the
     same functions with the same weights in ONNX Runtime (built with
-    onnx.helper) and torch eager; each output checked against `host run`'s."""
+    onnx.helper, and, where torch is installed, torch's own ONNX export of
+    the same modules: the faster of the two is compared with) and torch
+    eager; each output checked against `host run`'s."""
     from safetensors.numpy import load_file
 
     batch, seq = 64, 128
@@ -592,6 +635,12 @@ def graph_rows(args, rng, tmp, variants, torch):
             if torch:
                 t_torch, outputs["torch"] = torch_timed(torch, t_model, list(inputs.values()),
                                                         threads, args.min_time)
+                # ONNX Runtime on torch's export too; the faster of the two
+                # ONNX Runtime graphs is the one compared with.
+                exported = torch_export_session(torch, t_model, inputs, threads)
+                t_export = timed(lambda: exported.run(None, inputs), args.min_time)
+                outputs["ort (torch export)"] = exported.run(None, inputs)[0]
+                t_helper, t_ort = t_ort, min(t_ort, t_export)
             reports = host_benches(variants, args.repeat, model_json, params_file, None, None,
                                    threads, args.min_time, inputs=files)
             report = reports["host"]
@@ -605,6 +654,9 @@ def graph_rows(args, rng, tmp, variants, torch):
                             f" {t_host / reports[v.label]['seconds']:9.3f}" for v in extra))
             reference = host_run(model_json, params_file, files, threads, tmp / "y.npy")
             print(f"{'':34s}{output_check(f'{name}, {threads} thread(s)', reference, outputs)}")
+            if torch:
+                print(f"{'':34s}ort us: onnx.helper graph {t_helper * 1e6:.1f}, "
+                      f"torch's export {t_export * 1e6:.1f} (the faster is compared with)")
             if len(report["layers"]) > 1:
                 nodes = sorted(report["layers"], key=lambda n: -n["seconds"])
                 total = sum(n["seconds"] for n in nodes)
