@@ -136,15 +136,6 @@ unsafe fn drive<
     ukr: &[[gemm_common::microkernel::MicroKernelFn<f32>; NR]; MR_DIV_N],
 ) {
     let no_horizontal: &[[gemm_common::microkernel::HMicroKernelFn<f32>; 0]; 0] = &[];
-    // The driver copies the left operand (here the weights, a layer's
-    // largest tensor) into packed panels when the product has more than 8
-    // microkernel columns (batch rows), on every call. Read in place
-    // instead, up to its largest setting: 64 × 784 × 1024 on one thread
-    // went from 104 to 112 GFLOP/s on a Zen 4, 4096 rows and 16 rows were
-    // no slower. Packing is a copy, so this changes no bit. The setting is
-    // this library's own copy of the driver's (each plugin has one).
-    static UNPACKED_WEIGHTS: std::sync::Once = std::sync::Once::new();
-    UNPACKED_WEIGHTS.call_once(|| gemm_common::gemm::set_lhs_packing_threshold_single_thread(256));
     // alpha scales the old destination (ignored unless it is read), beta
     // the product.
     gemm_common::gemm::gemm_basic_generic::<S, f32, N, MR, NR, MR_DIV_N, 0, 0>(
