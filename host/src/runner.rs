@@ -737,28 +737,28 @@ fn run_node(
                     per_piece[k].push(y);
                 }
             }
-            pool.scope(|scope| {
-                for (piece, ys) in pieces.iter().zip(per_piece) {
-                    let failure = &failure;
-                    scope.spawn(move |_| {
-                        let refs: Vec<TensorRef<'_>> = inputs
-                            .iter()
-                            .zip(&piece.inputs)
-                            .map(|(v, p)| input_ref(v, p.as_ref()))
-                            .collect();
-                        let mut muts: Vec<_> = ys
-                            .into_iter()
-                            .zip(&piece.outputs)
-                            .zip(plan.outputs.iter())
-                            .map(|((y, (shape, _)), spec)| tensor_mut(shape, spec.dtype, y))
-                            .collect();
-                        // Split here, so the pool is not lent as well.
-                        if let Err(e) = layer.call_forward(prepared, &refs, params, &mut muts, None)
-                        {
-                            let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-                            slot.get_or_insert(e);
-                        }
-                    });
+            // Each piece's outputs, taken by the task that runs it.
+            let per_piece: Vec<Mutex<Vec<&mut [u8]>>> =
+                per_piece.into_iter().map(Mutex::new).collect();
+            crate::pool::run_each(pool, pieces.len(), |k| {
+                let piece = &pieces[k];
+                let ys =
+                    std::mem::take(&mut *per_piece[k].lock().unwrap_or_else(|p| p.into_inner()));
+                let refs: Vec<TensorRef<'_>> = inputs
+                    .iter()
+                    .zip(&piece.inputs)
+                    .map(|(v, p)| input_ref(v, p.as_ref()))
+                    .collect();
+                let mut muts: Vec<_> = ys
+                    .into_iter()
+                    .zip(&piece.outputs)
+                    .zip(plan.outputs.iter())
+                    .map(|((y, (shape, _)), spec)| tensor_mut(shape, spec.dtype, y))
+                    .collect();
+                // Split here, so the pool is not lent as well.
+                if let Err(e) = layer.call_forward(prepared, &refs, params, &mut muts, None) {
+                    let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                    slot.get_or_insert(e);
                 }
             });
             match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
