@@ -342,16 +342,19 @@ fn a_panic_on_a_thread_lent_to_a_plugin_is_reported_naming_the_layer() {
     );
     let out = dir.path().join("y.npy");
     let model = dir.path().join("m.json");
-    let run = host(&[
-        "run",
-        path_str(&model),
-        "--input",
-        "models/centered-input.npy",
-        "--output",
-        path_str(&out),
-        "--threads",
-        "2",
-    ]);
+    let run_on = |threads: &str| {
+        host(&[
+            "run",
+            path_str(&model),
+            "--input",
+            "models/centered-input.npy",
+            "--output",
+            path_str(&out),
+            "--threads",
+            threads,
+        ])
+    };
+    let run = run_on("2");
     let err = run.failed();
     assert!(
         err.contains("layer 'boom' (plugin 'faulty') panicked"),
@@ -360,17 +363,7 @@ fn a_panic_on_a_thread_lent_to_a_plugin_is_reported_naming_the_layer() {
     assert!(err.contains("told to panic in a lent task"), "{err}");
     assert!(!out.exists());
     // On one thread nothing is lent, and the layer passes its input on.
-    host(&[
-        "run",
-        path_str(&model),
-        "--input",
-        "models/centered-input.npy",
-        "--output",
-        path_str(&out),
-        "--threads",
-        "1",
-    ])
-    .ok();
+    run_on("1").ok();
     assert_eq!(
         read_npy_f32(&out),
         read_npy_as::<i64>(&repo_root().join("models/centered-input.npy")).mapv(|v| v as f32)
