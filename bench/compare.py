@@ -701,7 +701,7 @@ def host_train_seconds(model_json, data, steps, threads):
     cmd = [str(HOST), "train", str(model_json), "--data", str(data), "--loss", "cross_entropy",
            "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "64", "--epochs", "1000",
            "--max-steps", str(steps), "--quiet", "--out", str(data.with_suffix(".out")),
-           ]
+           "--threads", str(threads)]
     start = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
