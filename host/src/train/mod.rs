@@ -108,6 +108,11 @@ fn is_float(dtype: DType) -> bool {
 }
 
 impl<'m> Trainer<'m> {
+    /// The threads lent to the layers, for the optimizer's step too.
+    pub fn pool(&self) -> Option<&rayon::ThreadPool> {
+        self.pool.as_deref()
+    }
+
     /// Decides what trains, from the graph and `plans` (any batch size);
     /// layers may use `threads` threads in each call.
     pub fn new(

@@ -35,6 +35,10 @@ pub struct State {
     pub buffers: BTreeMap<String, Vec<ArrayD<f32>>>,
 }
 
+/// Parameters smaller than this are updated on one thread: handing pieces
+/// to other threads costs more than the update.
+const MIN_SPLIT_ELEMENTS: usize = 1 << 16;
+
 impl Optimizer {
     pub fn name(&self) -> &'static str {
         match self {
@@ -53,12 +57,15 @@ impl Optimizer {
     }
 
     /// Updates every parameter that has a gradient in `grads`: one pass
-    /// over each parameter, its gradient and its buffers.
+    /// over each parameter, its gradient and its buffers, cut into one
+    /// piece per thread of `pool` when it is large (each element's update
+    /// depends on that element alone, so the bits do not change).
     pub fn step(
         &self,
         state: &mut State,
         params: &mut ParamStore,
         grads: &BTreeMap<String, ArrayD<f32>>,
+        pool: Option<&rayon::ThreadPool>,
     ) {
         state.step = state.step.saturating_add(1);
         let t = state.step as f64;
@@ -79,7 +86,29 @@ impl Optimizer {
                 .iter_mut()
                 .map(|b| b.as_slice_mut().expect("buffers are contiguous"))
                 .collect();
-            self.update(p, g, &mut bufs, first, t);
+            match pool {
+                Some(pool) if p.len() >= MIN_SPLIT_ELEMENTS => {
+                    let len = p.len().div_ceil(pool.current_num_threads());
+                    let mut buf_pieces: Vec<_> =
+                        bufs.into_iter().map(|b| b.chunks_mut(len)).collect();
+                    let pieces: Vec<_> = p
+                        .chunks_mut(len)
+                        .zip(g.chunks(len))
+                        .map(|(p, g)| {
+                            let bufs: Vec<&mut [f32]> =
+                                buf_pieces.iter_mut().filter_map(Iterator::next).collect();
+                            std::sync::Mutex::new(Some((p, g, bufs)))
+                        })
+                        .collect();
+                    crate::pool::run_each(pool, pieces.len(), |i| {
+                        let piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some((p, g, mut bufs)) = piece {
+                            self.update(p, g, &mut bufs, first, t);
+                        }
+                    });
+                }
+                _ => self.update(p, g, &mut bufs, first, t),
+            }
         }
     }
 
@@ -188,9 +217,9 @@ mod tests {
         let grads = BTreeMap::from([("w".to_string(), array![2.0f32].into_dyn())]);
         // Step 1: buf = 2, w = 1 - 0.5*2 = 0. Step 2: buf = 0.9*2 + 2 = 3.8,
         // w = 0 - 0.5*3.8 = -1.9.
-        sgd.step(&mut state, &mut params, &grads);
+        sgd.step(&mut state, &mut params, &grads, None);
         assert_eq!(params.get("w").unwrap()[[0]], 0.0);
-        sgd.step(&mut state, &mut params, &grads);
+        sgd.step(&mut state, &mut params, &grads, None);
         assert!((params.get("w").unwrap()[[0]] + 1.9).abs() < 1e-6);
     }
 
@@ -207,11 +236,56 @@ mod tests {
         let mut state = State::default();
         let grads = BTreeMap::from([("w".to_string(), array![3.0f32, -0.5].into_dyn())]);
         // m̂ = g, v̂ = g², so the step is lr * g / |g| (up to eps).
-        adam.step(&mut state, &mut params, &grads);
+        adam.step(&mut state, &mut params, &grads, None);
         let w = params.get("w").unwrap();
         assert!(
             (w[[0]] - 0.9).abs() < 1e-6 && (w[[1]] - 1.1).abs() < 1e-6,
             "{w}"
         );
+    }
+
+    /// A parameter large enough to be cut into pieces on a pool, over a few
+    /// steps of each optimizer: the same bits as on one thread.
+    #[test]
+    fn pieces_on_a_pool_update_as_one_thread_does() {
+        let n = 3 * MIN_SPLIT_ELEMENTS + 7;
+        let values = |seed: usize| {
+            ArrayD::from_shape_fn(ndarray::IxDyn(&[n]), |i| {
+                ((i[0] * 7919 + seed) % 1000) as f32 / 500.0 - 1.0
+            })
+        };
+        let pool = crate::pool::shared(3).unwrap().unwrap();
+        for optimizer in [
+            Optimizer::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                dampening: 0.1,
+                weight_decay: 0.01,
+                nesterov: false,
+            },
+            Optimizer::Adam {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+        ] {
+            let (mut alone, mut split) = (store(values(1)), store(values(1)));
+            let (mut state_alone, mut state_split) = (State::default(), State::default());
+            for step in 0..3 {
+                let grads = BTreeMap::from([("w".to_string(), values(step + 2))]);
+                optimizer.step(&mut state_alone, &mut alone, &grads, None);
+                optimizer.step(&mut state_split, &mut split, &grads, Some(&pool));
+            }
+            let same = alone
+                .get("w")
+                .unwrap()
+                .iter()
+                .zip(split.get("w").unwrap().iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{}", optimizer.name());
+            assert_ne!(alone.get("w").unwrap(), values(1));
+        }
     }
 }
