@@ -109,12 +109,15 @@ pub fn run_each<F: Fn(usize) + Sync>(pool: &ThreadPool, tasks: usize, task: F) {
     }
 }
 
-/// The tasks on `pool`, one on the calling thread, which would otherwise
-/// only wait (so at most the pool's size run at once when there are no
-/// more tasks than threads).
+/// The tasks on `pool` and the calling thread, which would otherwise only
+/// wait: every thread, the caller included, takes the next task not yet
+/// taken until none is left, so a pool thread that starts late (asleep,
+/// or waiting for a busy core) finds its share already done rather than
+/// holding the call up; at most the pool's size plus the caller run, and
+/// only as many as there are tasks.
 ///
-/// The calling thread then waits for the others by spinning, not by
-/// sleeping: waking a sleeping thread took 20 to 30 µs on a virtual
+/// The calling thread then waits for tasks still running by spinning, not
+/// by sleeping: waking a sleeping thread took 20 to 30 µs on a virtual
 /// machine, which was most of a split 784 × 1024 matrix-vector product's
 /// time (35 µs per half). After a while it yields its core instead, so a
 /// task that waits for a busy core still runs.
@@ -130,25 +133,41 @@ fn spread(pool: &ThreadPool, tasks: usize, task: PoolTask, data: *const c_void) 
             self.0
         }
     }
+    /// Which task is next, and how many have returned.
+    struct Progress {
+        next: AtomicUsize,
+        done: AtomicUsize,
+    }
+    /// Runs tasks until none is left to take. `task` never unwinds (an
+    /// `extern "C"` function that tried would abort), so every task taken
+    /// is counted done.
+    fn take_tasks(progress: &Progress, tasks: usize, task: PoolTask, data: Data) {
+        loop {
+            let index = progress.next.fetch_add(1, Ordering::Relaxed);
+            if index >= tasks {
+                return;
+            }
+            task(data.get(), index);
+            progress.done.fetch_add(1, Ordering::Release);
+        }
+    }
     if tasks == 0 {
         return;
     }
     let data = Data(data);
-    let remaining = Arc::new(AtomicUsize::new(tasks - 1));
-    for index in 1..tasks {
-        let remaining = Arc::clone(&remaining);
-        // `task` never unwinds (an `extern "C"` function that tried would
-        // abort), so the count always comes down.
-        pool.spawn(move || {
-            task(data.get(), index);
-            remaining.fetch_sub(1, Ordering::Release);
-        });
+    let progress = Arc::new(Progress {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+    });
+    for _ in 1..tasks.min(pool.current_num_threads() + 1) {
+        let progress = Arc::clone(&progress);
+        // A helper that starts after every task was taken only reads the
+        // counter: it never uses `data` after this function returns.
+        pool.spawn(move || take_tasks(&progress, tasks, task, data));
     }
-    task(data.get(), 0);
-    // Every task has returned before this does, so `data` (which the
-    // spawned closures hold) is never used after it returns.
+    take_tasks(&progress, tasks, task, data);
     let mut spins = 0u32;
-    while remaining.load(Ordering::Acquire) != 0 {
+    while progress.done.load(Ordering::Acquire) != tasks {
         if spins < SPINS_BEFORE_YIELDING {
             std::hint::spin_loop();
             spins += 1;

@@ -315,7 +315,8 @@ pub fn train(opts: TrainOptions) -> Result<Trained, Error> {
                     epoch + 1
                 )));
             }
-            opts.optimizer.step(&mut state, &mut params, &pass.grads, trainer.pool());
+            opts.optimizer
+                .step(&mut state, &mut params, &pass.grads, trainer.pool());
             trainer.recycle(pass.grads);
             sum += pass.loss;
             count += 1;
