@@ -414,8 +414,10 @@ class HostVariant:
         if run.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
         for line in run.stderr.splitlines():
-            if line.startswith("layer-kernels: matmul runs on "):
-                self.paths.add(line.split()[4])
+            # "layer-kernels: <kernel> runs on <path> (...)"
+            if line.startswith("layer-kernels: ") and " runs on " in line:
+                kernel, rest = line[len("layer-kernels: "):].split(" runs on ", 1)
+                self.paths.add(f"{rest.split()[0]} ({kernel})")
         return json.loads(run.stdout)
 
 

@@ -11,6 +11,10 @@
 //! (batch 1) takes a matrix-vector loop of its own (or the driver's
 //! matrix-vector path, for weights that are not row-major), where a
 //! general GEMM blocked for large matrices is several times slower.
+//! [`dense`] is a dense layer's product on a weight packed once
+//! ([`dense::PackedWeights`]), with the bias and relu added while each tile
+//! of the output is in registers: microkernels of this crate's own, for
+//! `mydense` and `linear`, whose weights are the same on every call.
 //! [`elementwise`] holds the element-by-element and row-by-row kernels
 //! (relu, add, a dense layer's bias, GELU, softmax, layer normalization),
 //! vectorized on the same paths.
@@ -26,6 +30,7 @@
 //! changes no bit of the result.
 
 pub mod attention;
+pub mod dense;
 mod driver;
 pub mod elementwise;
 mod isa;
@@ -53,7 +58,7 @@ pub fn matmul(
     let policy = Policy::from_env()?;
     // The path is the whole product's, whichever columns a task computes.
     let isa = policy.path_for(x.nrows(), w.ncols());
-    report_first_use(policy, isa, x.dim(), w.ncols());
+    report_first_use(Kernel::Matmul, policy, isa, x.dim(), w.ncols());
     let (m, k) = x.dim();
     let n = w.ncols();
     let tasks = column_tasks(m, k, n, layer_api::parallel::threads());
@@ -114,18 +119,39 @@ fn column_tasks(m: usize, k: usize, n: usize, threads: usize) -> usize {
         .max(1)
 }
 
-fn report_first_use(policy: Policy, isa: Isa, (m, k): (usize, usize), n: usize) {
-    static REPORTED: [Once; Isa::ALL.len()] = [const { Once::new() }; Isa::ALL.len()];
+/// The matrix kernels whose paths [`REPORT_VARIABLE`] reports.
+#[derive(Clone, Copy)]
+pub(crate) enum Kernel {
+    Matmul,
+    Dense,
+}
+
+/// Prints, when [`REPORT_VARIABLE`] asks for it, the first use of each
+/// path by each kernel.
+pub(crate) fn report_first_use(
+    kernel: Kernel,
+    policy: Policy,
+    isa: Isa,
+    (m, k): (usize, usize),
+    n: usize,
+) {
+    const PATHS: usize = Isa::ALL.len();
+    static REPORTED: [[Once; PATHS]; 2] = [const { [const { Once::new() }; PATHS] }; 2];
     let index = Isa::ALL.iter().position(|i| *i == isa).unwrap_or(0);
-    REPORTED[index].call_once(|| {
+    let (row, name) = match kernel {
+        Kernel::Matmul => (0, "matmul"),
+        Kernel::Dense => (1, "dense product"),
+    };
+    REPORTED[row][index].call_once(|| {
         if std::env::var(REPORT_VARIABLE).is_ok_and(|v| v == "1") {
-            let why = match policy {
-                Policy::Auto => "the best for the shape".to_string(),
-                Policy::Forced(_) => format!("forced by {ISA_VARIABLE}"),
+            let why = match (policy, kernel) {
+                (Policy::Auto, Kernel::Matmul) => "the best for the shape".to_string(),
+                (Policy::Auto, Kernel::Dense) => "the best this CPU has".to_string(),
+                (Policy::Forced(_), _) => format!("forced by {ISA_VARIABLE}"),
             };
             let have: Vec<_> = Isa::supported().iter().map(|i| i.name()).collect();
             eprintln!(
-                "layer-kernels: matmul runs on {isa} (first: ({m}, {k}) · ({k}, {n}); {why}; \
+                "layer-kernels: {name} runs on {isa} (first: ({m}, {k}) · ({k}, {n}); {why}; \
                  this CPU runs {})",
                 have.join(", ")
             );

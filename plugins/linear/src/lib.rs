@@ -4,8 +4,9 @@
 //! does, so a `state_dict` of `nn.Sequential(nn.Linear(…), …)` saved with
 //! safetensors loads as it is. The last input axis holds the features; any
 //! leading axes are kept. `in_features` may be left out of the config and is
-//! then taken from the input. `prepare` stores `Wᵀ` once per parameter set,
-//! in the layout the matrix kernels read without repacking.
+//! then taken from the input. `prepare` packs `Wᵀ` once per parameter set,
+//! in the panels the kernels' dense product reads (`layer_kernels::dense`),
+//! so that no call repacks it.
 //!
 //! Backward: `dx = g · W`, `dW = gᵀ · x` (matrix products, on the raw
 //! `(out_features, in_features)` weight) and `db = Σ g` over the rows.
@@ -22,11 +23,9 @@ use layer_api::{
     export_layer, last_axis_features, ArrayViewD, ArrayViewMutD, FanMode, Grads, Init, Layer,
     ParamSpec, Params, Prepared, INPUT,
 };
-use layer_kernels::elementwise::add_bias;
-use ndarray::{Array2, ArrayView2, Ix1, Ix2};
+use layer_kernels::dense::{self, Epilogue, PackedWeights};
+use ndarray::{ArrayView2, Ix1, Ix2};
 use serde::Deserialize;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,41 +54,6 @@ impl Linear {
     /// The number of input features, checked against the config.
     fn in_features(&self, input_shape: &[usize]) -> Result<usize, String> {
         last_axis_features(input_shape, self.in_features, "in_features")
-    }
-}
-
-/// What `prepare` derives from the weight: `Wᵀ`, stored `(in_features,
-/// out_features)` row-major, which the matrix kernels read in place.
-/// PyTorch's `(out_features, in_features)` layout, viewed transposed, makes
-/// them repack the whole weight on every call: on a Zen 4 EPYC, one thread,
-/// 784 → 1024 ran at 90 GFLOP/s instead of 105 at 64 rows, and at 12
-/// instead of 44 at 2 rows. The same products, so the same bits (a single
-/// row, computed as a matrix-vector product, may round differently).
-///
-/// The copy is made on the first single-row call or the second call with
-/// more rows, not in `prepare`: training prepares every parameter set for
-/// one forward, where copying the weight cost more than the slower product
-/// (784 MLP, 64 rows, Zen 4: 5.9 ms for both layers' copies against 3.2 ms
-/// lost in the products). A single row always uses the copy; with more rows
-/// the two give the same bits (a test checks it), so no output depends on
-/// what ran before.
-struct TransposedWeight {
-    copy: OnceLock<Array2<f32>>,
-    calls: AtomicUsize,
-}
-
-impl TransposedWeight {
-    /// `Wᵀ` for a call on `rows` rows of input: the stored copy, made now
-    /// if this is the time, or else a transposed view of `weight`.
-    fn for_rows<'a>(&'a self, rows: usize, weight: ArrayView2<'a, f32>) -> ArrayView2<'a, f32> {
-        let earlier = self.calls.fetch_add(1, Ordering::Relaxed);
-        if rows == 1 || earlier > 0 || self.copy.get().is_some() {
-            self.copy
-                .get_or_init(|| weight.t().as_standard_layout().into_owned())
-                .view()
-        } else {
-            weight.reversed_axes()
-        }
     }
 }
 
@@ -172,10 +136,7 @@ impl Layer for Linear {
                 weight.shape()
             ));
         }
-        Ok(Some(Box::new(TransposedWeight {
-            copy: OnceLock::new(),
-            calls: AtomicUsize::new(0),
-        })))
+        Ok(Some(Box::new(PackedWeights::pack(weight.t()))))
     }
 
     fn forward(
@@ -184,12 +145,12 @@ impl Layer for Linear {
         params: &Params<'_>,
         output: ArrayViewMutD<'_, f32>,
     ) -> Result<(), String> {
-        let prepared = params.prepared::<TransposedWeight>()?;
-        let weight = params.get::<Ix2>("weight")?;
-        let in_features = weight.ncols();
-        if input.shape().last() != Some(&in_features) {
+        // `Wᵀ`, packed: shape (in_features, out_features).
+        let weight = params.prepared::<PackedWeights>()?;
+        let (in_features, out_features) = weight.dim();
+        if input.shape().last() != Some(&in_features) || out_features != self.out_features {
             return Err(format!(
-                "the weight was prepared for {in_features} input features, but the input has \
+                "the weight was prepared as {in_features} → {out_features}, but the input has \
                  shape {:?}",
                 input.shape()
             ));
@@ -202,19 +163,19 @@ impl Layer for Linear {
         let x = input
             .into_shape_with_order((rows, in_features))
             .map_err(|e| format!("input as ({rows}, {in_features}): {e}"))?;
-        let mut y = output
-            .into_shape_with_order((rows, self.out_features))
-            .map_err(|e| format!("output as ({rows}, {}): {e}", self.out_features))?;
-        layer_kernels::matmul(x, prepared.for_rows(rows, weight), y.view_mut())?;
-        if self.bias {
-            let bias = params.get::<Ix1>("bias")?;
-            let y = y
-                .as_slice_mut()
-                .ok_or("the host lent an output that is not contiguous")?;
-            let bias = bias.as_slice().ok_or("the bias is not contiguous")?;
-            add_bias(y, bias)?;
-        }
-        Ok(())
+        let y = output
+            .into_shape_with_order((rows, out_features))
+            .map_err(|e| format!("output as ({rows}, {out_features}): {e}"))?;
+        let bias = if self.bias {
+            Some(params.get::<Ix1>("bias")?)
+        } else {
+            None
+        };
+        let epilogue = match &bias {
+            Some(b) => Epilogue::Bias(b.as_slice().ok_or("the bias is not contiguous")?),
+            None => Epilogue::None,
+        };
+        dense::product(x, weight, y, epilogue)
     }
 
     const BACKWARD: bool = true;
@@ -289,25 +250,6 @@ mod tests {
             .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 8.0)
             .collect();
         ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
-    }
-
-    #[test]
-    fn the_weight_and_its_copy_give_the_same_bits_for_several_rows() {
-        // The kernels' paths differ in how they read the weight, not in the
-        // sums they form: several rows give the same bits either way.
-        for (rows, inp, out) in [(2, 784, 1024), (7, 33, 65), (64, 784, 1024), (300, 64, 128)] {
-            let x = filled(&[rows, inp], 3)
-                .into_dimensionality::<Ix2>()
-                .unwrap();
-            let w = filled(&[out, inp], 5).into_dimensionality::<Ix2>().unwrap();
-            let copy = w.t().as_standard_layout().into_owned();
-            let mut a = Array2::<f32>::zeros((rows, out));
-            let mut b = Array2::<f32>::zeros((rows, out));
-            layer_kernels::matmul(x.view(), w.t(), a.view_mut()).unwrap();
-            layer_kernels::matmul(x.view(), copy.view(), b.view_mut()).unwrap();
-            let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert!(bits(&a) == bits(&b), "{rows} x {inp} -> {out}");
-        }
     }
 
     /// torch.nn.Linear: `y[.., o] = Σ_i x[.., i] W[o, i] + b[o]`, by loops.
