@@ -308,8 +308,13 @@ impl Call<'_> {
                 }
             }
         }
-        let flat: Vec<f32> = acc.iter().flatten().flatten().copied().collect();
-        self.finish(&flat, P * PANEL, row, rows, p * PANEL);
+        self.finish(
+            acc.as_flattened().as_flattened(),
+            P * PANEL,
+            row,
+            rows,
+            p * PANEL,
+        );
     }
 }
 
@@ -325,6 +330,8 @@ mod x86 {
     /// Rows of an AVX2 tile, one panel (two registers) wide: 12
     /// accumulators of the 16 registers.
     const ROWS_256: usize = 6;
+    /// Rows of an AVX2 tile one register wide.
+    const ROWS_NARROW: usize = 8;
 
     /// Rows of `x` per block: a block's rows (about 256 KiB) stay in L2
     /// while every panel passes over them.
@@ -332,24 +339,46 @@ mod x86 {
         ((65536 / k.max(1)) / tile_rows).max(1) * tile_rows
     }
 
-    /// `$tile::<R, $p>($args)` for the run-time row count `$rows`, `R` at
-    /// most 8.
+    /// `$tile::<R, $($c),*>($args)` for the run-time row count `$rows`, `R`
+    /// at most 8.
     macro_rules! by_rows {
-        ($tile:ident, $rows:expr, $p:literal, $($arg:expr),*) => {
+        ($tile:ident, $rows:expr, [$($c:literal),*], $($arg:expr),*) => {
             match $rows {
-                1 => $tile::<1, $p>($($arg),*),
-                2 => $tile::<2, $p>($($arg),*),
-                3 => $tile::<3, $p>($($arg),*),
-                4 => $tile::<4, $p>($($arg),*),
-                5 => $tile::<5, $p>($($arg),*),
-                6 => $tile::<6, $p>($($arg),*),
-                7 => $tile::<7, $p>($($arg),*),
-                _ => $tile::<8, $p>($($arg),*),
+                1 => $tile::<1, $($c),*>($($arg),*),
+                2 => $tile::<2, $($c),*>($($arg),*),
+                3 => $tile::<3, $($c),*>($($arg),*),
+                4 => $tile::<4, $($c),*>($($arg),*),
+                5 => $tile::<5, $($c),*>($($arg),*),
+                6 => $tile::<6, $($c),*>($($arg),*),
+                7 => $tile::<7, $($c),*>($($arg),*),
+                _ => $tile::<8, $($c),*>($($arg),*),
             }
         };
     }
 
+    /// Splits off the last panel when it holds at most 8 columns: it runs
+    /// on tiles one AVX2 register wide, which give the same bits as any
+    /// other tile and waste no half-empty register (a layer with 8 or 1
+    /// outputs is all such a panel).
+    fn narrow_tail(call: &Call<'_>, panels: Range<usize>) -> (Range<usize>, Option<usize>) {
+        let last = call.n.div_ceil(PANEL) - 1;
+        let narrow = call.n - last * PANEL <= 8;
+        if narrow && panels.contains(&last) {
+            (panels.start..last, Some(last))
+        } else {
+            (panels, None)
+        }
+    }
+
+    /// The narrow last panel `p` (see [`narrow_tail`]) for rows `rows`.
+    unsafe fn run_narrow(call: &Call<'_>, rows: Range<usize>, p: usize) {
+        for row in rows.clone().step_by(ROWS_NARROW) {
+            by_rows!(tile256, rows.end - row, [1, 1], call, row, p);
+        }
+    }
+
     pub(super) unsafe fn run_avx512(call: &Call<'_>, panels: Range<usize>) {
+        let (panels, narrow) = narrow_tail(call, panels);
         if call.m == 1 {
             // One row: up to eight panels at a time, independent sums
             // enough to hide the multiply-add latency.
@@ -374,6 +403,9 @@ mod x86 {
                     }
                 };
             }
+            if let Some(p) = narrow {
+                run_narrow(call, 0..1, p);
+            }
             return;
         }
         let block = rows_per_block(call.k, ROWS_512);
@@ -385,12 +417,15 @@ mod x86 {
                 for row in (start..end).step_by(ROWS_512) {
                     let rows = ROWS_512.min(end - row);
                     if two {
-                        by_rows!(tile512, rows, 2, call, row, p);
+                        by_rows!(tile512, rows, [2], call, row, p);
                     } else {
-                        by_rows!(tile512, rows, 1, call, row, p);
+                        by_rows!(tile512, rows, [1], call, row, p);
                     }
                 }
                 p += if two { 2 } else { 1 };
+            }
+            if let Some(p) = narrow {
+                run_narrow(call, start..end, p);
             }
         }
     }
@@ -414,53 +449,50 @@ mod x86 {
             }
         }
         let c0 = p * PANEL;
-        if c0 + P * PANEL > call.n {
-            let width = P * PANEL;
-            let mut flat = vec![0.0f32; R * width];
-            for (r, acc) in acc.iter().enumerate() {
-                for (j, &v) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(flat.as_mut_ptr().add(r * width + j * PANEL), v);
-                }
-            }
-            call.finish(&flat, width, row, R, c0);
-            return;
-        }
         let zero = _mm512_setzero_ps();
         for (r, acc) in acc.iter().enumerate() {
             let out = call.out.add((row + r) * call.ldo + c0);
             for (j, &v) in acc.iter().enumerate() {
+                // The columns of this register that `out` has.
+                let start = c0 + j * PANEL;
+                let valid = call.n.saturating_sub(start).min(PANEL);
+                let mask: __mmask16 = if valid == PANEL { !0 } else { (1 << valid) - 1 };
                 let mut v = v;
                 if let Some(bias) = call.epilogue.bias() {
-                    v = _mm512_add_ps(v, _mm512_loadu_ps(bias.add(c0 + j * PANEL)));
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias.add(start)));
                 }
                 if call.epilogue.relu() {
                     // Kept where `v > 0` or NaN (unordered), else +0.
                     let keep = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(v, zero);
                     v = _mm512_maskz_mov_ps(keep, v);
                 }
-                _mm512_storeu_ps(out.add(j * PANEL), v);
+                _mm512_mask_storeu_ps(out.add(j * PANEL), mask, v);
             }
         }
     }
 
     pub(super) unsafe fn run_avx2(call: &Call<'_>, panels: Range<usize>) {
+        let (panels, narrow) = narrow_tail(call, panels);
         if call.m == 1 {
             let mut p = panels.start;
             while p < panels.end {
                 p += match panels.end - p {
                     4.. => {
-                        tile256::<1, 4>(call, 0, p);
+                        tile256::<1, 4, 2>(call, 0, p);
                         4
                     }
                     2 | 3 => {
-                        tile256::<1, 2>(call, 0, p);
+                        tile256::<1, 2, 2>(call, 0, p);
                         2
                     }
                     _ => {
-                        tile256::<1, 1>(call, 0, p);
+                        tile256::<1, 1, 2>(call, 0, p);
                         1
                     }
                 };
+            }
+            if let Some(p) = narrow {
+                run_narrow(call, 0..1, p);
             }
             return;
         }
@@ -470,57 +502,70 @@ mod x86 {
             for p in panels.clone() {
                 for row in (start..end).step_by(ROWS_256) {
                     match end - row {
-                        1 => tile256::<1, 1>(call, row, p),
-                        2 => tile256::<2, 1>(call, row, p),
-                        3 => tile256::<3, 1>(call, row, p),
-                        4 => tile256::<4, 1>(call, row, p),
-                        5 => tile256::<5, 1>(call, row, p),
-                        _ => tile256::<6, 1>(call, row, p),
+                        1 => tile256::<1, 1, 2>(call, row, p),
+                        2 => tile256::<2, 1, 2>(call, row, p),
+                        3 => tile256::<3, 1, 2>(call, row, p),
+                        4 => tile256::<4, 1, 2>(call, row, p),
+                        5 => tile256::<5, 1, 2>(call, row, p),
+                        _ => tile256::<6, 1, 2>(call, row, p),
                     }
                 }
+            }
+            if let Some(p) = narrow {
+                run_narrow(call, start..end, p);
             }
         }
     }
 
-    /// Rows `row..row + R` by panels `p..p + P`, two registers each.
+    /// Rows `row..row + R` by panels `p..p + P`, `H` registers (of 8
+    /// columns) of each: 2 for a whole panel, 1 for the first 8 columns
+    /// only (a narrow last panel).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const R: usize, const P: usize>(call: &Call<'_>, row: usize, p: usize) {
-        let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
+    unsafe fn tile256<const R: usize, const P: usize, const H: usize>(
+        call: &Call<'_>,
+        row: usize,
+        p: usize,
+    ) {
+        let mut acc = [[[_mm256_setzero_ps(); H]; P]; R];
         let x = call.x.add(row * call.ldx);
         let w = call.panel(p);
         for kk in 0..call.k {
-            let mut b = [[_mm256_setzero_ps(); 2]; P];
+            let mut b = [[_mm256_setzero_ps(); H]; P];
             for (j, b) in b.iter_mut().enumerate() {
                 let at = w.add(j * call.panel_stride + kk * PANEL);
-                *b = [_mm256_load_ps(at), _mm256_load_ps(at.add(8))];
+                for (h, b) in b.iter_mut().enumerate() {
+                    *b = _mm256_load_ps(at.add(h * 8));
+                }
             }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = _mm256_set1_ps(*x.add(r * call.ldx + kk));
                 for (acc, b) in acc.iter_mut().zip(&b) {
-                    acc[0] = _mm256_fmadd_ps(a, b[0], acc[0]);
-                    acc[1] = _mm256_fmadd_ps(a, b[1], acc[1]);
+                    for (acc, &b) in acc.iter_mut().zip(b) {
+                        *acc = _mm256_fmadd_ps(a, b, *acc);
+                    }
                 }
             }
         }
         let c0 = p * PANEL;
-        if c0 + P * PANEL > call.n {
+        if c0 + (P - 1) * PANEL + H * 8 > call.n {
+            // The right edge: through a buffer, then the columns `out` has.
             let width = P * PANEL;
-            let mut flat = vec![0.0f32; R * width];
+            let mut tile = [0.0f32; 8 * 4 * PANEL];
             for (r, acc) in acc.iter().enumerate() {
-                for (j, halves) in acc.iter().enumerate() {
-                    let at = flat.as_mut_ptr().add(r * width + j * PANEL);
-                    _mm256_storeu_ps(at, halves[0]);
-                    _mm256_storeu_ps(at.add(8), halves[1]);
+                for (j, regs) in acc.iter().enumerate() {
+                    for (h, &v) in regs.iter().enumerate() {
+                        _mm256_storeu_ps(tile.as_mut_ptr().add(r * width + j * PANEL + h * 8), v);
+                    }
                 }
             }
-            call.finish(&flat, width, row, R, c0);
+            call.finish(&tile[..R * width], width, row, R, c0);
             return;
         }
         let zero = _mm256_setzero_ps();
         for (r, acc) in acc.iter().enumerate() {
             let out = call.out.add((row + r) * call.ldo + c0);
-            for (j, halves) in acc.iter().enumerate() {
-                for (h, &v) in halves.iter().enumerate() {
+            for (j, regs) in acc.iter().enumerate() {
+                for (h, &v) in regs.iter().enumerate() {
                     let at = j * PANEL + h * 8;
                     let mut v = v;
                     if let Some(bias) = call.epilogue.bias() {
@@ -591,6 +636,9 @@ mod tests {
             (9, 100, 33),
             (17, 1, 48),
             (20, 70, 130),
+            (5, 20, 29),
+            (4096, 64, 8),
+            (4096, 8, 1),
         ];
         for isa in Isa::supported() {
             for &(m, k, n) in &shapes {
@@ -669,7 +717,14 @@ mod tests {
             .into_iter()
             .filter(|isa| *isa != Isa::Baseline)
             .collect();
-        for (m, k, n) in [(64, 784, 1024), (13, 300, 200), (9, 40, 37), (2, 784, 1024)] {
+        for (m, k, n) in [
+            (64, 784, 1024),
+            (13, 300, 200),
+            (9, 40, 37),
+            (6, 50, 29),
+            (11, 64, 8),
+            (2, 784, 1024),
+        ] {
             let x = irregular(m, k, 4);
             let w = irregular(k, n, 5);
             let bias = irregular(1, n, 6).into_raw_vec_and_offset().0;
