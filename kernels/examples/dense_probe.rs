@@ -33,7 +33,15 @@ fn main() {
     let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
     let packed = PackedWeights::pack(w.view());
     let pack = time(|| drop(std::hint::black_box(PackedWeights::pack(w.view()))));
-    println!("packing {k} x {n}: {:.1} us", pack * 1e6);
+    let fill = time(|| drop(std::hint::black_box(vec![1.0f32; k * n])));
+    println!("filling a new vector of {k} x {n}: {:.1} us", fill * 1e6);
+    let wt = w.t().as_standard_layout().into_owned();
+    let pack_t = time(|| drop(std::hint::black_box(PackedWeights::pack(wt.t()))));
+    println!(
+        "packing {k} x {n}: {:.1} us row-major, {:.1} us from a transposed view",
+        pack * 1e6,
+        pack_t * 1e6
+    );
     for m in [1, 2, 7, 64, 4096] {
         let x = Array2::from_shape_fn((m, k), |(i, j)| ((i * 3 + j * 5) % 11) as f32 / 11.0 - 0.5);
         let mut a = Array2::<f32>::zeros((m, n));
