@@ -3,7 +3,10 @@
 //! The last input axis holds the features; any leading axes are kept, so an
 //! input `(2, 3, 64)` gives `(2, 3, units)`. `in_units` may be left out of the
 //! config and is then taken from the input. A NaN stays NaN through the
-//! relu, as in PyTorch, rather than becoming 0.
+//! relu, as in PyTorch, rather than becoming 0. `prepare` packs `W` once per
+//! parameter set for the kernels' dense product (`layer_kernels::dense`),
+//! which adds the bias and the relu to each tile of `y` while it is in
+//! registers.
 //!
 //! Backward: with `gz = g` where `y > 0` (else 0, as torch's relu),
 //! `dx = gz · Wᵀ`, `dW = xᵀ · gz` (matrix products) and `db = Σ gz` over the
