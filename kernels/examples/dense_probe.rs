@@ -31,12 +31,12 @@ fn main() {
     let (k, n) = (784, 1024);
     let w = Array2::from_shape_fn((k, n), |(i, j)| ((i * 7 + j * 13) % 17) as f32 / 17.0 - 0.5);
     let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
-    let packed = PackedWeights::pack(w.view());
-    let pack = time(|| drop(std::hint::black_box(PackedWeights::pack(w.view()))));
+    let packed = PackedWeights::pack(w.view()).unwrap();
+    let pack = time(|| drop(std::hint::black_box(PackedWeights::pack(w.view()).unwrap())));
     let fill = time(|| drop(std::hint::black_box(vec![1.0f32; k * n])));
     println!("filling a new vector of {k} x {n}: {:.1} us", fill * 1e6);
     let wt = w.t().as_standard_layout().into_owned();
-    let pack_t = time(|| drop(std::hint::black_box(PackedWeights::pack(wt.t()))));
+    let pack_t = time(|| drop(std::hint::black_box(PackedWeights::pack(wt.t()).unwrap())));
     println!(
         "packing {k} x {n}: {:.1} us row-major, {:.1} us from a transposed view",
         pack * 1e6,

@@ -106,14 +106,25 @@ fn pack_panels(w: ArrayView2<'_, f32>, first: usize, panels: &mut [f32]) {
 }
 
 impl PackedWeights {
-    /// Packs `w`, any strides (a transposed view costs no more).
-    pub fn pack(w: ArrayView2<'_, f32>) -> PackedWeights {
+    /// Packs `w`, any strides (a transposed view costs no more); an error
+    /// when its panels would not fit in memory.
+    pub fn pack(w: ArrayView2<'_, f32>) -> Result<PackedWeights, String> {
         let (k, n) = w.dim();
-        let len = n.div_ceil(PANEL) * k * PANEL;
+        let too_large = || format!("a {k} × {n} weight is too large to pack");
+        let len = (n.div_ceil(PANEL) * PANEL)
+            .checked_mul(k)
+            .ok_or_else(too_large)?;
         // Room to start on a 64-byte boundary, so that no panel row (one
-        // AVX-512 load) straddles two cache lines.
-        let mut data = vec![0.0f32; len + PANEL];
-        let start = data.as_ptr().align_offset(64).min(PANEL);
+        // AVX-512 load, which the kernels make aligned) straddles two cache
+        // lines.
+        let mut data = Vec::new();
+        data.try_reserve_exact(len.checked_add(PANEL).ok_or_else(too_large)?)
+            .map_err(|_| too_large())?;
+        data.resize(len + PANEL, 0.0f32);
+        let start = data.as_ptr().align_offset(64);
+        if start >= PANEL {
+            return Err("the packed weight could not be aligned to 64 bytes".into());
+        }
         if len > 0 {
             let groups: Vec<_> = data[start..start + len]
                 .chunks_mut(k * PANEL * PANELS_PER_PACK)
@@ -124,7 +135,7 @@ impl PackedWeights {
                 pack_panels(w, g * PANELS_PER_PACK, panels);
             });
         }
-        PackedWeights { k, n, data, start }
+        Ok(PackedWeights { k, n, data, start })
     }
 
     /// `(k, n)`: the shape of the weight packed.
@@ -699,6 +710,8 @@ mod tests {
             (17, 1, 48),
             (20, 70, 130),
             (5, 20, 29),
+            (1, 20, 29),
+            (12, 30, 24),
             (4096, 64, 8),
             (4096, 8, 1),
         ];
@@ -707,7 +720,7 @@ mod tests {
                 let x = irregular(m, k, 1);
                 let w = irregular(k, n, 2);
                 let bias = irregular(1, n, 3).into_raw_vec_and_offset().0;
-                let packed = PackedWeights::pack(w.view());
+                let packed = PackedWeights::pack(w.view()).unwrap();
                 for (epilogue, b, relu) in [
                     (Epilogue::None, None, false),
                     (Epilogue::Bias(&bias), Some(&bias[..]), false),
@@ -739,7 +752,7 @@ mod tests {
             let mut w = Array2::from_elem((1, 20), 2.0f32);
             w[[0, 0]] = f32::NAN;
             let bias = vec![0.5f32; 20];
-            let packed = PackedWeights::pack(w.view());
+            let packed = PackedWeights::pack(w.view()).unwrap();
             let mut out = Array2::zeros((2, 20));
             let epilogue = Epilogue::BiasRelu(&bias);
             product_on(isa, x.view(), &packed, out.view_mut(), epilogue).unwrap();
@@ -750,7 +763,7 @@ mod tests {
             );
             assert!(out.slice(s![1, 1..]).iter().all(|&v| v == 2.5), "{isa}");
 
-            let empty = PackedWeights::pack(Array2::<f32>::zeros((0, 3)).view());
+            let empty = PackedWeights::pack(Array2::<f32>::zeros((0, 3)).view()).unwrap();
             let mut out = Array2::from_elem((2, 3), 9.0f32);
             let bias = [1.0f32, -2.0, 3.0];
             let x = Array2::<f32>::zeros((2, 0));
@@ -790,7 +803,7 @@ mod tests {
             let x = irregular(m, k, 4);
             let w = irregular(k, n, 5);
             let bias = irregular(1, n, 6).into_raw_vec_and_offset().0;
-            let packed = PackedWeights::pack(w.view());
+            let packed = PackedWeights::pack(w.view()).unwrap();
             let run = |isa: Isa, x: ArrayView2<'_, f32>| {
                 let mut out = Array2::from_elem((x.nrows(), n), f32::NAN);
                 product_on(isa, x, &packed, out.view_mut(), Epilogue::BiasRelu(&bias)).unwrap();
@@ -814,6 +827,15 @@ mod tests {
                     same_bits(&run(isa, transposed.t()), &whole),
                     "{isa} strided x"
                 );
+                let reversed = run(isa, x.slice(s![..;-1, ..]));
+                let whole_reversed = whole.slice(s![..;-1, ..]).to_owned();
+                assert!(same_bits(&reversed, &whole_reversed), "{isa} rows reversed");
+                let repeated = run(isa, x.row(0).broadcast((m, k)).unwrap());
+                for row in repeated.rows() {
+                    let same =
+                        (row.iter().zip(whole.row(0))).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa} a broadcast row");
+                }
                 let mut out_t = Array2::<f32>::zeros((n, m));
                 let epilogue = Epilogue::BiasRelu(&bias);
                 product_on(
@@ -828,7 +850,7 @@ mod tests {
                     same_bits(&out_t.t().to_owned(), &whole),
                     "{isa} strided out"
                 );
-                let from_transposed = PackedWeights::pack(w.t().as_standard_layout().t());
+                let from_transposed = PackedWeights::pack(w.t().as_standard_layout().t()).unwrap();
                 let mut again = Array2::zeros((m, n));
                 product_on(isa, x.view(), &from_transposed, again.view_mut(), epilogue).unwrap();
                 assert!(
@@ -853,15 +875,15 @@ mod tests {
     fn every_layout_packs_the_same_panels() {
         for (k, n) in [(1, 1), (5, 16), (70, 130), (784, 1024), (33, 8)] {
             let w = irregular(k, n, 7);
-            let expected = PackedWeights::pack(w.view());
+            let expected = PackedWeights::pack(w.view()).unwrap();
             let column_major = w.t().as_standard_layout().into_owned();
             let wide = irregular(k, 2 * n, 8);
             let mut backing = wide.clone();
             backing.slice_mut(s![.., ..;2]).assign(&w);
             let packs = [
-                PackedWeights::pack(column_major.t()),
-                PackedWeights::pack(backing.slice(s![.., ..;2])),
-                crate::testing_threads(3, || PackedWeights::pack(w.view())),
+                PackedWeights::pack(column_major.t()).unwrap(),
+                PackedWeights::pack(backing.slice(s![.., ..;2])).unwrap(),
+                crate::testing_threads(3, || PackedWeights::pack(w.view()).unwrap()),
             ];
             let len = n.div_ceil(PANEL) * k * PANEL;
             let panels = |p: &PackedWeights| p.data[p.start..][..len].to_vec();
@@ -874,8 +896,18 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_too_large_to_pack_is_an_error() {
+        let one = ndarray::arr0(1.0f32);
+        for rows in [1usize << 60, 1 << 40] {
+            let err = PackedWeights::pack(one.broadcast((rows, 1)).unwrap()).err();
+            let err = err.expect("no room for the panels");
+            assert!(err.contains("too large to pack"), "{err}");
+        }
+    }
+
+    #[test]
     fn mismatched_shapes_and_biases_are_refused() {
-        let packed = PackedWeights::pack(irregular(4, 3, 0).view());
+        let packed = PackedWeights::pack(irregular(4, 3, 0).view()).unwrap();
         let mut out = Array2::zeros((2, 3));
         let err = product(
             irregular(2, 5, 0).view(),

@@ -39,6 +39,7 @@ mod vector_matrix;
 pub use isa::{Isa, Policy, ISA_VARIABLE};
 
 use ndarray::{ArrayView2, ArrayViewMut2};
+use std::io::Write;
 use std::sync::Once;
 
 /// Set to `1` to have the kernels print, on stderr, each path the first
@@ -150,7 +151,9 @@ pub(crate) fn report_first_use(
                 (Policy::Forced(_), _) => format!("forced by {ISA_VARIABLE}"),
             };
             let have: Vec<_> = Isa::supported().iter().map(|i| i.name()).collect();
-            eprintln!(
+            // A closed stderr is no reason to fail a product.
+            let _ = writeln!(
+                std::io::stderr(),
                 "layer-kernels: {name} runs on {isa} (first: ({m}, {k}) · ({k}, {n}); {why}; \
                  this CPU runs {})",
                 have.join(", ")

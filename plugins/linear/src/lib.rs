@@ -136,7 +136,7 @@ impl Layer for Linear {
                 weight.shape()
             ));
         }
-        Ok(Some(Box::new(PackedWeights::pack(weight.t()))))
+        Ok(Some(Box::new(PackedWeights::pack(weight.t())?)))
     }
 
     fn forward(

@@ -112,7 +112,7 @@ impl Layer for MyDense {
                 (in_units, self.units)
             ));
         }
-        Ok(Some(Box::new(PackedWeights::pack(weight))))
+        Ok(Some(Box::new(PackedWeights::pack(weight)?)))
     }
 
     fn forward(
