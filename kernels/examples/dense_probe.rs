@@ -28,6 +28,25 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // The seed MLP's two layers, at 4096 rows.
+    for (k, n) in [(64, 8), (8, 1)] {
+        let w = Array2::from_shape_fn((k, n), |(i, j)| ((i * 7 + j * 13) % 17) as f32 / 17.0 - 0.5);
+        let bias = vec![0.1f32; n];
+        let packed = PackedWeights::pack(w.view()).unwrap();
+        let x = Array2::from_shape_fn((4096, k), |(i, j)| ((i * 3 + j * 5) % 11) as f32 / 11.0);
+        let mut a = Array2::<f32>::zeros((4096, n));
+        let t_matmul = time(|| {
+            matmul(x.view(), w.view(), a.view_mut()).unwrap();
+            add_bias_relu(a.as_slice_mut().unwrap(), &bias).unwrap();
+        });
+        let t_dense =
+            time(|| product(x.view(), &packed, a.view_mut(), Epilogue::BiasRelu(&bias)).unwrap());
+        println!(
+            "4096 rows, {k} -> {n}: matmul + bias/relu {:.1} us, dense::product {:.1} us",
+            t_matmul * 1e6,
+            t_dense * 1e6
+        );
+    }
     let (k, n) = (784, 1024);
     let w = Array2::from_shape_fn((k, n), |(i, j)| ((i * 7 + j * 13) % 17) as f32 / 17.0 - 0.5);
     let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
