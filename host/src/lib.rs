@@ -35,6 +35,7 @@ pub mod print;
 pub mod registry;
 pub mod runner;
 pub mod runtime;
+pub mod sealed;
 pub mod stream;
 pub mod tensor;
 pub mod trace;

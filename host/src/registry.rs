@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 
 use abi_stable::abi_stability::abi_checking::check_layout_compatibility;
@@ -726,10 +726,12 @@ fn read_and_check(
 /// file swapped or rewritten at `path` after the read is never what runs.
 fn load_uncached(path: &Path, pin: Option<&str>) -> Result<LoadedPlugin, PluginError> {
     let (bytes, sha256, inspected) = read_and_check(path, pin, IN_WORKER.load(Ordering::Relaxed))?;
-    let sealed = sealed_copy(&inspected.manifest.name, &bytes).map_err(|e| PluginError::Init {
-        path: path.to_path_buf(),
-        message: format!("cannot make a sealed in-memory copy to load: {e}"),
-    })?;
+    let sealed =
+        crate::sealed::sealed_file(&format!("layer-plugin-{}", inspected.manifest.name), &bytes)
+            .map_err(|e| PluginError::Init {
+                path: path.to_path_buf(),
+                message: format!("cannot make a sealed in-memory copy to load: {e}"),
+            })?;
     let fd_path = format!("/proc/self/fd/{}", sealed.as_raw_fd());
     // SAFETY: opening a library runs its initializers. The user chose this
     // file by putting it in a plugin directory, and its manifest (and pin)
@@ -844,24 +846,6 @@ fn layout_summary(detail: &str) -> String {
         }
     }
     summary
-}
-
-/// An in-memory file holding `bytes`, sealed so that nothing can change
-/// them any more.
-fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
-    use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
-    let fd = memfd_create(
-        format!("layer-plugin-{name}"),
-        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-    )?;
-    let mut file = std::fs::File::from(fd);
-    file.write_all(bytes)?;
-    let fd = std::os::fd::OwnedFd::from(file);
-    fcntl_add_seals(
-        &fd,
-        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
-    )?;
-    Ok(fd)
 }
 
 #[cfg(test)]

@@ -412,7 +412,7 @@ impl Worker {
             });
         }
         let region =
-            shm::Region::sealed("layer-params", &bytes).map_err(|e| CallError::Worker {
+            crate::sealed::sealed_file("layer-params", &bytes).map_err(|e| CallError::Worker {
                 message: format!("could not be given its parameters: {e}"),
                 stderr: String::new(),
             })?;
@@ -467,11 +467,12 @@ impl Worker {
                 },
             })
             .collect();
-        let region =
-            shm::Region::sealed("layer-gradcheck", &bytes).map_err(|e| CallError::Worker {
+        let region = crate::sealed::sealed_file("layer-gradcheck", &bytes).map_err(|e| {
+            CallError::Worker {
                 message: format!("could not be given the gradcheck's tensors: {e}"),
                 stderr: String::new(),
-            })?;
+            }
+        })?;
         let request = Request::Gradcheck {
             layer,
             inputs: input_slots,

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
-use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::fs::MemfdFlags;
 
 /// Where tensors in a region start: a multiple of this many bytes.
 pub const ALIGN: usize = 64;
@@ -35,23 +35,6 @@ impl Region {
         // writing while the host reads cannot make the host misbehave.
         let map = unsafe { MmapOptions::new().map_mut(&file)? };
         Ok(Region { file, map })
-    }
-
-    /// A region holding `bytes`, sealed against any change, for a worker
-    /// to map read-only (parameters).
-    pub fn sealed(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
-        use std::io::Write;
-        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
-        let mut file = File::from(fd);
-        file.write_all(bytes)?;
-        if bytes.is_empty() {
-            file.set_len(1)?;
-        }
-        rustix::fs::fcntl_add_seals(
-            &file,
-            SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
-        )?;
-        Ok(OwnedFd::from(file))
     }
 
     pub fn len(&self) -> usize {
