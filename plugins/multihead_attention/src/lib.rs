@@ -107,7 +107,7 @@ use layer_api::{
     Plan, Probe, ProbeInput, Signature, TensorInfo,
 };
 use layer_kernels::attention::masked_softmax;
-use layer_kernels::elementwise::add_bias;
+use layer_kernels::dense::{self, Epilogue, PackedWeights};
 use layer_kernels::matmul;
 use ndarray::{
     s, Array1, Array2, ArrayView, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut,
@@ -377,10 +377,11 @@ impl MultiheadAttention {
             b.slice_mut(s![block(e, 0)]).mapv_inplace(|b| b * scale);
             b
         });
+        let pack = |i: usize| PackedWeights::pack(w_in_t.slice(s![.., block(e, i)]));
         Ok(PreparedWeights {
-            w_in_t,
+            w_in: [pack(0)?, pack(1)?, pack(2)?],
             b_in,
-            w_out_t: w_out.t().as_standard_layout().into_owned(),
+            w_out: PackedWeights::pack(w_out.t())?,
             b_out: self.bias(params, OUT_PROJ_BIAS, e)?.map(|b| b.to_owned()),
         })
     }
@@ -406,19 +407,19 @@ struct Projections<'a> {
 }
 
 /// What `prepare` derives from one parameter set: the projection weights
-/// transposed, `(in, out)` row-major, which the matrix kernels read in
-/// place (torch's `(out, in)` layout, viewed transposed, makes them repack
-/// the weights on every product), with torch's scaling of q by `1/√d`
-/// folded into the q block's weights and bias (for `d` a power of 4, as
-/// the usual 16 or 64, the scaling is by a power of 2 and the bits are
-/// those of scaling q afterwards). 4E² + 4E floats: 64 KiB for E = 64.
+/// transposed to `(in, out)` and packed for the kernels' dense product
+/// (`layer_kernels::dense`), which adds each bias while the output is in
+/// registers, with torch's scaling of q by `1/√d` folded into the q
+/// block's weights and bias (for `d` a power of 4, as the usual 16 or 64,
+/// the scaling is by a power of 2 and the bits are those of scaling q
+/// afterwards). About 4E² + 4E floats: 64 KiB for E = 64.
 struct PreparedWeights {
-    /// `(E, 3E)`: `[s·Wq; Wk; Wv]ᵀ`.
-    w_in_t: Array2<f32>,
+    /// `s·Wqᵀ`, `Wkᵀ`, `Wvᵀ`, each `(E, E)`.
+    w_in: [PackedWeights; 3],
     /// `(3E,)`: `[s·bq, bk, bv]`.
     b_in: Option<Array1<f32>>,
     /// `(E, E)`: `Woutᵀ`.
-    w_out_t: Array2<f32>,
+    w_out: PackedWeights,
     b_out: Option<Array1<f32>>,
 }
 
@@ -431,9 +432,9 @@ impl PreparedWeights {
         x: ArrayView2<'_, f32>,
         y: ArrayViewMut2<'_, f32>,
     ) -> Result<(), String> {
-        let e = self.w_out_t.nrows();
+        let e = self.w_out.dim().0;
         let b = self.b_in.as_ref().map(|b| b.slice(s![block(e, i)]));
-        project(x, self.w_in_t.slice(s![.., block(e, i)]), b, y)
+        project(x, &self.w_in[i], b, y)
     }
 
     /// `output = context · Woutᵀ + bout`.
@@ -444,7 +445,7 @@ impl PreparedWeights {
     ) -> Result<(), String> {
         project(
             context,
-            self.w_out_t.view(),
+            &self.w_out,
             self.b_out.as_ref().map(|b| b.view()),
             output,
         )
@@ -456,22 +457,18 @@ fn block(e: usize, i: usize) -> std::ops::Range<usize> {
     i * e..(i + 1) * e
 }
 
-/// `y = x · w + b`, `w` laid out `(in, out)`; `y` is a contiguous buffer.
+/// `y = x · w + b`, `w` packed from `(in, out)`.
 fn project(
     x: ArrayView2<'_, f32>,
-    w: ArrayView2<'_, f32>,
+    w: &PackedWeights,
     b: Option<ArrayView1<'_, f32>>,
-    mut y: ArrayViewMut2<'_, f32>,
+    y: ArrayViewMut2<'_, f32>,
 ) -> Result<(), String> {
-    matmul(x, w, y.view_mut())?;
-    if let Some(b) = b {
-        let y = y
-            .as_slice_mut()
-            .ok_or("a projection's destination is not contiguous")?;
-        let b = b.as_slice().ok_or("a bias is not contiguous")?;
-        add_bias(y, b)?;
-    }
-    Ok(())
+    let epilogue = match &b {
+        Some(b) => Epilogue::Bias(b.as_slice().ok_or("a bias is not contiguous")?),
+        None => Epilogue::None,
+    };
+    dense::product(x, w, y, epilogue)
 }
 
 /// One head of one batch row: `probs = softmax(q_h · k_hᵀ)` over the keys,
