@@ -19,10 +19,11 @@
 //! separately, so it rounds differently.
 //!
 //! On a Zen 4 EPYC, one thread, 784 → 1024 (`cargo run --release -p
-//! layer-kernels --example dense_probe`): 112–116 GFLOP/s at 64 rows
-//! against 95–100 for [`crate::matmul`] (which packs `W` on every call),
-//! 111 against 103 at 4096 rows, 90 against 38 at 2 rows; with AVX2
-//! forced, 111 against 83 at 64 rows. Packing took about 290 µs.
+//! layer-kernels --example dense_probe`): 113–116 GFLOP/s at 64 rows
+//! against 94–100 for [`crate::matmul`] (which packs `W` on every call),
+//! 109–112 against 97–103 at 4096 rows, 90 against 38 at 2 rows; with AVX2
+//! forced, 108–111 against 81–83 at 64 rows. Packing took 150–157 µs from a
+//! row-major weight, about 290 µs from a transposed view.
 
 use crate::{Isa, Policy};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
@@ -40,9 +41,8 @@ pub struct PackedWeights {
     start: usize,
 }
 
-/// Panels packed together: their rows are read as one stretch of
-/// `8 × 16` floats of each row of `W`, rather than 64 bytes from every row
-/// in turn (4 KiB apart for 1024 columns, which took several times as long).
+/// Panels packed by one task (the unit shared among lent threads): each
+/// row of a row-major `W` is read as one stretch of up to `8 × 16` floats.
 const PANELS_PER_PACK: usize = 8;
 
 /// Copies panels `first..` of `w` (as many as `panels` holds, of `k ×
@@ -232,7 +232,7 @@ pub fn product_on(
         out.assign(&y);
         return Ok(());
     }
-    let call = Call {
+    let mut call = Call {
         m,
         k,
         n,
@@ -245,7 +245,6 @@ pub fn product_on(
         panel_stride: k * PANEL,
         edge_bias: [0.0; PANEL],
     };
-    let mut call = call;
     if let Epilogue::Bias(b) | Epilogue::BiasRelu(b) = epilogue {
         let edge = (n - 1) / PANEL * PANEL;
         call.edge_bias[..n - edge].copy_from_slice(&b[edge..]);
@@ -326,9 +325,8 @@ impl Call<'_> {
     }
 
     /// Stores the columns `c0..` (at most `width`, as many as `out` has)
-    /// of the tile whose raw sums are in `tile` (`rows` rows of `width`),
-    /// after the epilogue: the partial tile at the right edge, and the
-    /// baseline path's tiles.
+    /// of the baseline path's tile whose raw sums are in `tile` (`rows`
+    /// rows of `width`), after the epilogue.
     ///
     /// # Safety
     ///
