@@ -691,15 +691,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::irregular;
     use ndarray::{s, Array2};
-
-    /// Irregular values in [-0.5, 0.5), so that sums round differently when
-    /// their order changes.
-    fn irregular(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
-        Array2::from_shape_fn((rows, cols), |(i, j)| {
-            ((i * 131 + j * 71 + seed * 29) % 997) as f32 / 997.0 - 0.5
-        })
-    }
 
     fn same_bits(a: &Array2<f32>, b: &Array2<f32>) -> bool {
         a.shape() == b.shape() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())

@@ -104,6 +104,15 @@ const MIN_FLOPS_PER_TASK: usize = 500_000;
 /// `f32`s), so that every task runs the microkernels at full width.
 const SPLIT_COLUMNS: usize = 16;
 
+/// Irregular values in [-0.5, 0.5), so that sums round differently when
+/// their order changes: the kernels' tests' operands.
+#[cfg(test)]
+fn irregular(rows: usize, cols: usize, seed: usize) -> ndarray::Array2<f32> {
+    ndarray::Array2::from_shape_fn((rows, cols), |(i, j)| {
+        ((i * 131 + j * 71 + seed * 29) % 997) as f32 / 997.0 - 0.5
+    })
+}
+
 /// Runs `f` with `threads` threads lent, as the host lends them.
 #[cfg(test)]
 fn testing_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
@@ -313,14 +322,6 @@ mod tests {
     fn values(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
             (((i * 31 + j * 17 + seed * 7) % 23) as f32 - 11.0) * 0.125
-        })
-    }
-
-    /// Irregular values in [-0.5, 0.5), so that sums round differently when
-    /// their order changes.
-    fn irregular(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
-        Array2::from_shape_fn((rows, cols), |(i, j)| {
-            ((i * 131 + j * 71 + seed * 29) % 997) as f32 / 997.0 - 0.5
         })
     }
 
