@@ -14,7 +14,8 @@
 //! [`dense`] is a dense layer's product on a weight packed once
 //! ([`dense::PackedWeights`]), with the bias and relu added while each tile
 //! of the output is in registers: microkernels of this crate's own, for
-//! `mydense` and `linear`, whose weights are the same on every call.
+//! `mydense`, `linear` and attention's projections, whose weights are the
+//! same on every call.
 //! [`elementwise`] holds the element-by-element and row-by-row kernels
 //! (relu, add, a dense layer's bias, GELU, softmax, layer normalization),
 //! vectorized on the same paths.
